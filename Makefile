@@ -1,0 +1,35 @@
+# make book : set up .venv if needed, run every notebook in order on the demo cohort, build the HTML book
+# make test : set up .venv if needed, run the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+WORKDIR ?= $(CURDIR)/work
+# Atlas files: a folder that holds them (set WMLOC_DATA), else the JHU files staged beside a
+# development checkout, else they are downloaded and verified into the per-user cache.
+WMLOC_DATA ?= $(wildcard $(CURDIR)/../shared/data/jhu-eve)
+export WMLOC_DATA
+
+.PHONY: setup book test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+book: setup
+	$(PY) -m wmloc_utils.book --workdir $(WORKDIR)
+	$(VENV)/bin/jupyter-book build -W -n --keep-going book/
+	@echo "Book: $(CURDIR)/book/_build/html/index.html"
+
+test: setup
+	$(PY) -m pytest -v --durations=15
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf book/_build book/notebooks work
