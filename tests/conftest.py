@@ -1,0 +1,34 @@
+"""Shared test set-up: where the third-party atlas files are (never committed), temp work dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+# The JHU Eve files are staged beside a development checkout (and in CI); a user's own
+# WMLOC_DATA always wins. Without either, atlas tests fetch into the per-user cache.
+if not os.environ.get("WMLOC_DATA") and (SHARED / "jhu-eve").is_dir():
+    os.environ["WMLOC_DATA"] = str(SHARED / "jhu-eve")
+
+
+@pytest.fixture(scope="session")
+def eve_dir() -> Path:
+    """Folder holding the JHU Eve atlas files (fetched and verified if needed)."""
+    from wmloc_utils.fetch import data_dir, fetch_all
+
+    fetch_all()
+    return data_dir()
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The paper authors' refined atlas (``WMLOC_REFERENCE`` or ../shared/data/reference); skipped if absent."""
+    path = Path(os.environ.get("WMLOC_REFERENCE", SHARED / "reference"))
+    if not (path / "36_labels_merged.nii.gz").exists():
+        pytest.skip(f"authors' refined atlas not found in {path} (set WMLOC_REFERENCE to its folder)")
+    return path
