@@ -1,0 +1,270 @@
+"""Regional lesion loads (method part C): where in the white matter are a subject's lesions?
+
+A binary lesion mask is combined with a labelled region map (the 36 refined atlas regions,
+a periventricular/deep map, a bullseye map: any map with a table of ``id`` and ``name``)
+into a tidy per-region table: lesion volume, region volume, the fraction of the region that
+is lesion, the region's share of the subject's load, and the number of lesions (26-connected
+components) whose majority of voxels lies in the region. Lesion voxels outside every region
+are reported as region 0, "unlabelled". Volumes are in mL from the voxel size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from .images import InputError, check_same_grid, load_nifti
+
+UNLABELLED = "unlabelled"
+COLUMNS = ["region", "name", "lesion_ml", "region_ml", "lesion_fraction", "load_share", "n_lesions"]
+_CONNECTIVITY_26 = ndimage.generate_binary_structure(3, 3)
+
+
+def read_table(table: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
+    """A region table (``id``, ``name``, other columns kept) sorted by id, without id 0.
+
+    Accepts a DataFrame or a TSV/CSV path; id 0 (background) is dropped because lesion
+    voxels outside every region are always reported as region 0, "unlabelled".
+    """
+    where = str(table) if isinstance(table, (str, os.PathLike)) else "region table"
+    if isinstance(table, (str, os.PathLike)):
+        table = pd.read_csv(table, sep="\t" if str(table).endswith((".tsv", ".txt")) else ",")
+    missing = {"id", "name"} - set(table.columns)
+    if missing:
+        raise InputError(f"{where}: needs columns id and name, missing {sorted(missing)}")
+    table = table.copy()
+    table["id"] = pd.to_numeric(table["id"], errors="raise").astype(int)
+    if (table["id"] < 0).any():
+        raise InputError(f"{where}: region ids must be >= 0, found {table.loc[table['id'] < 0, 'id'].tolist()}")
+    if table["id"].duplicated().any():
+        raise InputError(f"{where}: duplicated region ids {table.loc[table['id'].duplicated(), 'id'].tolist()}")
+    return table[table["id"] != 0].sort_values("id").reset_index(drop=True)
+
+
+def _binary_lesion(lesion: np.ndarray, ignore_label: int | None, who: str) -> np.ndarray:
+    lesion = np.asarray(lesion)
+    if lesion.dtype == bool:
+        return lesion
+    if ignore_label is not None:
+        lesion = np.where(lesion == ignore_label, 0, lesion)
+    ok = (lesion == 0) | (lesion == 1)
+    if not ok.all():
+        bad = np.unique(lesion[~ok])[:5].tolist()
+        hint = " (challenge label 2 'other pathology': pass ignore_label=2 to drop it)" if 2 in bad else ""
+        raise InputError(f"{who}: lesion mask must be binary {{0, 1}}, found values {bad}{hint}")
+    return lesion == 1
+
+
+def _region_ids(regions: np.ndarray, table: pd.DataFrame, who: str) -> tuple[np.ndarray, np.ndarray]:
+    """Integer region array and its voxel count per id, raising on ids the table does not know."""
+    regions = np.asarray(regions)
+    if not np.issubdtype(regions.dtype, np.integer):
+        rounded = np.rint(regions)
+        if not np.allclose(regions, rounded, atol=1e-3):
+            raise InputError(f"{who}: region map must hold integer labels, found non-integer values")
+        regions = rounded
+    regions = regions.astype(np.int64, copy=False)
+    if regions.min(initial=0) < 0:
+        raise InputError(f"{who}: region map holds negative labels {np.unique(regions[regions < 0])[:5].tolist()}")
+    counts = np.bincount(regions.ravel(), minlength=(int(table["id"].max()) if len(table) else 0) + 1)
+    unknown = sorted(set(np.flatnonzero(counts).tolist()) - set(table["id"]) - {0})
+    if unknown:
+        raise InputError(f"{who}: region ids {unknown[:10]} are not in the region table (ids {table['id'].min()}..{table['id'].max()})")
+    return regions, counts
+
+
+def regional_loads(lesion: np.ndarray, regions: np.ndarray, zooms: Sequence[float],
+                   table: pd.DataFrame | str | os.PathLike, ignore_label: int | None = None,
+                   who: str = "lesion/regions") -> pd.DataFrame:
+    """Per-region lesion loads of one subject (columns :data:`COLUMNS`, one row per table region plus region 0).
+
+    ``lesion`` must hold {0, 1} (with ``ignore_label`` set, voxels of that label count as 0);
+    ``regions`` holds region ids known to ``table``; ``zooms`` is the voxel size in mm.
+    """
+    table = read_table(table)
+    lesion = _binary_lesion(lesion, ignore_label, who)
+    regions, region_counts = _region_ids(regions, table, who)
+    if lesion.shape != regions.shape:
+        raise InputError(f"{who}: lesion mask shape {lesion.shape} differs from region map shape {regions.shape}")
+    voxel_ml = float(np.prod(np.asarray(zooms, float)[:3])) / 1000.0
+    n_ids = len(region_counts)
+    lesion_regions = regions[lesion]
+    lesion_counts = np.bincount(lesion_regions, minlength=n_ids)
+    # each 26-connected lesion goes to the region holding most of its voxels (ties: lowest id)
+    components, n_comp = ndimage.label(lesion, structure=_CONNECTIVITY_26)
+    per_lesion = np.bincount(components[lesion].astype(np.int64) * n_ids + lesion_regions,
+                             minlength=(n_comp + 1) * n_ids).reshape(n_comp + 1, n_ids)[1:]
+    lesions_per_region = np.bincount(per_lesion.argmax(axis=1), minlength=n_ids) if n_comp else np.zeros(n_ids, int)
+
+    ids = np.concatenate([[0], table["id"].to_numpy()])
+    total = lesion_counts.sum()
+    region_ml = region_counts[ids] * voxel_ml
+    region_ml = np.where(ids == 0, np.nan, region_ml)  # "unlabelled" is everything else: no meaningful volume
+    lesion_ml = lesion_counts[ids] * voxel_ml
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fraction = np.where(region_ml > 0, lesion_ml / region_ml, np.nan)
+    return pd.DataFrame({
+        "region": ids,
+        "name": [UNLABELLED, *table["name"].astype(str)],
+        "lesion_ml": lesion_ml,
+        "region_ml": region_ml,
+        "lesion_fraction": fraction,
+        "load_share": lesion_counts[ids] / total if total else np.zeros(len(ids)),
+        "n_lesions": lesions_per_region[ids].astype(int),
+    })
+
+
+def _image(img_or_path, subject: str | None, what: str) -> tuple[nib.Nifti1Image, str]:
+    if isinstance(img_or_path, (str, os.PathLike)):
+        return load_nifti(img_or_path, subject=subject, what=what), str(img_or_path)
+    return img_or_path, str(img_or_path.get_filename() or what)
+
+
+def regional_loads_img(lesion_img, regions_img, table: pd.DataFrame | str | os.PathLike,
+                       subject: str | None = None, ignore_label: int | None = None) -> pd.DataFrame:
+    """:func:`regional_loads` for images or paths; both must share one grid (the voxel size comes from it)."""
+    les, les_name = _image(lesion_img, subject, "lesion mask")
+    reg, reg_name = _image(regions_img, subject, "region map")
+    check_same_grid(les, reg, les_name, reg_name, subject=subject)
+    who = f"subject {subject}: {les_name} / {reg_name}" if subject else f"{les_name} / {reg_name}"
+    return regional_loads(np.asanyarray(les.dataobj), np.asanyarray(reg.dataobj), les.header.get_zooms()[:3],
+                          table, ignore_label=ignore_label, who=who)
+
+
+def cohort_loads(records: pd.DataFrame | Iterable[Mapping], table: pd.DataFrame | str | os.PathLike,
+                 lesion: str = "lesion", regions: str = "regions", subject: str = "subject",
+                 ignore_label: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Tidy loads of many subjects: ``records`` rows give the subject id, lesion path and region-map path."""
+    rows = records.to_dict("records") if isinstance(records, pd.DataFrame) else list(records)
+    table = read_table(table)
+    out = []
+    for rec in tqdm(rows, desc="regional loads", disable=not progress):
+        loads = regional_loads_img(rec[lesion], rec[regions], table, subject=str(rec[subject]), ignore_label=ignore_label)
+        out.append(loads.assign(subject=str(rec[subject])))
+    if not out:
+        return pd.DataFrame(columns=["subject", *COLUMNS])
+    tidy = pd.concat(out, ignore_index=True)
+    return tidy[["subject", *COLUMNS]]
+
+
+def wide_matrix(tidy: pd.DataFrame, value: str = "lesion_ml", normalise: str | None = None,
+                volumes: pd.DataFrame | pd.Series | Mapping | None = None, unlabelled: bool = True) -> pd.DataFrame:
+    """Subjects x regions matrix of ``value`` (columns: region names, in id order).
+
+    ``normalise="icv"`` or ``"wm"`` divides each subject's row by its intracranial or WM
+    volume (mL) and reports percent: ``volumes`` is a Series/mapping subject -> mL, or a
+    table with columns ``subject`` and ``icv_ml`` / ``wm_ml``.
+    """
+    if value not in tidy.columns:
+        raise InputError(f"value {value!r} is not a column of the loads table ({list(tidy.columns)})")
+    data = tidy if unlabelled else tidy[tidy["region"] != 0]
+    order = data.drop_duplicates("region").sort_values("region")["name"].tolist()
+    wide = data.pivot(index="subject", columns="name", values=value)[order]
+    wide.columns.name = "region"
+    if normalise is None:
+        return wide
+    if normalise not in ("icv", "wm"):
+        raise InputError(f"normalise must be None, 'icv' or 'wm', got {normalise!r}")
+    if volumes is None:
+        raise InputError(f"normalise={normalise!r} needs the per-subject volumes (mL)")
+    if isinstance(volumes, pd.DataFrame):
+        col = f"{normalise}_ml"
+        if col not in volumes.columns or "subject" not in volumes.columns:
+            raise InputError(f"volumes table needs columns subject and {col}, has {list(volumes.columns)}")
+        volumes = volumes.set_index(volumes["subject"].astype(str))[col]
+    volumes = pd.Series(volumes, dtype=float)
+    missing = sorted(set(wide.index) - set(volumes.index))
+    if missing:
+        raise InputError(f"no {normalise} volume for subjects {missing[:10]}")
+    return wide.div(volumes.loc[wide.index], axis=0) * 100.0
+
+
+@dataclass
+class SubjectReport:
+    """A subject's total load and the regions holding most of it."""
+
+    subject: str
+    total_ml: float
+    n_lesions: int
+    unlabelled_ml: float
+    top: pd.DataFrame
+
+    def __str__(self) -> str:
+        lines = [f"subject {self.subject}: {self.total_ml:.2f} mL in {self.n_lesions} lesions "
+                 f"({self.unlabelled_ml:.2f} mL outside the regions)"]
+        lines += [f"  {r.name}: {r.lesion_ml:.2f} mL ({100 * r.load_share:.0f}% of the load, "
+                  f"{100 * r.lesion_fraction:.2f}% of the region)" for r in self.top.itertuples()]
+        return "\n".join(lines)
+
+
+def subject_report(tidy: pd.DataFrame, subject: str, top: int = 5) -> SubjectReport:
+    """Total load, number of lesions and the ``top`` regions by lesion volume of one subject."""
+    rows = tidy[tidy["subject"].astype(str) == str(subject)]
+    if rows.empty:
+        raise InputError(f"subject {subject} is not in the loads table")
+    labelled = rows[(rows["region"] != 0) & (rows["lesion_ml"] > 0)]
+    return SubjectReport(
+        subject=str(subject),
+        total_ml=float(rows["lesion_ml"].sum()),
+        n_lesions=int(rows["n_lesions"].sum()),
+        unlabelled_ml=float(rows.loc[rows["region"] == 0, "lesion_ml"].sum()),
+        top=labelled.nlargest(top, "lesion_ml")[["region", "name", "lesion_ml", "load_share", "lesion_fraction", "n_lesions"]]
+        .reset_index(drop=True),
+    )
+
+
+def load_image(regions_img: nib.spatialimages.SpatialImage, values: Mapping[int, float] | pd.Series) -> nib.Nifti1Image:
+    """A float image on the region map's grid where every voxel of region ``id`` holds ``values[id]``."""
+    regions = np.rint(np.asanyarray(regions_img.dataobj)).astype(np.int64)
+    values = pd.Series(values, dtype=float)
+    lut = np.zeros(max(int(regions.max(initial=0)), int(values.index.max()) if len(values) else 0) + 1, np.float32)
+    lut[values.index.astype(int)] = values.to_numpy()
+    lut[0] = 0.0
+    return nib.Nifti1Image(lut[regions], regions_img.affine)
+
+
+def brain_figure(regions_img, loads: pd.DataFrame, value: str = "lesion_ml", bg_img=None,
+                 title: str | None = None, **kwargs):
+    """Region loads painted on the brain (nilearn ``plot_stat_map``): each region shows its ``value``."""
+    from nilearn import plotting
+
+    img = load_image(regions_img, loads.set_index("region")[value])
+    options = dict(display_mode="ortho", cmap="hot", symmetric_cbar=False, vmin=0, threshold=1e-9,
+                   black_bg=True, draw_cross=False, colorbar=True)
+    options.update(kwargs)
+    return plotting.plot_stat_map(img, bg_img=bg_img, title=title, **options)
+
+
+def bar_figure(tidy: pd.DataFrame, subject: str | None = None, value: str = "lesion_ml",
+               table: pd.DataFrame | None = None) -> go.Figure:
+    """Bar chart of one subject's ``value`` per region (region colours from the table's r, g, b when given)."""
+    rows = tidy if subject is None else tidy[tidy["subject"].astype(str) == str(subject)]
+    rows = rows.sort_values("region")
+    colors = None
+    if table is not None and {"r", "g", "b"} <= set(table.columns):
+        rgb = {int(t.id): f"rgb({t.r},{t.g},{t.b})" for t in table.itertuples()}
+        colors = [rgb.get(int(i), "lightgrey") if i != 0 else "lightgrey" for i in rows["region"]]
+    fig = go.Figure(go.Bar(x=rows["name"], y=rows[value], marker_color=colors,
+                           customdata=rows[["region", "n_lesions"]],
+                           hovertemplate="%{x} (id %{customdata[0]})<br>" + value + " %{y:.3g}<br>%{customdata[1]} lesions<extra></extra>"))
+    fig.update_layout(title=f"{value} per region" + (f", subject {subject}" if subject is not None else ""),
+                      xaxis_title="region", yaxis_title=value, xaxis_tickangle=-60, height=450)
+    return fig
+
+
+def cohort_heatmap(wide: pd.DataFrame, title: str = "Regional lesion load", label: str = "mL") -> go.Figure:
+    """Interactive heatmap of a subjects x regions matrix (hover shows subject, region and value)."""
+    fig = px.imshow(wide.astype(float), aspect="auto", color_continuous_scale="Inferno",
+                    labels=dict(x="region", y="subject", color=label), title=title)
+    fig.update_xaxes(tickangle=-60)
+    fig.update_layout(height=max(350, 18 * len(wide) + 200))
+    return fig
