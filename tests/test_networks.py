@@ -1,0 +1,82 @@
+"""Model factory shapes per architecture and input mode; loss terms, ignored label, gradients."""
+
+import numpy as np
+import pytest
+import torch
+
+from wmloc_utils.networks import ARCHITECTURES, SegLoss, build_model, label_skeleton, skeleton_recall
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("in_channels", [1, 2])
+def test_factory_output_shape(name, in_channels):
+    if name == "unetr":
+        pytest.importorskip("einops", reason="UNETR needs einops")
+    over = {"img_size": (32, 32, 32)} if name == "unetr" else {}
+    model = build_model(name, in_channels, 3, **over).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, in_channels, 32, 32, 32))
+    assert out.shape == (1, 3, 32, 32, 32)
+
+
+def test_factory_rejects_unknown_name_and_applies_overrides():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model("vnet", 1, 2)
+    small = sum(p.numel() for p in build_model("unet", 1, 2).parameters())
+    big = sum(p.numel() for p in build_model("unet", 1, 2, channels=(32, 64, 128, 256)).parameters())
+    assert big > 3 * small
+
+
+def _tube():
+    lab = np.zeros((24, 24, 24), np.int16)
+    lab[6:18, 10:13, 10:13] = 1          # a thin bar
+    lab[4:8, 4:8, 4:8] = 2               # "other pathology"
+    return lab
+
+
+def test_skeleton_inside_class_and_ignores_label():
+    lab = _tube()
+    sk = label_skeleton(lab, n_classes=2, ignore_label=2)
+    assert sk.any() and set(np.unique(sk)) == {0, 1}
+    assert np.all(lab[sk == 1] == 1)
+    assert (sk == 1).sum() < (lab == 1).sum()
+
+
+def test_perfect_prediction_skeleton_recall_one_and_zero_term():
+    lab = _tube()
+    lab[lab == 2] = 0
+    target = torch.from_numpy(lab)[None, None].long()
+    skel = torch.from_numpy(label_skeleton(lab, 2))[None, None]
+    logits = 50.0 * torch.nn.functional.one_hot(target[:, 0], 2).movedim(-1, 1).float()
+    assert skeleton_recall(torch.softmax(logits, 1), skel).item() == pytest.approx(1.0, abs=1e-5)
+    terms = SegLoss().terms(logits, target, skel)
+    assert terms["skeleton"].item() < 1e-5 and terms["dice"].item() < 1e-3 and terms["ce"].item() < 1e-3
+    # predicting background everywhere misses the whole skeleton
+    assert SegLoss().terms(-logits, target, skel)["skeleton"].item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_gradient_flows_through_all_terms():
+    lab = _tube()
+    target = torch.from_numpy(lab)[None, None].long()
+    skel = torch.from_numpy(label_skeleton(lab, 2, ignore_label=2))[None, None]
+    logits = torch.randn(1, 2, 24, 24, 24, requires_grad=True)
+    for w in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
+        logits.grad = None
+        SegLoss(*w, ignore_label=2)(logits, target, skel).backward()
+        assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_label_2_is_ignored_in_the_loss():
+    lab = _tube()
+    target = torch.from_numpy(lab)[None, None].long()
+    skel = torch.from_numpy(label_skeleton(lab, 2, ignore_label=2))[None, None]
+    logits = torch.randn(1, 2, 24, 24, 24)
+    loss = SegLoss(ignore_label=2)
+    base = loss(logits, target, skel)
+    changed = logits.clone()
+    changed[:, :, 4:8, 4:8, 4:8] = torch.randn(1, 2, 4, 4, 4) * 10  # only inside label 2
+    assert loss(changed, target, skel).item() == pytest.approx(base.item(), abs=1e-5)
+    # without ignoring, the same change moves the loss
+    plain = SegLoss()
+    t01 = target.clamp(max=1)
+    assert abs(plain(changed, t01, skel).item() - plain(logits, t01, skel).item()) > 1e-3

@@ -1,0 +1,383 @@
+"""Training the lesion and region segmenters: subject split, MONAI data pipeline, loop and checkpoints.
+
+One pipeline serves both tasks of the paper's part B: WMH segmentation (labels 0/1, challenge label 2
+"other pathology" ignored) and WM region segmentation (labels 0..36 from the registered atlas).
+A checkpoint carries its full configuration (architecture, inputs, classes, spacing, patch size,
+normalisation, training parameters, versions), so that inference rebuilds exactly the same
+preprocessing and refuses inputs the network was not trained on.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Hashable, Iterator, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import CacheDataset, DataLoader, list_data_collate
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric
+from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform,
+                              NormalizeIntensityd, Orientationd, RandAffined, RandCropByPosNegLabeld,
+                              RandFlipd, RandScaleIntensityd, RandShiftIntensityd, Spacingd, SpatialPadd)
+from tqdm.auto import tqdm
+
+from . import __version__, runtime
+from .images import InputError, check_same_grid, write_table_atomic
+from .networks import PATCH_DIVISOR, SegLoss, build_model, label_skeleton, model_kwargs
+
+# What each task predicts. Region labels cannot be flipped left-right (left and right regions
+# have different ids), so the region task uses no flips in augmentation nor in test-time augmentation.
+TASKS: dict[str, dict[str, Any]] = {
+    "lesion": {"n_classes": 2, "ignore_label": 2, "flip_axes": (0, 1, 2), "label_values": (0, 1, 2)},
+    "regions": {"n_classes": 37, "ignore_label": None, "flip_axes": (), "label_values": tuple(range(37))},
+}
+# Input modes -> channels, in this order.
+INPUTS: dict[str, tuple[str, ...]] = {"t1+flair": ("t1", "flair"), "flair": ("flair",), "t1": ("t1",)}
+NORMALISATION = "z-score per modality over non-zero (brain) voxels: NormalizeIntensityd(nonzero=True, channel_wise=True)"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved inside every checkpoint)."""
+
+    task: str = "lesion"                      # "lesion" or "regions"
+    architecture: str = "unet"                # see networks.ARCHITECTURES
+    inputs: str = "t1+flair"                  # "t1+flair", "flair" or "t1"
+    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)   # training voxel size (mm), RAS
+    patch_size: tuple[int, int, int] = (48, 48, 48)
+    batch_size: int = 4                       # patches per optimisation step
+    samples_per_volume: int = 2               # patches drawn from one loaded volume
+    epochs: int = 10
+    iters_per_epoch: int = 40
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    ce_weight: float = 1.0
+    dice_weight: float = 1.0
+    skeleton_weight: float = 1.0
+    pos_neg: tuple[int, int] = (2, 1)         # RandCropByPosNegLabeld pos:neg ratio (patches centred on labels)
+    overlap: float = 0.25                     # sliding-window overlap at validation
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    model_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {self.task!r}")
+        if self.inputs not in INPUTS:
+            raise ValueError(f"inputs must be one of {list(INPUTS)}, got {self.inputs!r}")
+        self.spacing = tuple(float(s) for s in np.broadcast_to(self.spacing, 3))
+        self.patch_size = tuple(int(s) for s in np.broadcast_to(self.patch_size, 3))
+        self.pos_neg = tuple(int(v) for v in self.pos_neg)
+        div = PATCH_DIVISOR.get(self.architecture, 1)
+        if any(s % div for s in self.patch_size):
+            raise ValueError(f"patch_size {self.patch_size} must be a multiple of {div} for {self.architecture!r}")
+
+
+# ----------------------------------------------------------------------------- subjects and split
+
+def make_split(table: pd.DataFrame, val_fraction: float = 0.15, test_fraction: float = 0.25, seed: int = 0,
+               group_col: str = "group") -> pd.DataFrame:
+    """Subject-level train/val/test split, deterministic for a seed and stratified by ``group_col`` if filled.
+
+    Subjects are shuffled within groups and dealt round-robin across groups, so every split gets
+    groups in proportion. Returns columns subject, group, split.
+    """
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) and sum below 1")
+    subjects = table["subject"].astype(str)
+    if subjects.duplicated().any():
+        raise InputError(f"duplicate subjects in the table: {sorted(subjects[subjects.duplicated()])[:5]}")
+    groups = table[group_col].fillna("").astype(str) if group_col in table else pd.Series("", index=table.index)
+    rng = np.random.default_rng(seed)
+    queues = [list(rng.permutation(sorted(subjects[groups == g]))) for g in sorted(groups.unique())]
+    order = []
+    while any(queues):
+        for q in queues:
+            if q:
+                order.append(q.pop())
+    n = len(order)
+    n_test = int(round(n * test_fraction)) if test_fraction else 0
+    n_val = int(round(n * val_fraction)) if val_fraction else 0
+    if n >= 3:
+        n_test = max(n_test, 1 if test_fraction else 0)
+        n_val = max(n_val, 1 if val_fraction else 0)
+    if n - n_test - n_val < 1:
+        raise InputError(f"{n} subjects are too few for val_fraction={val_fraction}, test_fraction={test_fraction}")
+    split = ["test"] * n_test + ["val"] * n_val + ["train"] * (n - n_test - n_val)
+    out = pd.DataFrame({"subject": order, "split": split})
+    out["group"] = out["subject"].map(dict(zip(subjects, groups)))
+    return out[["subject", "group", "split"]].sort_values("subject").reset_index(drop=True)
+
+
+def read_split(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a split saved by notebook 04 (never re-split: every later notebook reuses it)."""
+    split = pd.read_csv(runtime.require(path, "notebooks/04_train_lesions.ipynb"), dtype={"subject": str})
+    if not {"subject", "split"} <= set(split.columns) or not set(split["split"]) <= {"train", "val", "test"}:
+        raise InputError(f"{path}: not a split table (needs columns subject, split with train/val/test)")
+    return split
+
+
+def make_records(table: pd.DataFrame, inputs: str, label_col: str | None = None,
+                 subjects: Sequence[str] | None = None) -> list[dict]:
+    """One pipeline record per subject: {"subject", "image": [channel paths], "label": path}.
+
+    Checks that every channel (and the label) lies on the FLAIR grid and names the subject otherwise.
+    """
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs must be one of {list(INPUTS)}, got {inputs!r}")
+    rows = table if subjects is None else table[table["subject"].astype(str).isin([str(s) for s in subjects])]
+    records = []
+    for row in rows.itertuples(index=False):
+        row = row._asdict()
+        subject = str(row["subject"])
+        ref_key = "flair" if isinstance(row.get("flair"), str) and row.get("flair") else INPUTS[inputs][0]
+        paths = {m: row.get(m) for m in INPUTS[inputs]}
+        if label_col:
+            paths[label_col] = row.get(label_col)
+        for what, p in paths.items():
+            if not isinstance(p, str) or not p or not Path(p).exists():
+                raise InputError(f"subject {subject}: {what} image missing ({p!r})")
+        ref = nib.load(row[ref_key])
+        for what, p in paths.items():
+            check_same_grid(ref, nib.load(p), ref_key.upper(), what, subject=subject)
+        rec = {"subject": subject, "image": [paths[m] for m in INPUTS[inputs]]}
+        if label_col:
+            rec["label"] = paths[label_col]
+        records.append(rec)
+    return records
+
+
+# ----------------------------------------------------------------------------- MONAI transforms
+
+class SkeletonizeLabeld(MapTransform):
+    """Add the per-class (tubed) skeleton of the label as ``skeleton_key``: computed once per cached sample."""
+
+    def __init__(self, keys: str, n_classes: int, ignore_label: int | None, skeleton_key: str = "skeleton") -> None:
+        super().__init__(keys)
+        self.n_classes, self.ignore_label, self.skeleton_key = n_classes, ignore_label, skeleton_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        lab = d[self.keys[0]]
+        skel = label_skeleton(np.asarray(lab[0]), self.n_classes, self.ignore_label)
+        d[self.skeleton_key] = lab.clone() if hasattr(lab, "clone") else lab.copy()
+        d[self.skeleton_key][0] = torch.as_tensor(skel, dtype=d[self.skeleton_key].dtype)
+        return d
+
+
+def preprocessing(spacing: Sequence[float], with_label: bool) -> Compose:
+    """Deterministic preprocessing shared by training, validation and inference (inverted at inference)."""
+    keys = ["image", "label"] if with_label else ["image"]
+    modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
+    return Compose([
+        LoadImaged(keys, image_only=True),
+        EnsureChannelFirstd(keys),
+        Orientationd(keys, axcodes="RAS", labels=None),
+        Spacingd(keys, pixdim=tuple(spacing), mode=modes),
+        NormalizeIntensityd("image", nonzero=True, channel_wise=True),
+        EnsureTyped(keys, dtype=torch.float32, track_meta=True),
+    ])
+
+
+def training_transforms(cfg: TrainConfig) -> Compose:
+    """Preprocessing + skeleton (cached), then lesion-weighted patch sampling and augmentation (random)."""
+    task = TASKS[cfg.task]
+    keys = ["image", "label", "skeleton"]
+    flips = [RandFlipd(keys, prob=0.5, spatial_axis=a) for a in task["flip_axes"]]
+    return Compose([
+        *preprocessing(cfg.spacing, with_label=True).transforms,
+        SkeletonizeLabeld("label", task["n_classes"], task["ignore_label"]),
+        SpatialPadd(keys, spatial_size=cfg.patch_size),
+        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=cfg.patch_size, pos=cfg.pos_neg[0],
+                               neg=cfg.pos_neg[1], num_samples=cfg.samples_per_volume, image_key="image",
+                               image_threshold=0.0),
+        *flips,
+        RandAffined(keys, prob=0.3, rotate_range=(0.15,) * 3, scale_range=(0.1,) * 3,
+                    mode=("bilinear", "nearest", "nearest"), padding_mode="zeros"),
+        RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+    ])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def model_config(cfg: TrainConfig, train_subjects: Sequence[str] = (), val_subjects: Sequence[str] = ()) -> dict:
+    """The full configuration stored in a checkpoint."""
+    import monai
+
+    task = TASKS[cfg.task]
+    overrides = dict(cfg.model_overrides)
+    if cfg.architecture == "unetr":
+        overrides.setdefault("img_size", cfg.patch_size)
+    return {
+        "task": cfg.task,
+        "architecture": cfg.architecture,
+        "model_kwargs": model_kwargs(cfg.architecture, **overrides),
+        "inputs": cfg.inputs,
+        "modalities": list(INPUTS[cfg.inputs]),
+        "in_channels": len(INPUTS[cfg.inputs]),
+        "n_classes": task["n_classes"],
+        "ignore_label": task["ignore_label"],
+        "flip_axes": list(task["flip_axes"]),
+        "spacing": list(cfg.spacing),
+        "orientation": "RAS",
+        "patch_size": list(cfg.patch_size),
+        "normalisation": NORMALISATION,
+        "training": asdict(cfg),
+        "train_subjects": list(train_subjects),
+        "val_subjects": list(val_subjects),
+        "versions": {"wmloc": __version__, "torch": torch.__version__, "monai": monai.__version__,
+                     "python": platform.python_version()},
+    }
+
+
+def _save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "auto") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the network of a checkpoint (eval mode, on ``device``) and return it with its config."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: checkpoint does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise InputError(f"{path}: not a wmloc checkpoint (no config/model entries)")
+    config = ckpt["config"]
+    model = build_model(config["architecture"], config["in_channels"], config["n_classes"], **config["model_kwargs"])
+    model.load_state_dict(ckpt["model"])
+    dev = device if isinstance(device, torch.device) else runtime.resolve_device(device)
+    return model.to(dev).eval(), config
+
+
+def check_inputs(config: dict, inputs: str, checkpoint: str | os.PathLike = "checkpoint") -> None:
+    """Raise :class:`InputError` if ``inputs`` differs from the input mode the network was trained on."""
+    if inputs != config["inputs"]:
+        raise InputError(
+            f"{checkpoint}: this {config['architecture']} {config['task']} network was trained on inputs "
+            f"{config['inputs']!r} ({' + '.join(m.upper() for m in config['modalities'])}) and cannot be used "
+            f"with inputs {inputs!r}; train a network for {inputs!r} or provide {config['inputs']!r}")
+
+
+# ----------------------------------------------------------------------------- training loop
+
+def _batches(loader: DataLoader) -> Iterator[dict]:
+    while True:
+        yield from loader
+
+
+def _onehot(labels: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(labels.long(), n).movedim(-1, 1)
+
+
+def validate(model: torch.nn.Module, dataset: Sequence[dict], cfg: TrainConfig, device: torch.device) -> float:
+    """Mean foreground Dice (MONAI DiceMetric) over whole validation volumes, sliding-window inference."""
+    task = TASKS[cfg.task]
+    n = task["n_classes"]
+    metric = DiceMetric(include_background=False, reduction="mean", ignore_empty=True)
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
+        for item in dataset:
+            logits = sliding_window_inference(item["image"][None].to(device), cfg.patch_size, 4, model,
+                                              overlap=cfg.overlap, mode="gaussian")
+            pred = torch.as_tensor(logits.argmax(1).cpu())
+            label = torch.as_tensor(item["label"][0].long())[None]
+            if task["ignore_label"] is not None:
+                ignored = label == task["ignore_label"]
+                label, pred = label.masked_fill(ignored, 0), pred.masked_fill(ignored, 0)
+            metric(_onehot(pred, n), _onehot(label, n))
+    value = metric.aggregate().item()
+    model.train()
+    return float(value) if np.isfinite(value) else 0.0
+
+
+def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence[dict], out_dir: str | os.PathLike,
+          resume: bool = False, progress: bool = True) -> dict:
+    """Train with validation each epoch; write ``best.pt``, ``last.pt`` and ``history.csv`` in ``out_dir``.
+
+    ``resume=True`` continues from ``last.pt`` when it exists (same task, architecture and inputs).
+    Returns {"best": path, "last": path, "history": DataFrame, "best_dice": float}.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not train_records:
+        raise InputError("no training subjects")
+    runtime.set_seed(cfg.seed)
+    device = runtime.resolve_device(cfg.device)
+    config = model_config(cfg, [r["subject"] for r in train_records], [r["subject"] for r in val_records])
+    model = build_model(cfg.architecture, config["in_channels"], config["n_classes"], **config["model_kwargs"]).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.epochs * cfg.iters_per_epoch, power=0.9)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    loss_fn = SegLoss(cfg.ce_weight, cfg.dice_weight, cfg.skeleton_weight, ignore_label=TASKS[cfg.task]["ignore_label"])
+
+    start, best, history = 0, -1.0, []
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if resume and last_path.exists():
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
+        old = ckpt["config"]
+        for key in ("task", "architecture", "inputs", "spacing", "patch_size"):
+            if old[key] != config[key]:
+                raise InputError(f"{last_path}: cannot resume, it was trained with {key}={old[key]!r}, not {config[key]!r}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start, best, history = ckpt["epoch"] + 1, ckpt["best_dice"], ckpt["history"]
+        runtime.set_seed(cfg.seed + start)
+
+    train_ds = CacheDataset(list(train_records), training_transforms(cfg), num_workers=cfg.num_workers, progress=False)
+    val_ds = CacheDataset(list(val_records), preprocessing(cfg.spacing, with_label=True), num_workers=cfg.num_workers,
+                          progress=False)
+    loader = DataLoader(train_ds, batch_size=max(1, cfg.batch_size // cfg.samples_per_volume), shuffle=True,
+                        num_workers=cfg.num_workers, collate_fn=list_data_collate,
+                        generator=torch.Generator().manual_seed(cfg.seed + start))
+    batches = _batches(loader)
+    model.train()
+    bar = tqdm(range(start, cfg.epochs), desc=f"{cfg.task} {cfg.architecture} {cfg.inputs}", disable=not progress,
+               initial=start, total=cfg.epochs)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        sums = {"loss": 0.0, "ce": 0.0, "dice": 0.0, "skeleton": 0.0}
+        for _ in range(cfg.iters_per_epoch):
+            batch = next(batches)
+            x, y, s = (batch[k].to(device) for k in ("image", "label", "skeleton"))
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                terms = loss_fn.terms(model(x), y, s)
+                loss = (cfg.ce_weight * terms["ce"] + cfg.dice_weight * terms["dice"]
+                        + cfg.skeleton_weight * terms["skeleton"])
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            sums["loss"] += loss.item()
+            for k in ("ce", "dice", "skeleton"):
+                sums[k] += terms[k].item()
+        val_dice = validate(model, val_ds, cfg, device) if len(val_ds) else float("nan")
+        row = {"epoch": epoch, **{k: v / cfg.iters_per_epoch for k, v in sums.items()}, "val_dice": val_dice,
+               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        history.append(row)
+        improved = len(val_ds) == 0 or val_dice > best
+        if improved:
+            best = val_dice if len(val_ds) else best
+        state = {"config": config, "model": model.state_dict(), "epoch": epoch, "best_dice": best, "history": history,
+                 "val_dice": val_dice}
+        if improved:
+            _save(state, best_path)
+        _save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "scaler": scaler.state_dict()}, last_path)
+        write_table_atomic(pd.DataFrame(history), out_dir / "history.csv", index=False)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", val_dice=f"{val_dice:.3f}")
+    return {"best": best_path, "last": last_path, "history": pd.DataFrame(history), "best_dice": best}
