@@ -83,19 +83,17 @@ def normalised_depth(wm_mask: np.ndarray, ventricles: np.ndarray, zooms, cortex:
                      ventricle_margin_mm: float = 3.0) -> np.ndarray:
     """Normalised WM depth ``d = dist_vent / (dist_vent + dist_cortex)`` in [0, 1] (0 at the ventricles); NaN outside WM.
 
-    ``cortex`` is the outer boundary the depth is measured to; by default every non-WM voxel
-    farther than ``ventricle_margin_mm`` from the ventricles (cortex and deep grey nuclei, but not
-    the partial-volume rim of the ventricles, which would otherwise make periventricular WM "cortical").
+    ``cortex`` is the outer boundary the depth is measured to (default: every non-WM voxel, so
+    cortex and deep grey nuclei); voxels within ``ventricle_margin_mm`` of the ventricles are never
+    cortex (the ventricles' partial-volume rim would otherwise make periventricular WM "cortical").
     """
     wm = _check(wm_mask, "WM mask").astype(bool)
     vent = _check(ventricles, "ventricle mask", wm.shape).astype(bool)
     if not vent.any():
         raise InputError("ventricle mask is empty: cannot measure the distance to the ventricles")
     d_vent = _edt(~vent, zooms)
-    if cortex is None:
-        outer = ~wm & (d_vent > ventricle_margin_mm)
-    else:
-        outer = _check(cortex, "cortex mask", wm.shape).astype(bool)
+    outer = ~wm if cortex is None else _check(cortex, "cortex mask", wm.shape).astype(bool)
+    outer &= d_vent > ventricle_margin_mm
     if not outer.any():
         raise InputError("cortex mask is empty: cannot measure the distance to the cortex")
     d_ctx = _edt(~outer, zooms)

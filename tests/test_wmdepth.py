@@ -1,0 +1,80 @@
+"""Tests of the depth parcellations on a phantom with known geometry and anisotropic voxels."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from wmloc_utils import wmdepth
+from wmloc_utils.images import InputError
+
+ZOOMS = (1.0, 1.5, 3.0)  # anisotropic voxels (mm)
+
+
+def phantom(shape=(90, 60, 30), r_vent=8.0, r_wm=36.0, r_brain=40.0):
+    """Concentric spheres (mm): ventricle r<r_vent, WM r_vent<=r<r_wm, cortex r_wm<=r<r_brain."""
+    grids = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * z for n, z in zip(shape, ZOOMS)], indexing="ij")
+    radius = np.sqrt(sum(g ** 2 for g in grids))
+    vent = radius < r_vent
+    wm = (radius >= r_vent) & (radius < r_wm)
+    brain = radius < r_brain
+    return radius, vent, wm, brain
+
+
+def test_periventricular_band_is_ten_mm_thick():
+    radius, vent, wm, _ = phantom()
+    pv = wmdepth.periventricular_deep(wm, vent, ZOOMS, distance_mm=10.0)
+    assert set(np.unique(pv)) == {0, 1, 2}
+    assert (pv[~wm] == 0).all()
+    band = radius[pv == 1]
+    assert band.max() == pytest.approx(8.0 + 10.0, abs=1.0)
+    assert radius[pv == 2].min() == pytest.approx(18.0, abs=1.0)
+
+
+def test_lateral_ventricles_keep_deep_csf_only():
+    radius, vent, wm, brain = phantom()
+    sulcal = (radius >= 37.0) & brain  # CSF near the surface must be dropped
+    small = np.zeros_like(vent)
+    small[40:42, 40:42, 20] = True  # a tiny deep CSF speck (< 10 % of the ventricle)
+    found = wmdepth.lateral_ventricles(vent | sulcal | small, brain, ZOOMS, min_depth_mm=15.0)
+    assert found.sum() == vent.sum() and (found == vent).all()
+    with pytest.raises(InputError, match="deeper than"):
+        wmdepth.lateral_ventricles(sulcal, brain, ZOOMS)
+
+
+def test_bullseye_shells_are_ordered_and_equal_in_depth():
+    radius, vent, wm, brain = phantom()
+    lobes = np.where(np.meshgrid(np.arange(90), np.arange(60), np.arange(30), indexing="ij")[0] < 45, 1, 4)
+    bull = wmdepth.bullseye(wm, vent, lobes, ZOOMS, n_shells=4)
+    assert (bull[~wm] == 0).all() and set(np.unique(bull[wm]) // 10) == {1, 4}
+    shell = bull % 10
+    # shells follow the radius, and each spans ~ (36 - 8) / 4 = 7 mm of depth
+    edges = [(radius[(shell == s) & wm].min(), radius[(shell == s) & wm].max()) for s in range(1, 5)]
+    for s, (lo, hi) in enumerate(edges):
+        assert lo == pytest.approx(8.0 + 7.0 * s, abs=1.6)
+        assert hi - lo == pytest.approx(7.0, abs=2.0)
+    assert all(edges[i][1] <= edges[i + 1][0] + 1.6 for i in range(3))
+    table = wmdepth.bullseye_table(4)
+    assert {11, 14, 41, 44} <= set(table["id"]) and len(table) == 1 + 16 * 4
+    with pytest.raises(InputError, match="n_shells"):
+        wmdepth.bullseye(wm, vent, lobes, ZOOMS, n_shells=10)
+
+
+def test_empty_ventricles_are_an_error():
+    _, vent, wm, _ = phantom()
+    with pytest.raises(InputError, match="ventricle mask is empty"):
+        wmdepth.periventricular_deep(wm, np.zeros_like(vent), ZOOMS)
+
+
+def test_depth_maps_on_an_anisotropic_image():
+    radius, vent, wm, brain = phantom()
+    tissue = np.where(wm, 3, np.where(vent, 1, np.where(brain, 2, 0))).astype(np.int16)
+    regions = np.where(brain, 3, 0).astype(np.int16)  # superior frontal WM, left
+    affine = np.diag([-ZOOMS[0], ZOOMS[1], ZOOMS[2], 1.0])
+    maps = wmdepth.depth_maps(nib.Nifti1Image(tissue, affine), regions=nib.Nifti1Image(regions, affine))
+    assert np.array_equal(np.asarray(maps["ventricles"].dataobj).astype(bool), vent)
+    pv = np.asarray(maps["periventricular"].dataobj)
+    assert radius[pv == 1].max() == pytest.approx(18.0, abs=1.0)
+    bull = np.asarray(maps["bullseye"].dataobj)
+    assert set(np.unique(bull[wm])) == {11, 12, 13, 14} and np.allclose(maps["bullseye"].affine, affine)
