@@ -1,0 +1,86 @@
+"""Inference writes on the exact FLAIR grid (LAS, anisotropic), inverts preprocessing in place, refuses wrong inputs."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from wmloc_utils import inference, training
+from wmloc_utils.images import InputError
+from wmloc_utils.networks import build_model
+
+
+def _subject(folder, zooms, orientation, shape):
+    """FLAIR/T1 with one bright cuboid lesion off-centre (so a wrong flip or shift would miss it)."""
+    ijk = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    brain = (ijk ** 2).sum(0) < 0.9
+    lesion = np.zeros(shape, np.uint8)
+    lesion[shape[0] // 5:shape[0] // 2, shape[1] // 3:2 * shape[1] // 3, shape[2] // 3:2 * shape[2] // 3 + 1] = 1
+    flair = brain * 1.0 + 2.0 * lesion
+    aff = np.diag([*zooms, 1.0])
+    if orientation == "LAS":
+        aff[0, 0] = -zooms[0]
+    aff[:3, 3] = [30.0, -20.0, 10.0]
+    paths = {}
+    for key, arr in (("flair", flair), ("t1", brain * 1.0 - 0.3 * lesion)):
+        paths[key] = folder / f"{key}.nii.gz"
+        nib.save(nib.Nifti1Image(arr.astype(np.float32), aff), paths[key])
+    return paths, lesion, aff
+
+
+class FlairThreshold(torch.nn.Module):
+    """A stand-in 'network' whose lesion logit is the normalised FLAIR minus a threshold."""
+
+    def forward(self, x):
+        fg = 4.0 * (x[:, -1:] - 1.0)
+        return torch.cat([-fg, fg], 1)
+
+
+def _config(task="lesion", inputs="t1+flair"):
+    return training.model_config(training.TrainConfig(task=task, inputs=inputs, patch_size=(16, 16, 16),
+                                                      spacing=(2.0, 2.0, 2.0),
+                                                      model_overrides={"channels": (4, 8, 16, 32)}))
+
+
+@pytest.mark.parametrize("zooms,orientation,shape", [((1.0, 1.0, 3.0), "LAS", (40, 36, 14)),
+                                                     ((2.0, 2.0, 2.0), "RAS", (24, 28, 22))])
+def test_lesion_output_on_exact_flair_grid_and_aligned(tmp_path, zooms, orientation, shape):
+    paths, lesion, aff = _subject(tmp_path, zooms, orientation, shape)
+    seg = inference.Segmenter(FlairThreshold(), _config(), torch.device("cpu"), Path("stub.pt"))
+    out = inference.predict(seg, paths["t1"], paths["flair"], out_dir=tmp_path / "out", tta=True)
+    assert set(out) == {"mask", "prob"} and out["mask"].name == "lesion_pred.nii.gz"
+    mask, prob = nib.load(out["mask"]), nib.load(out["prob"])
+    for img in (mask, prob):
+        assert img.shape == shape and np.allclose(img.affine, aff)
+    assert mask.get_data_dtype() == np.uint8 and prob.get_data_dtype() == np.float32
+    m = np.asanyarray(mask.dataobj)
+    dice = 2 * (m & lesion).sum() / (m.sum() + lesion.sum())
+    assert dice > 0.8, dice
+
+
+def test_region_labels_on_flair_grid_from_a_real_checkpoint(tmp_path):
+    paths, _, aff = _subject(tmp_path, (1.0, 1.0, 3.0), "LAS", (40, 36, 14))
+    config = _config(task="regions", inputs="flair")
+    torch.manual_seed(0)
+    model = build_model("unet", 1, 37, **config["model_kwargs"])
+    ckpt = tmp_path / "regions.pt"
+    torch.save({"config": config, "model": model.state_dict()}, ckpt)
+    out = inference.predict(ckpt, flair_path=paths["flair"], out_paths={"labels": tmp_path / "r.nii.gz"})
+    img = nib.load(out["labels"])
+    assert img.shape == (40, 36, 14) and np.allclose(img.affine, aff) and img.get_data_dtype() == np.int16
+    assert np.asanyarray(img.dataobj).max() <= 36 and np.asanyarray(img.dataobj).min() >= 0
+
+
+def test_refuses_wrong_or_missing_inputs(tmp_path):
+    paths, _, _ = _subject(tmp_path, (2.0, 2.0, 2.0), "RAS", (24, 28, 22))
+    seg = inference.Segmenter(FlairThreshold(), _config(inputs="t1+flair"), torch.device("cpu"), Path("m.pt"))
+    with pytest.raises(InputError, match="trained on inputs 't1\\+flair'"):
+        inference.segment(seg, flair_path=paths["flair"], inputs="flair")
+    with pytest.raises(InputError, match="needs T1"):
+        inference.segment(seg, flair_path=paths["flair"])
+    odd = tmp_path / "odd.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((24, 28, 20), np.float32), np.eye(4)), odd)
+    with pytest.raises(InputError, match="T1 is not on the grid of FLAIR"):
+        inference.segment(seg, t1_path=odd, flair_path=paths["flair"])

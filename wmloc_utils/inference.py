@@ -1,0 +1,124 @@
+"""Applying a trained segmenter to a subject: sliding-window inference, optional flip TTA, FLAIR-grid output.
+
+The preprocessing of training (RAS, training spacing, per-modality normalisation) is rebuilt from the
+checkpoint's config and inverted with MONAI ``Invertd``, so outputs land on the exact FLAIR grid
+(shape and affine) whatever its orientation or voxel size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.transforms import Invertd
+
+from . import runtime
+from .images import InputError, check_same_grid, like, load_nifti, save_nifti
+from .training import INPUTS, check_inputs, load_checkpoint, preprocessing
+
+OUTPUT_NAMES = {"lesion": {"mask": "lesion_pred.nii.gz", "prob": "lesion_prob.nii.gz"},
+                "regions": {"labels": "regions_pred.nii.gz"}}
+
+
+@dataclass
+class Segmenter:
+    """A loaded checkpoint: network (eval mode), its config, device and file."""
+
+    model: torch.nn.Module
+    config: dict
+    device: torch.device
+    path: Path
+
+
+def load_segmenter(checkpoint: str | os.PathLike, device: str = "auto") -> Segmenter:
+    """Load a checkpoint once (e.g. to predict many subjects)."""
+    dev = runtime.resolve_device(device)
+    model, config = load_checkpoint(checkpoint, dev)
+    return Segmenter(model, config, dev, Path(checkpoint))
+
+
+def _tta_flips(config: dict, tta: bool) -> list[tuple[int, ...]]:
+    """Flip combinations (of spatial dims of a B,C,X,Y,Z tensor) averaged at test time; only axes seen in training."""
+    axes = [a + 2 for a in config["flip_axes"]] if tta else []
+    return [()] + [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike | None = None,
+            flair_path: str | os.PathLike | None = None, tta: bool = False, inputs: str | None = None,
+            sw_batch_size: int = 4, overlap: float = 0.25) -> dict[str, nib.Nifti1Image]:
+    """Segment one subject; return images on the FLAIR grid ({"mask", "prob"} or {"labels"}).
+
+    ``inputs`` (default: the checkpoint's) must match the mode the network was trained on; every
+    modality it needs must be given, on the same grid.
+    """
+    seg = segmenter if isinstance(segmenter, Segmenter) else load_segmenter(segmenter)
+    cfg = seg.config
+    check_inputs(cfg, inputs or cfg["inputs"], seg.path)
+    given = {"t1": t1_path, "flair": flair_path}
+    missing = [m.upper() for m in cfg["modalities"] if not given[m]]
+    if missing:
+        raise InputError(f"{seg.path}: the network was trained on {cfg['inputs']!r} and needs {' and '.join(missing)}")
+    ref_name = "flair" if flair_path else "t1"
+    ref = load_nifti(given[ref_name], what=ref_name.upper())
+    for m in cfg["modalities"]:
+        if m != ref_name:
+            check_same_grid(ref, load_nifti(given[m], what=m.upper()), ref_name.upper(), m.upper())
+
+    pre = preprocessing(cfg["spacing"], with_label=False)
+    data = pre({"image": [str(given[m]) for m in cfg["modalities"]]})
+    image = data["image"]
+    x = image.as_tensor()[None].to(seg.device)
+    flips = _tta_flips(cfg, tta)
+    probs = None
+    with torch.no_grad(), torch.autocast(seg.device.type, enabled=seg.device.type == "cuda"):
+        for dims in flips:
+            xi = torch.flip(x, dims) if dims else x
+            logits = sliding_window_inference(xi, cfg["patch_size"], sw_batch_size, seg.model, overlap=overlap,
+                                              mode="gaussian")
+            p = torch.softmax(logits.float(), 1)
+            p = torch.flip(p, dims) if dims else p
+            probs = p if probs is None else probs + p
+    probs = probs[0].cpu() / len(flips)
+
+    lesion = cfg["task"] == "lesion"
+    out = probs[1:2] if lesion else probs.argmax(0, keepdim=True).float()
+    data["pred"] = MetaTensor(out, meta=image.meta, applied_operations=image.applied_operations)
+    inverted = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=not lesion)(data)["pred"]
+    arr = np.asarray(inverted[0].detach().cpu().numpy())
+    if arr.shape != ref.shape[:3]:
+        raise RuntimeError(f"inverted prediction has shape {arr.shape}, expected the FLAIR shape {ref.shape[:3]}")
+    if lesion:
+        prob = np.clip(arr, 0, 1).astype(np.float32)
+        return {"mask": like(ref, (prob >= 0.5).astype(np.uint8)), "prob": like(ref, prob)}
+    return {"labels": like(ref, np.rint(arr).astype(np.int16))}
+
+
+def predict(checkpoint: Segmenter | str | os.PathLike, t1_path: str | os.PathLike | None = None,
+            flair_path: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
+            out_paths: dict[str, str | os.PathLike] | None = None, tta: bool = False, inputs: str | None = None,
+            **kwargs) -> dict[str, Path]:
+    """Segment one subject and write NIfTI files on the FLAIR grid; return {"mask"/"prob" or "labels": path}.
+
+    Files go to ``out_paths`` (keys as returned) or to ``out_dir`` with the standard names
+    (lesion_pred.nii.gz uint8, lesion_prob.nii.gz float32; regions_pred.nii.gz int16 0..36).
+    """
+    images = segment(checkpoint, t1_path, flair_path, tta=tta, inputs=inputs, **kwargs)
+    task = "lesion" if "mask" in images else "regions"
+    if out_paths is None:
+        if out_dir is None:
+            raise ValueError("give out_dir or out_paths")
+        out_paths = {k: Path(out_dir) / name for k, name in OUTPUT_NAMES[task].items()}
+    missing = set(images) - set(out_paths)
+    if missing:
+        raise ValueError(f"out_paths lacks {sorted(missing)} for the {task} task")
+    return {k: save_nifti(img, out_paths[k]) for k, img in images.items()}
+
+
+__all__ = ["INPUTS", "OUTPUT_NAMES", "Segmenter", "load_segmenter", "segment", "predict"]
