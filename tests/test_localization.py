@@ -18,7 +18,7 @@ from wmloc_utils.images import InputError
 
 ZOOMS = (1.0, 1.0, 3.0)  # 3 uL voxels
 VOX_ML = 0.003
-TABLE = pd.DataFrame({"id": [0, 1, 2, 5], "name": ["Background", "left", "right", "empty"],
+TABLE = pd.DataFrame({"id": [0, 1, 2, 5], "name": ["Background", "left", "right", "empty"], "short": ["BG", "L", "R", "E"],
                       "r": [0, 200, 0, 0], "g": [0, 0, 200, 0], "b": [0, 0, 0, 200]})
 
 
@@ -70,6 +70,7 @@ def test_any_table_periventricular_deep():
     pv_deep = pd.DataFrame({"id": [1, 2], "name": ["periventricular", "deep"]})
     out = loc.regional_loads(lesion, regions, ZOOMS, pv_deep)
     assert out["name"].tolist() == ["unlabelled", "periventricular", "deep"]
+    assert out["short"].tolist() == out["name"].tolist()  # no short names in this table
     assert out["n_lesions"].sum() == 4
 
 
@@ -100,10 +101,11 @@ def test_cohort_wide_and_normalisation(tmp_path):
     assert list(tidy.columns) == ["subject", *loc.COLUMNS]
     assert len(tidy) == 2 * 4
     wide = loc.wide_matrix(tidy)
-    assert list(wide.columns) == ["unlabelled", "left", "right", "empty"]
-    assert wide.loc["s0", "left"] == pytest.approx(15 * VOX_ML) and wide.loc["s1"].sum() == 0
+    assert list(wide.columns) == ["unlabelled", "L", "R", "E"]
+    assert list(loc.wide_matrix(tidy, names="name").columns) == ["unlabelled", "left", "right", "empty"]
+    assert wide.loc["s0", "L"] == pytest.approx(15 * VOX_ML) and wide.loc["s1"].sum() == 0
     norm = loc.wide_matrix(tidy, normalise="icv", volumes=pd.DataFrame({"subject": ["s0", "s1"], "icv_ml": [1500.0, 1000.0]}),
-                           unlabelled=False)
+                           unlabelled=False, names="name")
     assert list(norm.columns) == ["left", "right", "empty"]
     assert norm.loc["s0", "left"] == pytest.approx(15 * VOX_ML / 1500 * 100)
     with pytest.raises(InputError, match=r"no wm volume for subjects \['s1'\]"):
@@ -129,3 +131,23 @@ def test_subject_report_and_figures(tmp_path):
     assert data[0, 0, 0] == pytest.approx(15 * VOX_ML) and data[15, 0, 0] == pytest.approx(6 * VOX_ML) and data[22, 0, 0] == 0
     display = loc.brain_figure(reg_img, tidy, display_mode="z", cut_coords=2)
     display.close()
+
+
+def test_pairings_and_agreement(tmp_path):
+    lesion, regions = maps()
+    shifted = np.roll(regions, 2, axis=0)  # predicted regions: moved by 2 voxels
+    pred = lesion.copy()
+    pred[2:5, 2:4, 1:3] = 0  # the predicted mask misses the 12-voxel lesion of region 1
+    recs = pd.DataFrame([{"subject": "s0", "lesion": _save(tmp_path, "l.nii.gz", lesion),
+                          "regions": _save(tmp_path, "r.nii.gz", regions),
+                          "lesion_pred": _save(tmp_path, "lp.nii.gz", pred),
+                          "regions_pred": _save(tmp_path, "rp.nii.gz", shifted)}])
+    tidy = loc.cohort_pairings(recs, TABLE, progress=False)
+    assert sorted(tidy["pairing"].unique()) == ["lesion_pred", "predicted", "reference"]
+    assert tidy.groupby("pairing")["lesion_ml"].sum()["lesion_pred"] == pytest.approx(12 * VOX_ML)
+    agree = loc.load_agreement(tidy, "lesion_pred")
+    assert agree.loc["s0", "abs_error"] == pytest.approx(12 * VOX_ML)
+    assert agree.loc["s0", "rel_error"] == pytest.approx(12 / 24)
+    moved = loc.load_agreement(tidy, "predicted", reference="lesion_pred")
+    # regions moved by 2 voxels: region 1 gets 6 lesion voxels (was 3), region 2 5 (was 6), unlabelled 1 (was 3)
+    assert moved.loc["s0", "abs_error"] == pytest.approx((3 + 1 + 2) * VOX_ML)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .images import InputError, check_same_grid, load_nifti
 
 UNLABELLED = "unlabelled"
-COLUMNS = ["region", "name", "lesion_ml", "region_ml", "lesion_fraction", "load_share", "n_lesions"]
+COLUMNS = ["region", "name", "short", "lesion_ml", "region_ml", "lesion_fraction", "load_share", "n_lesions"]
 _CONNECTIVITY_26 = ndimage.generate_binary_structure(3, 3)
 
 
@@ -87,6 +87,8 @@ def regional_loads(lesion: np.ndarray, regions: np.ndarray, zooms: Sequence[floa
                    who: str = "lesion/regions") -> pd.DataFrame:
     """Per-region lesion loads of one subject (columns :data:`COLUMNS`, one row per table region plus region 0).
 
+    ``short`` is the table's short name when it has one (else the name), for compact figures.
+
     ``lesion`` must hold {0, 1} (with ``ignore_label`` set, voxels of that label count as 0);
     ``regions`` holds region ids known to ``table``; ``zooms`` is the voxel size in mm.
     """
@@ -115,6 +117,7 @@ def regional_loads(lesion: np.ndarray, regions: np.ndarray, zooms: Sequence[floa
     return pd.DataFrame({
         "region": ids,
         "name": [UNLABELLED, *table["name"].astype(str)],
+        "short": [UNLABELLED, *table["short" if "short" in table.columns else "name"].astype(str)],
         "lesion_ml": lesion_ml,
         "region_ml": region_ml,
         "lesion_fraction": fraction,
@@ -157,8 +160,9 @@ def cohort_loads(records: pd.DataFrame | Iterable[Mapping], table: pd.DataFrame 
 
 
 def wide_matrix(tidy: pd.DataFrame, value: str = "lesion_ml", normalise: str | None = None,
-                volumes: pd.DataFrame | pd.Series | Mapping | None = None, unlabelled: bool = True) -> pd.DataFrame:
-    """Subjects x regions matrix of ``value`` (columns: region names, in id order).
+                volumes: pd.DataFrame | pd.Series | Mapping | None = None, unlabelled: bool = True,
+                names: str = "short") -> pd.DataFrame:
+    """Subjects x regions matrix of ``value`` (columns: region ``short`` names or ``names="name"``, in id order).
 
     ``normalise="icv"`` or ``"wm"`` divides each subject's row by its intracranial or WM
     volume (mL) and reports percent: ``volumes`` is a Series/mapping subject -> mL, or a
@@ -167,8 +171,8 @@ def wide_matrix(tidy: pd.DataFrame, value: str = "lesion_ml", normalise: str | N
     if value not in tidy.columns:
         raise InputError(f"value {value!r} is not a column of the loads table ({list(tidy.columns)})")
     data = tidy if unlabelled else tidy[tidy["region"] != 0]
-    order = data.drop_duplicates("region").sort_values("region")["name"].tolist()
-    wide = data.pivot(index="subject", columns="name", values=value)[order]
+    order = data.drop_duplicates("region").sort_values("region")[names].tolist()
+    wide = data.pivot(index="subject", columns=names, values=value)[order]
     wide.columns.name = "region"
     if normalise is None:
         return wide
@@ -186,6 +190,49 @@ def wide_matrix(tidy: pd.DataFrame, value: str = "lesion_ml", normalise: str | N
     if missing:
         raise InputError(f"no {normalise} volume for subjects {missing[:10]}")
     return wide.div(volumes.loc[wide.index], axis=0) * 100.0
+
+
+# The three ways to pair lesions with regions: (lesion column, region column) of a records table.
+PAIRINGS = {
+    "reference": ("lesion", "regions"),  # reference lesions x atlas-registered regions
+    "lesion_pred": ("lesion_pred", "regions"),  # predicted lesions x atlas-registered regions
+    "predicted": ("lesion_pred", "regions_pred"),  # predicted lesions x predicted regions: fully automatic
+}
+
+
+def cohort_pairings(records: pd.DataFrame, table: pd.DataFrame | str | os.PathLike,
+                    pairings: Mapping[str, tuple[str, str]] = PAIRINGS, ignore_label: int | None = 2,
+                    progress: bool = True) -> pd.DataFrame:
+    """:func:`cohort_loads` for each named pairing of lesion and region columns, stacked with a ``pairing`` column.
+
+    ``ignore_label=2`` drops the challenge's "other pathology" label from reference masks.
+    """
+    parts = [cohort_loads(records, table, lesion=les, regions=reg, ignore_label=ignore_label, progress=progress)
+             .assign(pairing=name) for name, (les, reg) in pairings.items()]
+    tidy = pd.concat(parts, ignore_index=True)
+    return tidy[["pairing", "subject", *COLUMNS]]
+
+
+def load_agreement(tidy: pd.DataFrame, other: str, reference: str = "reference", value: str = "lesion_ml") -> pd.DataFrame:
+    """Per subject, how far the ``other`` pairing's regional loads are from the ``reference`` pairing's.
+
+    Columns: total_ref and total_other (sum of ``value``), abs_error (sum over regions of
+    |other - ref|), rel_error (abs_error / total_ref) and pearson_r across regions.
+    """
+    wide = tidy[tidy["pairing"].isin([reference, other])].pivot_table(
+        index=["subject", "region"], columns="pairing", values=value)
+    if reference not in wide.columns or other not in wide.columns:
+        raise InputError(f"pairings {reference!r} and {other!r} must both be in the table, found {sorted(tidy['pairing'].unique())}")
+    wide = wide.dropna()
+    diff = (wide[other] - wide[reference]).abs()
+    out = pd.DataFrame({
+        "total_ref": wide[reference].groupby(level="subject").sum(),
+        "total_other": wide[other].groupby(level="subject").sum(),
+        "abs_error": diff.groupby(level="subject").sum(),
+    })
+    out["rel_error"] = out["abs_error"] / out["total_ref"].where(out["total_ref"] > 0)
+    out["pearson_r"] = [wide.loc[s, reference].corr(wide.loc[s, other]) for s in out.index]
+    return out
 
 
 @dataclass
@@ -217,7 +264,7 @@ def subject_report(tidy: pd.DataFrame, subject: str, top: int = 5) -> SubjectRep
         total_ml=float(rows["lesion_ml"].sum()),
         n_lesions=int(rows["n_lesions"].sum()),
         unlabelled_ml=float(rows.loc[rows["region"] == 0, "lesion_ml"].sum()),
-        top=labelled.nlargest(top, "lesion_ml")[["region", "name", "lesion_ml", "load_share", "lesion_fraction", "n_lesions"]]
+        top=labelled.nlargest(top, "lesion_ml")[["region", "short", "name", "lesion_ml", "load_share", "lesion_fraction", "n_lesions"]]
         .reset_index(drop=True),
     )
 
@@ -253,9 +300,10 @@ def bar_figure(tidy: pd.DataFrame, subject: str | None = None, value: str = "les
     if table is not None and {"r", "g", "b"} <= set(table.columns):
         rgb = {int(t.id): f"rgb({t.r},{t.g},{t.b})" for t in table.itertuples()}
         colors = [rgb.get(int(i), "lightgrey") if i != 0 else "lightgrey" for i in rows["region"]]
-    fig = go.Figure(go.Bar(x=rows["name"], y=rows[value], marker_color=colors,
-                           customdata=rows[["region", "n_lesions"]],
-                           hovertemplate="%{x} (id %{customdata[0]})<br>" + value + " %{y:.3g}<br>%{customdata[1]} lesions<extra></extra>"))
+    fig = go.Figure(go.Bar(x=rows["short"], y=rows[value], marker_color=colors,
+                           customdata=rows[["region", "n_lesions", "name"]],
+                           hovertemplate="%{customdata[2]} (id %{customdata[0]})<br>" + value
+                           + " %{y:.3g}<br>%{customdata[1]} lesions<extra></extra>"))
     fig.update_layout(title=f"{value} per region" + (f", subject {subject}" if subject is not None else ""),
                       xaxis_title="region", yaxis_title=value, xaxis_tickangle=-60, height=450)
     return fig
