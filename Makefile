@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 book: setup
 	$(PY) -m wmloc_utils.book --workdir $(WORKDIR)
 	$(VENV)/bin/jupyter-book build -W -n --keep-going book/
-	@echo "Book: $(CURDIR)/book/_build/html/index.html"
+	@echo "Book: $(CURDIR)/_build/html/index.html"
 
 test: setup
 	$(PY) -m pytest -v --durations=15
@@ -32,4 +32,4 @@ bench: setup
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf book/_build book/notebooks work
+	rm -rf _build book/notebooks work

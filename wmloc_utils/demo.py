@@ -178,9 +178,7 @@ def warp_from_template(img: nib.spatialimages.SpatialImage, truth_dir: str | os.
     out = _sample(data.astype(np.float32), img.affine, coords, order=order)
     if order == 0:
         out = np.rint(out).astype(data.dtype if np.issubdtype(data.dtype, np.integer) else np.int16)
-    out_img = nib.Nifti1Image(out, affine)
-    out_img.set_qform(affine, code=1)
-    return out_img
+    return _image(out, affine)
 
 
 # ---------------------------------------------------------------- lesions and images
@@ -300,6 +298,7 @@ def _image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     img = nib.Nifti1Image(data, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
     return img
 
 

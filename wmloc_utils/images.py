@@ -123,6 +123,7 @@ def like(ref: nib.spatialimages.SpatialImage, data: np.ndarray, dtype=None) -> n
     img.header.set_zooms(ref.header.get_zooms()[:3])
     img.set_qform(ref.affine, code=1)
     img.set_sform(ref.affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
     return img
 
 

@@ -1,0 +1,192 @@
+"""Subject discovery in the three layouts, and every bad-input case, on tiny images in temp folders."""
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from wmloc_utils import subjects
+from wmloc_utils.images import InputError, load_nifti, save_nifti
+
+AFF = np.diag([2.0, 2.0, 2.0, 1.0])
+
+
+def img(data, affine=AFF):
+    return nib.Nifti1Image(np.asarray(data), affine)
+
+
+def write_subject(folder, lesion=True, shape=(12, 14, 10), lesion_data=None, flair_affine=AFF):
+    rng = np.random.default_rng(0)
+    save_nifti(img(rng.random(shape).astype(np.float32), flair_affine), folder / "pre" / "FLAIR.nii.gz")
+    save_nifti(img(rng.random(shape).astype(np.float32), flair_affine), folder / "pre" / "T1.nii.gz")
+    if lesion:
+        data = np.zeros(shape, np.uint8) if lesion_data is None else lesion_data
+        if lesion_data is None:
+            data[4:6, 4:6, 4:6] = 1
+            data[8, 8, 5] = 2
+        save_nifti(img(data, flair_affine), folder / "wmh.nii.gz")
+
+
+def test_challenge_layout_with_sites(tmp_path):
+    write_subject(tmp_path / "Utrecht" / "0")
+    write_subject(tmp_path / "Singapore" / "50", lesion=False)
+    found = subjects.discover(tmp_path)
+    assert [(s.site, s.id) for s in found] == [("Singapore", "50"), ("Utrecht", "0")]
+    assert found[0].lesion is None and found[1].lesion.name == "wmh.nii.gz"
+    table = subjects.validate(found, progress=False)
+    row = table.set_index("subject").loc["0"]
+    assert row.lesion_ml == pytest.approx(8 * 0.008) and row.other_pathology_ml == pytest.approx(0.008)
+    assert row.voxel_mm == "2x2x2" and row.orientation == "RAS"
+
+
+def test_challenge_layout_without_site_level(tmp_path):
+    write_subject(tmp_path / "7")
+    (found,) = subjects.discover(tmp_path)
+    assert found.id == "7" and found.site == ""
+
+
+def test_bids_layout_with_sessions_and_derivatives(tmp_path):
+    rng = np.random.default_rng(1)
+    for sub, ses in (("sub-01", None), ("sub-02", "ses-1")):
+        anat = tmp_path / sub / (ses or "") / "anat"
+        stem = "_".join(p for p in (sub, ses) if p)
+        for suffix in ("T1w", "FLAIR"):
+            save_nifti(img(rng.random((8, 8, 8)).astype(np.float32)), anat / f"{stem}_{suffix}.nii.gz")
+    mask = np.zeros((8, 8, 8), np.uint8)
+    mask[2:4, 2:4, 2:4] = 1
+    save_nifti(img(mask), tmp_path / "derivatives" / "manual" / "sub-01" / "anat" / "sub-01_FLAIR_label-WMH_mask.nii.gz")
+    found = {s.id: s for s in subjects.discover(tmp_path)}
+    assert set(found) == {"sub-01", "sub-02_ses-1"}
+    assert found["sub-01"].lesion is not None and found["sub-02_ses-1"].lesion is None
+    assert found["sub-01"].flair.name == "sub-01_FLAIR.nii.gz"
+    assert subjects.validate(list(found.values()), progress=False)["lesion_ml"].max() == pytest.approx(8 * 0.008)
+
+
+def test_csv_manifest_with_relative_paths(tmp_path):
+    write_subject(tmp_path / "data" / "a")
+    pd.DataFrame({"subject": ["a"], "t1": ["data/a/pre/T1.nii.gz"], "flair": ["data/a/pre/FLAIR.nii.gz"],
+                  "lesion": ["data/a/wmh.nii.gz"]}).to_csv(tmp_path / "m.csv", index=False)
+    (found,) = subjects.discover(tmp_path / "m.csv")
+    assert found.flair == (tmp_path / "data" / "a" / "pre" / "FLAIR.nii.gz").resolve()
+    assert found.lesion_img is not None
+
+
+def test_manifest_missing_column(tmp_path):
+    pd.DataFrame({"subject": ["a"], "t1": ["x"]}).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(InputError, match=r"m.csv.*lacks column.*flair"):
+        subjects.discover(tmp_path / "m.csv")
+
+
+def test_empty_directory(tmp_path):
+    with pytest.raises(InputError, match="no subjects found"):
+        subjects.discover(tmp_path)
+
+
+def test_missing_modality_names_subject(tmp_path):
+    write_subject(tmp_path / "s1")
+    (tmp_path / "s1" / "pre" / "FLAIR.nii.gz").unlink()
+    with pytest.raises(InputError, match="subject s1: FLAIR image not found"):
+        subjects.discover(tmp_path)
+
+
+def test_unreadable_nifti_names_file(tmp_path):
+    write_subject(tmp_path / "s1")
+    bad = tmp_path / "s1" / "pre" / "T1.nii.gz"
+    with gzip.open(bad, "wb") as fh:
+        fh.write(b"this is not a nifti file")
+    (s,) = subjects.discover(tmp_path)
+    with pytest.raises(InputError, match=r"subject s1: .*T1.nii.gz: T1 is not a readable NIfTI"):
+        s.validate()
+
+
+def test_4d_image_is_refused(tmp_path):
+    write_subject(tmp_path / "s1")
+    save_nifti(img(np.zeros((12, 14, 10, 3), np.float32)), tmp_path / "s1" / "pre" / "FLAIR.nii.gz")
+    (s,) = subjects.discover(tmp_path)
+    with pytest.raises(InputError, match=r"FLAIR must be a 3D volume, got shape \(12, 14, 10, 3\)"):
+        s.validate()
+
+
+def test_trailing_singleton_dimension_is_accepted(tmp_path):
+    save_nifti(img(np.zeros((4, 4, 4, 1), np.float32)), tmp_path / "x.nii.gz")
+    assert load_nifti(tmp_path / "x.nii.gz").shape == (4, 4, 4)
+
+
+def test_lesion_on_another_grid_is_refused(tmp_path):
+    write_subject(tmp_path / "s1")
+    save_nifti(img(np.zeros((12, 14, 11), np.uint8)), tmp_path / "s1" / "wmh.nii.gz")
+    (s,) = subjects.discover(tmp_path)
+    with pytest.raises(InputError, match=r"subject s1: lesion mask .* is not on the grid of FLAIR"):
+        s.validate()
+
+
+def test_lesion_with_shifted_affine_is_refused(tmp_path):
+    write_subject(tmp_path / "s1")
+    shifted = AFF.copy()
+    shifted[0, 3] = 5.0
+    save_nifti(img(np.zeros((12, 14, 10), np.uint8), shifted), tmp_path / "s1" / "wmh.nii.gz")
+    (s,) = subjects.discover(tmp_path)
+    with pytest.raises(InputError, match="max affine difference 5"):
+        s.validate()
+
+
+def test_lesion_labels_outside_challenge_set(tmp_path):
+    data = np.zeros((12, 14, 10), np.uint8)
+    data[1, 1, 1] = 3
+    write_subject(tmp_path / "s1", lesion_data=data)
+    (s,) = subjects.discover(tmp_path)
+    with pytest.raises(InputError, match=r"wmh.nii.gz: lesion mask must only hold labels \[0, 1, 2\], found \[3\]"):
+        s.validate()
+
+
+def test_probabilistic_lesion_mask_is_refused(tmp_path):
+    data = np.zeros((12, 14, 10), np.float32)
+    data[2, 2, 2] = 0.4
+    write_subject(tmp_path / "s1", lesion_data=data)
+    (s,) = subjects.discover(tmp_path)
+    with pytest.raises(InputError, match="non-integer values"):
+        s.validate()
+
+
+def test_t1_far_from_flair_is_refused(tmp_path):
+    write_subject(tmp_path / "s1")
+    far = AFF.copy()
+    far[:3, 3] = 300.0
+    save_nifti(img(np.zeros((12, 14, 10), np.float32), far), tmp_path / "s1" / "pre" / "T1.nii.gz")
+    (s,) = subjects.discover(tmp_path)
+    with pytest.raises(InputError, match="centres are .* mm apart"):
+        s.validate()
+    with pytest.raises(InputError, match="T1 .* is not on the grid of FLAIR"):
+        s.validate(t1_other_grid="error")
+
+
+def test_t1_on_another_grid_is_registered_rigidly_to_flair(tmp_path):
+    """A shifted T1 comes back on the FLAIR grid, aligned (ANTsPy rigid registration)."""
+    yy, xx, zz = np.meshgrid(*[np.arange(32)] * 3, indexing="ij")
+    blob = np.exp(-(((xx - 16) / 6.0) ** 2 + ((yy - 14) / 8.0) ** 2 + ((zz - 17) / 5.0) ** 2)).astype(np.float32)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    save_nifti(img(blob * 100, aff), tmp_path / "s" / "pre" / "FLAIR.nii.gz")
+    t1_aff = aff.copy()
+    t1_aff[:3, 3] = [6.0, -4.0, 2.0]  # same anatomy, stored on a shifted grid, values moved accordingly
+    shifted = np.roll(blob, (-3, 2, -1), axis=(0, 1, 2))
+    save_nifti(img(shifted * 100, t1_aff), tmp_path / "s" / "pre" / "T1.nii.gz")
+    (s,) = subjects.discover(tmp_path)
+    assert not s.validate()["t1_on_flair_grid"]
+    out = s.t1_on_flair(tmp_path / "work")
+    assert out.shape == s.flair_img.shape and np.allclose(out.affine, s.flair_img.affine)
+    corr = np.corrcoef(np.asarray(out.dataobj).ravel(), blob.ravel())[0, 1]
+    assert corr > 0.98
+    assert list((tmp_path / "work").glob("s_t1_to_flair_*")), "ANTs transforms belong in the work dir"
+
+
+def test_write_manifest_and_participants(tmp_path):
+    write_subject(tmp_path / "data" / "site" / "1")
+    (tmp_path / "data" / "participants.tsv").write_text("participant_id\tage\tgroup\n1\t70\tdeep\n")
+    found = subjects.discover(tmp_path / "data")
+    table = subjects.validate(found, progress=False)
+    parts = subjects.read_participants(tmp_path / "data", table["subject"].tolist())
+    paths = subjects.write_manifest(table, parts, tmp_path / "out")
+    manifest = pd.read_csv(paths["subjects"], dtype={"subject": str})
+    assert manifest.loc[0, "group"] == "deep" and manifest.columns[:6].tolist() == ["subject", "site", "group", "t1", "flair", "lesion"]
