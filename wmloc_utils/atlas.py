@@ -38,15 +38,16 @@ NON_WM = (35, 36)  # refined ids of "non-WM and infratentorial", left and right
 LOBES = ("frontal", "parietal", "occipital", "temporal", "limbic", "deep", "callosal", "infratentorial")
 
 
-def read_lut(path: str | os.PathLike | None = None) -> pd.DataFrame:
+def read_lut(path: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None) -> pd.DataFrame:
     """Parse the Eve type II Slicer look-up table (``id name R G B A``) into a table.
 
     Columns: id, name, r, g, b, a, hemisphere (L/R/-), is_wm. The hemisphere comes from the
     ``_left``/``_right`` suffix; the Eve LUT omits ``_left`` on some left labels (15-28), so
     ids without a suffix take the side of their id block (1-65 left, 66-130 right).
-    ``is_wm`` is True for the labels the refinement maps into the WM regions 1..34.
+    ``is_wm`` is True for the labels the refinement maps into the WM regions 1..34. Without
+    ``path`` the Eve LUT is fetched (from ``data_dir``, see :func:`wmloc_utils.fetch.fetch`).
     """
-    path = Path(path) if path is not None else fetch(LUT_FILE)
+    path = Path(path) if path is not None else fetch(LUT_FILE, data_dir)
     rows = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         parts = line.split()

@@ -151,8 +151,8 @@ def depth_maps(tissue: nib.spatialimages.SpatialImage, brain_mask: nib.spatialim
     ``tissue`` holds 0 background, 1 CSF, 2 GM, 3 WM (the Eve / Atropos convention); the brain
     mask defaults to ``tissue > 0``. CSF is the voxels of the brain mask with a class in
     ``csf_labels``: use ``(0,)`` with the Eve atlas, whose tissue map leaves the ventricles
-    unclassified (0) inside the brain mask and uses class 1 for dark partial-volume tissue. ``regions`` (refined ids 0..36, same grid) give the lobes,
-    with deep regions absorbed by the nearest lobe, and the cortex (outer end of the depth): the
+    unclassified (0) inside the brain mask and uses class 1 for dark partial-volume tissue.
+    ``regions`` (refined ids 0..36, same grid) give the lobes, with deep regions absorbed by the nearest lobe, and the cortex (outer end of the depth): the
     non-WM voxels of the gyral regions. All distances use the image's voxel sizes.
     """
     from .atlas import lobe_map
@@ -166,15 +166,33 @@ def depth_maps(tissue: nib.spatialimages.SpatialImage, brain_mask: nib.spatialim
         brain = np.asanyarray(brain_mask.dataobj) > 0
     else:
         brain = labels > 0
-    wm = labels == 3
-    vent = lateral_ventricles(brain & np.isin(labels, csf_labels), brain, zooms, min_depth_mm=min_depth_mm)
-    out = {"ventricles": like(tissue, vent, np.uint8),
-           "periventricular": like(tissue, periventricular_deep(wm, vent, zooms, distance_mm), np.int16)}
+    # work inside the bounding box of the brain: distances inside it are unchanged
+    ids = None
     if regions is not None:
         check_same_grid(tissue, regions, "tissue map", "region map")
         ids = np.asanyarray(regions.dataobj)
+    box = _bounding_box(brain | (labels == 3) | (ids > 0 if ids is not None else False), margin=2)
+    labels, brain = labels[box], brain[box]
+    wm = labels == 3
+    vent = lateral_ventricles(brain & np.isin(labels, csf_labels), brain, zooms, min_depth_mm=min_depth_mm)
+    maps = {"ventricles": (vent, np.uint8), "periventricular": (periventricular_deep(wm, vent, zooms, distance_mm), np.int16)}
+    if ids is not None:
+        ids = ids[box]
         lobes = lobe_map(ids, absorb_deep=True, zooms=zooms)
         cortical = [2 * i + s for i in range(5) for s in (1, 2)]  # frontal, parietal, occipital, temporal, limbic
         cortex = ~wm & np.isin(lobe_map(ids), cortical)  # grey matter of gyral regions, not deep nuclei
-        out["bullseye"] = like(tissue, bullseye(wm, vent, lobes, zooms, n_shells, cortex=cortex), np.int16)
+        maps["bullseye"] = (bullseye(wm, vent, lobes, zooms, n_shells, cortex=cortex), np.int16)
+    out = {}
+    for key, (arr, dtype) in maps.items():  # back onto the full grid
+        full = np.zeros(tissue.shape[:3], dtype)
+        full[box] = arr
+        out[key] = like(tissue, full, dtype)
     return out
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Slices of the bounding box of ``mask`` grown by ``margin`` voxels (whole array if empty): saves time."""
+    if not mask.any():
+        return tuple(slice(None) for _ in mask.shape)
+    idx = np.nonzero(mask)
+    return tuple(slice(max(int(i.min()) - margin, 0), int(i.max()) + margin + 1) for i in idx)
