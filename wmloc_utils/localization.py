@@ -248,7 +248,7 @@ class SubjectReport:
     def __str__(self) -> str:
         lines = [f"subject {self.subject}: {self.total_ml:.2f} mL in {self.n_lesions} lesions "
                  f"({self.unlabelled_ml:.2f} mL outside the regions)"]
-        lines += [f"  {r.name}: {r.lesion_ml:.2f} mL ({100 * r.load_share:.0f}% of the load, "
+        lines += [f"  {r.short}: {r.lesion_ml:.2f} mL ({100 * r.load_share:.0f}% of the load, "
                   f"{100 * r.lesion_fraction:.2f}% of the region)" for r in self.top.itertuples()]
         return "\n".join(lines)
 
