@@ -109,6 +109,7 @@ def save_nifti(img: nib.spatialimages.SpatialImage, path: str | os.PathLike) -> 
     os.close(fd)
     try:
         nib.save(img, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,133 @@
+"""The built-in demo cohort: determinism, lesions inside WM, labels, grids, truth, distinct group patterns."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from nilearn import datasets
+
+from wmloc_utils import demo, subjects
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    participants = demo.generate(root, n_subjects=8, seed=3, progress=False)
+    return root, participants
+
+
+def test_layout_participants_and_stamp(cohort):
+    root, participants = cohort
+    found = subjects.discover(root)
+    assert len(found) == 8 and all(s.lesion is not None and s.extra.get("truth_dir") for s in found)
+    assert list(participants.columns) == ["participant_id", "site", "group", "age", "sex", "lesion_ml"]
+    assert set(participants.group) == set(demo.GROUPS)
+    assert json.loads((root / "cohort.json").read_text())["spec"]["n_subjects"] == 8
+    assert not list(root.glob("*/.*partial")), "no half-written subject folders"
+
+
+def test_generate_reuses_an_identical_cohort(cohort):
+    root, _ = cohort
+    before = (root / "siteA" / "001" / "pre" / "FLAIR.nii.gz").stat().st_mtime_ns
+    demo.generate(root, n_subjects=8, seed=3, progress=False)
+    assert (root / "siteA" / "001" / "pre" / "FLAIR.nii.gz").stat().st_mtime_ns == before
+
+
+def test_labels_lesions_inside_wm_and_loads(cohort):
+    root, participants = cohort
+    for s in subjects.discover(root):
+        wmh = np.asarray(s.lesion_img.dataobj)
+        tissue = np.asarray(nib.load(f"{s.extra['truth_dir']}/tissue.nii.gz").dataobj)
+        assert set(np.unique(wmh)) <= {0, 1, 2}
+        assert np.all(tissue[wmh == 1] == 3), f"lesions outside WM in {s.id}"
+        assert np.all(tissue[wmh == 2] == 1), "lacunes are CSF-like holes"
+    loads = participants.set_index("group").lesion_ml
+    assert loads.min() >= 0.3 and loads.max() <= 60
+    assert loads["low_load"].max() < loads.drop("low_load").min()
+    assert (participants.participant_id == "005").any()
+    wmh5 = np.asarray(nib.load(root / "siteB" / "005" / "wmh.nii.gz").dataobj)
+    assert (wmh5 == 2).sum() > 0, "every 5th subject carries other pathology"
+
+
+def test_lesions_are_bright_on_flair_dark_on_t1(cohort):
+    root, _ = cohort
+    s = subjects.discover(root)[0]
+    les = np.asarray(s.lesion_img.dataobj) == 1
+    tissue = np.asarray(nib.load(f"{s.extra['truth_dir']}/tissue.nii.gz").dataobj)
+    wm = (tissue == 3) & ~les
+    flair, t1 = (np.asarray(i.dataobj, dtype=float) for i in (s.flair_img, s.t1_img))
+    assert flair[les].mean() > 1.5 * flair[wm].mean()
+    assert t1[les].mean() < 0.85 * t1[wm].mean()
+
+
+def test_determinism(cohort):
+    spec = demo.CohortSpec(n_subjects=8, seed=3)
+    a, b = demo.make_subject(2, spec), demo.make_subject(2, spec)
+    assert np.array_equal(a["flair"], b["flair"]) and np.array_equal(a["wmh"], b["wmh"])
+    other = demo.make_subject(2, demo.CohortSpec(n_subjects=8, seed=4))
+    assert not np.array_equal(a["flair"], other["flair"])
+    root, _ = cohort
+    on_disk = np.asarray(nib.load(root / "siteC" / "003" / "pre" / "FLAIR.nii.gz").dataobj)
+    assert np.array_equal(on_disk, a["flair"])
+
+
+def test_grid_options_and_orientations(cohort):
+    root, _ = cohort
+    orient = {s.site: "".join(nib.aff2axcodes(s.flair_img.affine)) for s in subjects.discover(root)}
+    assert orient == {"siteA": "RAS", "siteB": "LAS", "siteC": "RAS"}
+    t = demo._random_transform(np.random.default_rng(0))
+    for grid, voxel in demo.GRIDS.items():
+        shape, aff = demo._subject_grid(t, voxel, "RAS")
+        assert np.allclose(np.abs(np.diag(aff)[:3]), voxel)
+        assert np.allclose(np.array(shape) * voxel, demo.FOV_MM, atol=3)
+    aniso = demo.make_subject(0, demo.CohortSpec(grid="aniso", seed=3))
+    assert aniso["t1"].shape[2] * 3 == pytest.approx(demo.FOV_MM[2], abs=3)
+    assert (aniso["wmh"] == 1).sum() * 0.003 == pytest.approx(aniso["lesion_ml"])
+    with pytest.raises(ValueError, match="grid must be one of"):
+        demo.generate(root / "x", grid="5mm")
+
+
+def test_true_transform_carries_template_anatomy_into_the_subject(cohort):
+    """Template WM warped through the stored transform matches the subject's true WM."""
+    root, _ = cohort
+    s = subjects.discover(root)[3]
+    wm_t = datasets.load_mni152_wm_template(resolution=1)
+    warped = demo.warp_from_template(wm_t, s.extra["truth_dir"], order=1)
+    assert warped.shape == s.flair_img.shape and np.allclose(warped.affine, s.flair_img.affine)
+    truth = np.asarray(nib.load(f"{s.extra['truth_dir']}/tissue.nii.gz").dataobj) == 3
+    pred = np.asarray(warped.dataobj) > 0.5
+    dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+    assert dice > 0.85
+
+
+def test_group_patterns_differ(cohort):
+    """Lesion centroids in template space: frontal groups anterior, posterior behind, deep far from ventricles."""
+    root, participants = cohort
+    groups = participants.set_index("participant_id").group
+    rows = []
+    t = demo.template()
+    for s in subjects.discover(root):
+        coords, _ = demo.template_coords(s.extra["truth_dir"])
+        les = np.asarray(s.lesion_img.dataobj) == 1
+        pts = coords[les]
+        vent = demo._sample(t.vent_dist, t.affine, pts, cval=100.0)
+        rows.append({"group": groups[s.id], "y": pts[:, 1].mean(), "vent": np.median(vent)})
+    table = pd.DataFrame(rows).groupby("group").mean()
+    assert table.loc["frontal_pv", "y"] > table.loc["posterior_pv", "y"] + 30
+    assert table.loc["deep", "vent"] > table.loc["frontal_pv", "vent"] + 5
+    assert table.loc["deep", "vent"] > table.loc["posterior_pv", "vent"] + 5
+
+
+def test_command_line(tmp_path, capsys):
+    demo.main([str(tmp_path / "cli"), "--n-subjects", "1", "--seed", "1"])
+    assert "participant_id" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "siteA" / "001" / "pre" / "T1.nii.gz").exists()
+
+
+def test_skull_option_adds_bright_scalp_outside_the_brain():
+    plain = demo.make_subject(0, demo.CohortSpec(seed=1))
+    skull = demo.make_subject(0, demo.CohortSpec(seed=1, skull=True))
+    outside = plain["tissue"] == 0
+    assert skull["t1"][outside].mean() > 2 * plain["t1"][outside].mean()
