@@ -1,14 +1,24 @@
 """wmloc: white-matter lesion localization (Machnio, Nielsen, Ghazi, NLDL 2025), as a rerunnable book.
 
-One module per step of the method:
+One module per step of the method, in the order the notebooks use them:
 
-- :mod:`wmloc_utils.fetch`    -- data directory, hashed registry and download of the JHU Eve atlas
-- :mod:`wmloc_utils.images`   -- NIfTI loading/validation with clear errors, grid checks, atomic writes
-- :mod:`wmloc_utils.subjects` -- subject discovery (WMH challenge, BIDS, CSV manifest) and loading
-- :mod:`wmloc_utils.demo`     -- the built-in synthetic demo cohort
-- :mod:`wmloc_utils.runtime`  -- seeds, device selection, printed configuration, work directory
-- :mod:`wmloc_utils.figures`  -- nilearn and plotly figures used across the notebooks
-- :mod:`wmloc_utils.book`     -- runs the notebooks in order with papermill
+- :mod:`wmloc_utils.fetch`        -- data directory, hashed registry and download of the JHU Eve atlas
+- :mod:`wmloc_utils.images`       -- NIfTI loading/validation with clear errors, grid checks, atomic writes
+- :mod:`wmloc_utils.subjects`     -- subject discovery (WMH challenge, BIDS, CSV manifest) and validation
+- :mod:`wmloc_utils.demo`         -- the built-in synthetic demo cohort, with its truth
+- :mod:`wmloc_utils.atlas`        -- the Eve atlas, its LUT and the refined 34 + 2 region map
+- :mod:`wmloc_utils.wmdepth`      -- periventricular/deep WM and the bullseye parcellation
+- :mod:`wmloc_utils.tissue`       -- brain extraction and tissue segmentation (ANTsPy)
+- :mod:`wmloc_utils.registration` -- atlas-to-subject registration and label propagation (ANTsPy)
+- :mod:`wmloc_utils.networks`     -- segmentation networks (MONAI) and the training loss
+- :mod:`wmloc_utils.training`     -- data pipeline, training loop, checkpoints, subject split
+- :mod:`wmloc_utils.inference`    -- whole-volume prediction on each subject's native FLAIR grid
+- :mod:`wmloc_utils.metrics`      -- the MICCAI 2017 WMH challenge metrics and region Dice
+- :mod:`wmloc_utils.localization` -- regional lesion loads per subject and cohort
+- :mod:`wmloc_utils.clustering`   -- clustering subjects by lesion pattern, stability, associations
+- :mod:`wmloc_utils.runtime`      -- seeds, device selection, printed configuration, work directory
+- :mod:`wmloc_utils.figures`      -- plotly set-up for the book and an overlay slice viewer
+- :mod:`wmloc_utils.book`         -- runs the notebooks in order with papermill
 """
 
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ def setup_plotly() -> None:
 
 
 def _axial_stack(img: nib.spatialimages.SpatialImage) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Reorient to RAS and return the array with its voxel sizes, so slices show a radiological-free, consistent view."""
+    """Reorient to RAS and return the array with its voxel sizes, so every subject is shown the same way round."""
     ras = nib.as_closest_canonical(img)
     return np.asanyarray(ras.dataobj).astype(np.float32), tuple(float(z) for z in ras.header.get_zooms()[:3])
 
