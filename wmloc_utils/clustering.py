@@ -87,7 +87,7 @@ def choose_k(X: pd.DataFrame | np.ndarray, method: str = "kmeans", k_range: Iter
              seed: int = 0, criterion: str = "silhouette") -> tuple[pd.DataFrame, int]:
     """Silhouette (and BIC for ``gmm``) for each k, and the chosen k (best silhouette, or lowest BIC)."""
     X = np.asarray(X, float)
-    ks = [k for k in k_range if 2 <= k < len(X)]
+    ks = [int(k) for k in k_range if 2 <= int(k) < len(X)]
     if not ks:
         raise InputError(f"no k in {list(k_range)} fits {len(X)} subjects (need 2 <= k < n)")
     rows = []
