@@ -139,3 +139,29 @@ def test_region_dice_per_label_and_mean():
     assert out[2] == pytest.approx(2 * 32 / (32 + 48))
     assert math.isnan(out[3])
     assert out["mean"] == pytest.approx((out[1] + out[2]) / 2)
+
+
+def test_hd95_matches_brute_force_in_world_coordinates():
+    """Slice-by-slice 2D erosion, world coordinates from an oblique anisotropic affine, all-pairs distances."""
+    from nibabel.affines import apply_affine
+    from scipy import ndimage
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(0)
+    ref = ndimage.binary_dilation(rng.random((20, 20, 8)) > 0.97, iterations=1)
+    pred = ndimage.binary_dilation(rng.random((20, 20, 8)) > 0.97, iterations=1)
+    zooms = (0.9, 1.1, 3.0)
+    angle = np.deg2rad(20)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(zooms)
+    affine[:3, 3] = [-40, 12, 7]
+
+    def edge_points(mask):
+        edge = np.stack([mask[..., z] & ~ndimage.binary_erosion(mask[..., z], np.ones((3, 3)), border_value=1)
+                         for z in range(mask.shape[2])], axis=-1)
+        return apply_affine(affine, np.argwhere(edge))
+
+    d = cdist(edge_points(ref), edge_points(pred))
+    expect = max(np.percentile(d.min(axis=0), 95), np.percentile(d.min(axis=1), 95))
+    assert metrics.hd95(ref, pred, zooms) == pytest.approx(expect)
