@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -29,10 +30,13 @@ def run(workdir: str | Path, out_dir: str | Path = REPO / "book" / "notebooks", 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     timings = {}
+    os.environ["TQDM_DISABLE"] = "1"  # progress bars help at a terminal; in a published page they are noise
     for nb in notebooks():
         if only and not any(nb.stem.startswith(o) for o in only):
             continue
+        declared = pm.inspect_notebook(str(nb))  # pass each notebook only the parameters it declares
         params = {"workdir": str(workdir), **(parameters or {}), **((per_notebook or {}).get(nb.stem, {}))}
+        params = {k: v for k, v in params.items() if k in declared}
         start = time.perf_counter()
         print(f"--- {nb.name} {params}", flush=True)
         pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=params, cwd=str(out_dir),
