@@ -14,10 +14,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Invertd
+from tqdm.auto import tqdm
 
 from . import runtime
 from .images import InputError, check_same_grid, like, load_nifti, save_nifti
@@ -61,7 +63,8 @@ def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike
     seg = segmenter if isinstance(segmenter, Segmenter) else load_segmenter(segmenter)
     cfg = seg.config
     check_inputs(cfg, inputs or cfg["inputs"], seg.path)
-    given = {"t1": t1_path, "flair": flair_path}
+    given = {m: p if isinstance(p, (str, os.PathLike)) and str(p) else None
+             for m, p in (("t1", t1_path), ("flair", flair_path))}
     missing = [m.upper() for m in cfg["modalities"] if not given[m]]
     if missing:
         raise InputError(f"{seg.path}: the network was trained on {cfg['inputs']!r} and needs {' and '.join(missing)}")
@@ -121,4 +124,27 @@ def predict(checkpoint: Segmenter | str | os.PathLike, t1_path: str | os.PathLik
     return {k: save_nifti(img, out_paths[k]) for k, img in images.items()}
 
 
-__all__ = ["INPUTS", "OUTPUT_NAMES", "Segmenter", "load_segmenter", "segment", "predict"]
+
+
+def predict_cohort(table: pd.DataFrame, out_root: str | os.PathLike, lesion_checkpoint: str | os.PathLike | None = None,
+                   region_checkpoint: str | os.PathLike | None = None, split: pd.DataFrame | None = None,
+                   tta: bool = False, device: str = "auto", progress: bool = True) -> pd.DataFrame:
+    """Predict every subject of ``table`` into ``out_root/<subject>/`` with each given checkpoint.
+
+    Returns (and notebooks save) one row per subject: subject, split, lesion_pred, lesion_prob, regions_pred.
+    """
+    models = {k: load_segmenter(c, device) for k, c in (("lesion", lesion_checkpoint), ("regions", region_checkpoint)) if c}
+    if not models:
+        raise ValueError("give lesion_checkpoint and/or region_checkpoint")
+    which = dict(zip(split["subject"].astype(str), split["split"])) if split is not None else {}
+    rows = []
+    for row in tqdm(list(table.itertuples(index=False)), desc="predicting subjects", disable=not progress):
+        subject = str(row.subject)
+        out = {"subject": subject, "split": which.get(subject, "")}
+        for task, seg in models.items():
+            paths = predict(seg, getattr(row, "t1", None), getattr(row, "flair", None),
+                            out_dir=Path(out_root) / subject, tta=tta)
+            names = {"mask": "lesion_pred", "prob": "lesion_prob", "labels": "regions_pred"}
+            out.update({names[k]: str(p) for k, p in paths.items()})
+        rows.append(out)
+    return pd.DataFrame(rows)

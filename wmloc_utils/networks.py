@@ -23,7 +23,7 @@ ARCHITECTURES = ("unet", "unetr", "segresnet", "mednext")
 
 # Small defaults: the book trains on 2 CPU cores. Paper-scale models are a matter of overrides.
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "unet": dict(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1, norm="instance"),
+    "unet": dict(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=0, norm="instance"),
     "unetr": dict(img_size=(64, 64, 64), feature_size=8, hidden_size=192, mlp_dim=384, num_heads=4,
                   norm_name="instance"),
     "segresnet": dict(init_filters=8, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1)),

@@ -1,0 +1,105 @@
+"""Inference time and peak memory of the lesion and region networks at 2 mm and 1 mm (CPU unless a GPU is present).
+
+Run: ``python benchmarks/bench_segmentation.py [--lesion CKPT] [--regions CKPT] [--threads N]``.
+Each case runs in its own process (so peak memory is its own): a brain-sized LAS FLAIR (+T1) at the
+given voxel size is segmented with ``inference.predict`` (load, preprocess, sliding window, inversion
+onto the FLAIR grid, writing). Without checkpoints, untrained networks with the book's default
+configuration are timed (speed does not depend on the weights). Targets on 2 CPU cores: lesion
+<= 2 s at 2 mm and <= 10 s at 1 mm; regions <= 5 s at 2 mm and <= 40 s at 1 mm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from wmloc_utils import inference, training
+from wmloc_utils.networks import build_model
+
+FOV_MM = np.array([180.0, 216.0, 180.0])
+TARGETS = {("lesion", 2.0): 2.0, ("lesion", 1.0): 10.0, ("regions", 2.0): 5.0, ("regions", 1.0): 40.0}
+NOTEBOOK_DEFAULTS = {"lesion": dict(patch_size=(48, 48, 48)), "regions": dict(patch_size=(64, 64, 64))}
+
+
+def subject(folder: Path, voxel: float) -> dict[str, Path]:
+    """A brain-sized ellipsoid FLAIR/T1 pair stored LAS at ``voxel`` mm."""
+    shape = tuple(int(s) for s in np.ceil(FOV_MM / voxel))
+    ijk = np.stack(np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij"))
+    brain = ((ijk ** 2).sum(0) < 0.7).astype(np.float32)
+    rng = np.random.default_rng(0)
+    aff = np.diag([-voxel, voxel, voxel, 1.0])
+    paths = {}
+    for key in ("t1", "flair"):
+        paths[key] = folder / f"{key}_{voxel}mm.nii.gz"
+        nib.save(nib.Nifti1Image(brain * (1 + 0.1 * rng.standard_normal(shape, dtype=np.float32)), aff), paths[key])
+    return paths
+
+
+def default_checkpoint(task: str, spacing: float, folder: Path) -> Path:
+    """An untrained network with the notebooks' default configuration, trained for ``spacing`` mm."""
+    cfg = training.TrainConfig(task=task, spacing=(spacing,) * 3, **NOTEBOOK_DEFAULTS[task])
+    config = training.model_config(cfg)
+    model = build_model("unet", config["in_channels"], config["n_classes"], **config["model_kwargs"])
+    path = folder / f"{task}_{spacing}mm.pt"
+    torch.save({"config": config, "model": model.state_dict()}, path)
+    return path
+
+
+def run_case(task: str, voxel: float, checkpoint: str | None, repeats: int) -> dict:
+    """Time ``predict`` on one subject (best of ``repeats`` after a warm-up) and report peak RSS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ckpt = Path(checkpoint) if checkpoint else default_checkpoint(task, voxel, tmp)
+        paths = subject(tmp, voxel)
+        seg = inference.load_segmenter(ckpt)
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            inference.predict(seg, paths["t1"], paths["flair"], out_dir=tmp / "out")
+            times.append(time.perf_counter() - start)
+        shape = nib.load(paths["flair"]).shape
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"task": task, "voxel_mm": voxel, "shape": list(shape), "model_spacing_mm": seg.config["spacing"][0],
+            "seconds": min(times[1:]), "peak_rss_mb": round(peak_mb), "target_s": TARGETS.get((task, voxel))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lesion", help="lesion checkpoint (default: untrained book-default network per spacing)")
+    parser.add_argument("--regions", help="region checkpoint (default: untrained book-default network per spacing)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the book's target machine has 2)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.case:
+        task, voxel = args.case.split(":")
+        print(json.dumps(run_case(task, float(voxel), getattr(args, task), args.repeats)))
+        return
+    print(f"device: {inference.runtime.resolve_device('auto')}, torch threads: {args.threads}")
+    for task in ("lesion", "regions"):
+        for voxel in (2.0, 1.0):
+            cmd = [sys.executable, __file__, "--case", f"{task}:{voxel}", "--threads", str(args.threads),
+                   "--repeats", str(args.repeats)] + sum(([f"--{k}", v] for k in ("lesion", "regions")
+                                                          if (v := getattr(args, k))), [])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                print(out.stderr[-2000:])
+                sys.exit(f"case {task} at {voxel} mm failed")
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{task:7s} FLAIR {voxel:.0f} mm {tuple(r['shape'])}, model at {r['model_spacing_mm']:.0f} mm: "
+                  f"{r['seconds']:6.2f} s (target <= {r['target_s']:.0f} s), peak RSS {r['peak_rss_mb']} MB")
+
+
+if __name__ == "__main__":
+    main()
