@@ -151,3 +151,19 @@ def test_pairings_and_agreement(tmp_path):
     moved = loc.load_agreement(tidy, "predicted", reference="lesion_pred")
     # regions moved by 2 voxels: region 1 gets 6 lesion voxels (was 3), region 2 5 (was 6), unlabelled 1 (was 3)
     assert moved.loc["s0", "abs_error"] == pytest.approx((3 + 1 + 2) * VOX_ML)
+
+
+def test_sparse_ids_of_a_bullseye_table():
+    from wmloc_utils import wmdepth
+
+    table = wmdepth.bullseye_table(4)
+    ids = table.loc[table["id"] > 0, "id"].to_numpy()
+    regions = np.zeros((8, 8, 4), np.int16)
+    regions[:4], regions[4:] = ids[0], ids[-1]  # e.g. lobe 1 shell 1 and the last lobe's outer shell
+    lesion = np.zeros(regions.shape, np.uint8)
+    lesion[1:3, 1:3, 1] = 1
+    lesion[6, 6, 2] = 1
+    out = loc.regional_loads(lesion, regions, (2.0, 2.0, 2.0), table).set_index("region")
+    assert len(out) == len(ids) + 1
+    assert out.loc[ids[0], "lesion_ml"] == pytest.approx(4 * 0.008) and out.loc[ids[-1], "n_lesions"] == 1
+    assert out.loc[ids[0], "region_ml"] == pytest.approx(128 * 0.008)
