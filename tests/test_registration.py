@@ -178,3 +178,13 @@ def test_ants_round_trip_keeps_orientation(flip):
     lps = ants.transform_index_to_physical_point(to_ants(img), (1, 2, 3))
     ras = aff @ np.array([1, 2, 3, 1.0])
     assert np.allclose(lps, [-ras[0], -ras[1], ras[2]])
+
+
+def test_propagation_matches_full_grid_resampling(atlas_small, recovered):
+    """Cropping to the WM box changes nothing: labelled WM voxels equal a full-grid genericLabel resampling."""
+    full = ants.apply_transforms(to_ants(atlas_small["wm"]), to_ants(atlas_small["labels"]),
+                                 recovered["result"]["transforms"], interpolator="genericLabel").numpy()
+    labels = np.asanyarray(recovered["regions"].dataobj)
+    keep = recovered["wm"] & (full > 0)
+    assert keep.sum() > 1000
+    assert np.array_equal(labels[keep], np.rint(full[keep]).astype(labels.dtype))

@@ -51,8 +51,8 @@ def _as_img(img_or_path, what: str, subject: str | None = None) -> nib.spatialim
 
 
 # ---------------------------------------------------------------- brain mask
-def _foreground(data: np.ndarray, frac: float | None = None) -> np.ndarray:
-    """Filled largest connected component above a threshold (Otsu by default, or ``frac`` of the 99th percentile)."""
+def _foreground(data: np.ndarray, frac: float | None = None, largest: bool = True) -> np.ndarray:
+    """Filled foreground above a threshold (Otsu, or ``frac`` of the 99th percentile), its largest component by default."""
     values = data[data > 0]
     if values.size == 0:
         return np.zeros(data.shape, bool)
@@ -61,7 +61,8 @@ def _foreground(data: np.ndarray, frac: float | None = None) -> np.ndarray:
     lab, n = ndimage.label(fg)
     if n == 0:
         return fg
-    fg = lab == (1 + np.argmax(np.bincount(lab.ravel())[1:]))
+    if largest:
+        fg = lab == (1 + np.argmax(np.bincount(lab.ravel())[1:]))
     fg = ndimage.binary_closing(fg, iterations=2, border_value=0) | fg
     return ndimage.binary_fill_holes(fg)
 
@@ -69,14 +70,14 @@ def _foreground(data: np.ndarray, frac: float | None = None) -> np.ndarray:
 def needs_skull_strip(img: nib.spatialimages.SpatialImage) -> bool:
     """Heuristic: True when the image holds a head rather than an extracted brain.
 
-    The filled foreground (largest component above 10 % of the 99th intensity percentile)
-    of a skull-stripped brain is at most ~1.9 L, a head with scalp is well above
+    The filled foreground (all voxels above 10 % of the 99th intensity percentile, holes
+    filled, so a scalp shell encloses the whole head) of a skull-stripped brain is at most ~1.9 L, a head with scalp is well above
     :data:`HEAD_ML` (2.3 L); images with a sizeable zero background and a foreground below
     that volume are taken as already stripped.
     """
     data = np.asarray(np.asanyarray(img.dataobj), dtype=np.float32)
     voxel_ml = abs(np.linalg.det(img.affine[:3, :3])) / 1000.0
-    return bool(_foreground(data, frac=0.1).sum() * voxel_ml > HEAD_ML)
+    return bool(_foreground(data, frac=0.1, largest=False).sum() * voxel_ml > HEAD_ML)
 
 
 def brain_mask(t1, flair=None, stripped: bool | None = None, reg_spacing: float = 4.0,
