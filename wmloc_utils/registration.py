@@ -323,3 +323,35 @@ def score_regions(regions: nib.spatialimages.SpatialImage, truth: nib.spatialima
     scores.loc["mean"] = scores.loc[list(REGION_IDS)].mean()
     scores.loc["wm"] = dice(pred > 0, ref > 0)
     return scores
+
+
+def score_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, syn_subjects: int = 2,
+                 progress: bool = True) -> pd.DataFrame:
+    """Demo cohort only: per-region Dice vs the true regions, for the affine result and (first ``syn_subjects``) SyN.
+
+    Needs ``run_cohort`` first. SyN re-labels each subject's WM into ``03_regions/syn/<subject>``
+    (reused when present). Writes and returns ``03_regions/region_dice.csv`` (subject, method, region, dice).
+    """
+    table = pd.read_csv(subjects_csv, dtype={"subject": str}, keep_default_na=False)
+    step = Path(workdir) / STEP
+    qc = pd.read_csv(step / "regions.csv", dtype={"subject": str}).set_index("subject")
+    table = table[table["subject"].isin(qc.index) & (table.get("truth_dir", "") != "")]
+    if table.empty:
+        raise InputError(f"{subjects_csv}: no subject with a truth_dir (demo truth) among those processed")
+    template = truth_regions_in_template(step / "template_truth")
+    atlas = atlas_inputs(workdir)
+    rows = []
+    for i, row in enumerate(tqdm(table.to_dict("records"), desc="scoring regions", disable=not progress)):
+        truth = truth_regions(template, row["truth_dir"])
+        results = {qc.loc[row["subject"], "method"]: qc.loc[row["subject"], "regions"]}
+        if i < syn_subjects:
+            syn_dir = step / "syn" / row["subject"]
+            if not (syn_dir / "regions.nii.gz").exists():
+                relabel(step / row["subject"], row["flair"], atlas, "SyN", syn_dir, reg_spacing=2.0)
+            results["SyN"] = syn_dir / "regions.nii.gz"
+        for method, path in results.items():
+            scores = score_regions(load_nifti(path, row["subject"], "regions"), truth)
+            rows += [{"subject": row["subject"], "method": method, "region": str(k), "dice": v} for k, v in scores.items()]
+    out = pd.DataFrame(rows)
+    write_table_atomic(out, step / "region_dice.csv", index=False)
+    return out
