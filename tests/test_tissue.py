@@ -28,13 +28,13 @@ def eve_small(eve_dir):
 
 
 def test_eve_wm_matches_eve_tissue_classes(eve_small):
-    """Atropos (T1, k-means, 3 classes) on the Eve T1 finds Eve's WM with Dice > 0.88 (measured 0.92 at 3 mm)."""
+    """Atropos (T1, k-means, 3 classes, WM posterior > 0.8) finds Eve's WM with Dice > 0.94 (measured 0.97 at 3 mm)."""
     seg = tissue.segment_tissues(eve_small["t1"], None, eve_small["mask"])
     labels = np.asanyarray(seg["labels"].dataobj)
     wm_dice = tissue.dice(labels == 3, eve_small["truth"] == 3)
     gm_dice = tissue.dice(labels == 2, eve_small["truth"] == 2)
     print(f"Eve 3 mm: WM Dice {wm_dice:.3f}, GM Dice {gm_dice:.3f}")
-    assert wm_dice > 0.88
+    assert wm_dice > 0.94
     assert gm_dice > 0.6
     # probabilities sum to one inside the brain, and classes are ordered CSF < GM < WM in T1
     total = sum(seg[k].get_fdata() for k in ("csf", "gm", "wm"))

@@ -157,12 +157,14 @@ def _n4(img: ants.ANTsImage, mask: ants.ANTsImage) -> ants.ANTsImage:
 
 
 def segment_tissues(t1, flair, brain_mask, lesion=None, use_flair: bool = False, estimate_lesions: bool = True,
-                    mrf: float = 0.1, n4: bool = True, outprefix: str | os.PathLike | None = None,
+                    mrf: float = 0.1, n4: bool = True, wm_threshold: float = 0.8, outprefix: str | os.PathLike | None = None,
                     subject: str | None = None) -> dict:
     """CSF/GM/WM probabilities and hard labels (1 CSF, 2 GM, 3 WM) with ``ants.atropos`` (k-means start, MRF).
 
     ``use_flair`` feeds T1+FLAIR to Atropos as a multivariate input (default T1 only: it
-    scored better, see the tests/notebook 03). Lesions (``lesion`` mask, else a FLAIR
+    scored better, see the tests/notebook 03). WM is where its posterior exceeds ``wm_threshold``
+    (0.8: Atropos's argmax puts GM/WM partial-volume voxels in WM; 0.8 raised the WM Dice on
+    Eve at 2 mm from 0.95 to 0.97 and on demo subjects by 0.03); other argmax-WM voxels become GM. Lesions (``lesion`` mask, else a FLAIR
     hyperintensity estimate when ``estimate_lesions``) are filled into WM. With
     ``outprefix``, ``{outprefix}tissue.nii.gz`` and ``{outprefix}prob_{csf,gm,wm}.nii.gz`` are written.
     Returns dict(labels, csf, gm, wm, wm_mask, lesion) of nibabel images on the T1 grid.
@@ -199,6 +201,7 @@ def segment_tissues(t1, flair, brain_mask, lesion=None, use_flair: bool = False,
     remap[1 + order] = np.arange(1, 4)
     labels = remap[labels] * mask_np
     csf, gm, wm = (probs[k] for k in order)
+    labels[(labels == 3) & (wm <= wm_threshold)] = 2
     # lesions: given mask, else FLAIR hyperintensities beside WM
     if lesion is not None:
         les_img = _as_img(lesion, "lesion mask", subject)
