@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .images import InputError, check_same_grid, like, load_nifti, save_nifti, write_table_atomic
 from .metrics import dice, region_dice  # noqa: F401  (region_dice re-exported for the notebook)
 from .tissue import brain_mask as make_brain_mask
-from .tissue import segment_tissues, to_ants, to_nibabel
+from .tissue import _remove, segment_tissues, to_ants, to_nibabel
 
 METHODS = ("Affine", "AffineFast", "SyN")
 REGION_IDS = tuple(range(1, 35))
@@ -211,11 +211,6 @@ def relabel(subject_dir: str | os.PathLike, flair, atlas: dict, method: str, out
     Path(outdir).mkdir(parents=True, exist_ok=True)
     return label_subject(src.name, load_nifti(src / "prob_wm.nii.gz", what="WM probability"), wm,
                          load_nifti(flair, what="FLAIR"), outdir, atlas, method, reg_spacing)
-
-
-def _remove(paths) -> None:
-    for p in paths:
-        Path(p).unlink(missing_ok=True)
 
 
 def _write_json(obj: dict, path: Path) -> None:

@@ -9,6 +9,8 @@ live here too; they keep each image's affine (orientation, voxel size, origin) i
 from __future__ import annotations
 
 import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import ants
@@ -18,6 +20,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from .images import InputError, check_same_grid, like, save_nifti
+from .metrics import dice
 
 #: Filled foreground above this volume (mL) is a head, not a brain (adult brains are ~1.0-1.7 L,
 #: heads with scalp ~3-5 L; nilearn's generous MNI152 brain mask is ~1.9 L).
@@ -132,6 +135,22 @@ def _scratch_prefix(tag: str) -> str:
     return path
 
 
+@contextmanager
+def _private_tempdir():
+    """Point ``tempfile`` at a private folder for an ANTsPy call, then delete it.
+
+    ``ants.atropos`` writes its probability maps with ``tempfile.mktemp`` and never removes
+    them; without this, every segmentation leaves three files in the system temp folder.
+    """
+    old = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="wmloc-ants-") as tmp:
+        tempfile.tempdir = tmp
+        try:
+            yield tmp
+        finally:
+            tempfile.tempdir = old
+
+
 def _remove(paths) -> None:
     for p in paths:
         Path(p).unlink(missing_ok=True)
@@ -190,8 +209,9 @@ def segment_tissues(t1, flair, brain_mask, lesion=None, use_flair: bool = False,
                 fl = _n4(fl, mask)
             channels.append(ants.iMath(fl, "Normalize"))
     mrf_r = "x".join("1" for _ in range(3))
-    seg = ants.atropos(a=channels if len(channels) > 1 else channels[0], x=mask, i="Kmeans[3]",
-                       m=f"[{mrf},{mrf_r}]", c="[5,0]", v=0)
+    with _private_tempdir():
+        seg = ants.atropos(a=channels if len(channels) > 1 else channels[0], x=mask, i="Kmeans[3]",
+                           m=f"[{mrf},{mrf_r}]", c="[5,0]", v=0)
     labels = seg["segmentation"].numpy().astype(np.int16)
     probs = [p.numpy().astype(np.float32) for p in seg["probabilityimages"]]
     # order classes by mean T1 (CSF darkest, WM brightest), whatever order Atropos used
@@ -224,13 +244,6 @@ def segment_tissues(t1, flair, brain_mask, lesion=None, use_flair: bool = False,
         for name in ("csf", "gm", "wm"):
             save_nifti(out[name], f"{outprefix}prob_{name}.nii.gz")
     return out
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two binary masks (NaN when both are empty)."""
-    from .metrics import dice as _dice
-
-    return _dice(a, b)
 
 
 def eve_tissue_dice(data_dir=None, spacing: float | None = 2.0, use_flair: bool = False) -> dict:
