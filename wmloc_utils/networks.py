@@ -87,10 +87,12 @@ def skeleton_recall(probs: torch.Tensor, skeleton: torch.Tensor, eps: float = 1e
     Returns 1 when no class has a skeleton (nothing to recall).
     """
     n = probs.shape[1]
-    skel = F.one_hot(skeleton[:, 0].long().clamp(0, n - 1), n).movedim(-1, 1).to(probs.dtype)[:, 1:]
-    dims = [0] + list(range(2, probs.ndim))
-    hit = (probs[:, 1:] * skel).sum(dims)
-    total = skel.sum(dims)
+    lab = skeleton[:, 0].long().clamp(0, n - 1)
+    on_skeleton = lab > 0
+    # probability of each skeleton voxel's own class, summed per class (no one-hot of all classes)
+    p_own = probs.gather(1, lab[:, None])[:, 0][on_skeleton]
+    hit = probs.new_zeros(n).index_add(0, lab[on_skeleton], p_own)
+    total = torch.bincount(lab[on_skeleton], minlength=n).to(probs.dtype)
     present = total > 0
     if not present.any():
         return probs.new_ones(())

@@ -54,9 +54,9 @@ class TrainConfig:
     patch_size: tuple[int, int, int] = (48, 48, 48)
     batch_size: int = 4                       # patches per optimisation step
     samples_per_volume: int = 2               # patches drawn from one loaded volume
-    epochs: int = 10
+    epochs: int = 12
     iters_per_epoch: int = 40
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 1e-5
     ce_weight: float = 1.0
     dice_weight: float = 1.0
