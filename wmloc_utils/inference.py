@@ -54,10 +54,11 @@ def _tta_flips(config: dict, tta: bool) -> list[tuple[int, ...]]:
 
 def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike | None = None,
             flair_path: str | os.PathLike | None = None, tta: bool = False, inputs: str | None = None,
-            sw_batch_size: int = 4, overlap: float = 0.25) -> dict[str, nib.Nifti1Image]:
+            sw_batch_size: int = 4, overlap: float = 0.25, roi_size: int | None = None) -> dict[str, nib.Nifti1Image]:
     """Segment one subject; return images on the FLAIR grid ({"mask", "prob"} or {"labels"}).
 
-    ``inputs`` (default: the checkpoint's) must match the mode the network was trained on; every
+    ``roi_size`` (default: the training patch) sets the sliding window; a larger window means fewer
+    windows, i.e. faster on a CPU. ``inputs`` (default: the checkpoint's) must match the mode the network was trained on; every
     modality it needs must be given, on the same grid.
     """
     seg = segmenter if isinstance(segmenter, Segmenter) else load_segmenter(segmenter)
@@ -79,11 +80,12 @@ def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike
     image = data["image"]
     x = image.as_tensor()[None].to(seg.device)
     flips = _tta_flips(cfg, tta)
+    roi = cfg["patch_size"] if roi_size is None or cfg["architecture"] == "unetr" else [int(roi_size)] * 3
     probs = None
     with torch.no_grad(), torch.autocast(seg.device.type, enabled=seg.device.type == "cuda"):
         for dims in flips:
             xi = torch.flip(x, dims) if dims else x
-            logits = sliding_window_inference(xi, cfg["patch_size"], sw_batch_size, seg.model, overlap=overlap,
+            logits = sliding_window_inference(xi, roi, sw_batch_size, seg.model, overlap=overlap,
                                               mode="gaussian")
             p = torch.softmax(logits.float(), 1)
             p = torch.flip(p, dims) if dims else p
