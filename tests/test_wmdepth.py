@@ -78,3 +78,25 @@ def test_depth_maps_on_an_anisotropic_image():
     assert radius[pv == 1].max() == pytest.approx(18.0, abs=1.0)
     bull = np.asarray(maps["bullseye"].dataobj)
     assert set(np.unique(bull[wm])) == {11, 12, 13, 14} and np.allclose(maps["bullseye"].affine, affine)
+
+
+def test_bullseye_on_regions_kept_inside_wm(eve_dir):
+    """Subject region maps hold labels only inside WM; the cortex then comes from grey matter near gyral regions."""
+    import nibabel as nib
+
+    from wmloc_utils import atlas, wmdepth
+
+    eve = atlas.load_eve(eve_dir)
+    tissue = np.asanyarray(eve["tissue"].dataobj)
+    refined = np.asanyarray(atlas.refined_atlas(eve_dir).dataobj)
+    in_wm = np.where(tissue == 3, refined, 0).astype(np.int16)
+    sub = (slice(None, None, 2),) * 3  # 2 mm for speed
+    aff = eve["tissue"].affine @ np.diag([2, 2, 2, 1])
+    brain = np.asanyarray(eve["mask"].dataobj)[sub].astype(np.uint8)
+    maps = wmdepth.depth_maps(nib.Nifti1Image(tissue[sub].astype(np.int16), aff), nib.Nifti1Image(brain, aff),
+                              nib.Nifti1Image(in_wm[sub], aff), csf_labels=(0,))
+    bull = np.asanyarray(maps["bullseye"].dataobj)
+    wm = tissue[sub] == 3
+    assert (bull[wm] > 0).mean() > 0.95, "nearly every WM voxel gets a lobe x shell label"
+    shells = np.bincount(bull[bull > 0] % 10)
+    assert all(shells[1:5] > 0), f"all four shells present: {shells}"

@@ -152,8 +152,10 @@ def depth_maps(tissue: nib.spatialimages.SpatialImage, brain_mask: nib.spatialim
     mask defaults to ``tissue > 0``. CSF is the voxels of the brain mask with a class in
     ``csf_labels``: use ``(0,)`` with the Eve atlas, whose tissue map leaves the ventricles
     unclassified (0) inside the brain mask and uses class 1 for dark partial-volume tissue.
-    ``regions`` (refined ids 0..36, same grid) give the lobes, with deep regions absorbed by the nearest lobe, and the cortex (outer end of the depth): the
-    non-WM voxels of the gyral regions. All distances use the image's voxel sizes.
+    ``regions`` (refined ids 0..36, same grid) give the lobes, with deep regions absorbed by the nearest
+    lobe, and the cortex (outer end of the depth): non-WM voxels (atlas-labelled or grey matter) whose
+    nearest region is gyral. This works on the atlas and on subject maps kept inside WM alike.
+    All distances use the image's voxel sizes.
     """
     from .atlas import lobe_map
     from .images import check_same_grid
@@ -180,7 +182,11 @@ def depth_maps(tissue: nib.spatialimages.SpatialImage, brain_mask: nib.spatialim
         ids = ids[box]
         lobes = lobe_map(ids, absorb_deep=True, zooms=zooms)
         cortical = [2 * i + s for i in range(5) for s in (1, 2)]  # frontal, parietal, occipital, temporal, limbic
-        cortex = ~wm & np.isin(lobe_map(ids), cortical)  # grey matter of gyral regions, not deep nuclei
+        # cortex = grey matter (or atlas-labelled non-WM) whose nearest region is gyral, not deep nuclei:
+        # subject region maps are kept inside WM, so the lobe of the cortex comes from the nearest region
+        nearest = ndimage.distance_transform_edt(ids == 0, sampling=zooms, return_distances=False, return_indices=True)
+        near_ids = ids[tuple(nearest)]
+        cortex = ~wm & ((ids > 0) | (labels == 2)) & np.isin(lobe_map(near_ids), cortical)
         maps["bullseye"] = (bullseye(wm, vent, lobes, zooms, n_shells, cortex=cortex), np.int16)
     out = {}
     for key, (arr, dtype) in maps.items():  # back onto the full grid
