@@ -21,7 +21,14 @@ HEADINGS = ["## Overview", "## Prerequisites", "## Imports", "## Parameters", "#
 
 # Tiny parameters: enough to execute every cell, small enough for CI on 2 cores.
 TINY: dict[str, dict] = {
-    "01_data": {"n_subjects": 8},
+    "01_data": {"n_subjects": 6},
+    "02_atlas": {},
+    "03_regions": {"score_truth": False, "eve_spacing": 3.0, "show_subjects": 1},
+    "04_train_lesions": {"epochs": 1, "iters_per_epoch": 2, "patch_size": 48, "batch_size": 2},
+    "05_train_regions": {"epochs": 1, "iters_per_epoch": 2, "patch_size": 48, "batch_size": 2},
+    "06_evaluate": {"tta": False},
+    "07_localization": {},
+    "08_clustering": {"k_range": [2, 3], "n_boot": 5},
 }
 
 _failed: list[str] = []
