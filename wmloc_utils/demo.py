@@ -34,7 +34,7 @@ import pandas as pd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .images import save_nifti, write_table_atomic
+from .images import atomic_path, save_nifti, write_table_atomic
 
 GROUPS = ("frontal_pv", "posterior_pv", "deep", "low_load")
 SITES = {"siteA": "RAS", "siteB": "LAS", "siteC": "RAS"}
@@ -357,7 +357,8 @@ def generate(root: str | os.PathLike, n_subjects: int = 24, seed: int = 0, grid:
                      "age": subj["age"], "sex": subj["sex"], "lesion_ml": round(subj["lesion_ml"], 3)})
     participants = pd.DataFrame(rows)
     write_table_atomic(participants, root / "participants.tsv", index=False)
-    stamp.write_text(json.dumps({"spec": want, "seconds_per_subject": float(np.mean(seconds))}, indent=1))
+    with atomic_path(stamp) as tmp:  # written last: its presence means the whole cohort is there
+        tmp.write_text(json.dumps({"spec": want, "seconds_per_subject": float(np.mean(seconds))}, indent=1))
     return participants
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import nibabel as nib
 import numpy as np
@@ -100,21 +101,32 @@ def check_nonempty(mask: np.ndarray, path: str | os.PathLike, subject: str | Non
         raise InputError(f"{_who(path, subject)}: {what} is empty (no foreground voxel)")
 
 
-def save_nifti(img: nib.spatialimages.SpatialImage, path: str | os.PathLike) -> Path:
-    """Write a NIfTI image atomically (temporary file in the same folder, then rename)."""
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file beside ``path`` to write to; rename it onto ``path`` only on success.
+
+    The temporary name keeps the suffix (nibabel needs ``.nii.gz``) and is unique, so parallel
+    workers never collide; an interrupted write leaves no half-written output behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".nii.gz"
+    suffix = "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        nib.save(img, tmp)
+        yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def save_nifti(img: nib.spatialimages.SpatialImage, path: str | os.PathLike) -> Path:
+    """Write a NIfTI image atomically (temporary file in the same folder, then rename)."""
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+    return Path(path)
 
 
 def like(ref: nib.spatialimages.SpatialImage, data: np.ndarray, dtype=None) -> nib.Nifti1Image:
@@ -131,9 +143,6 @@ def like(ref: nib.spatialimages.SpatialImage, data: np.ndarray, dtype=None) -> n
 def write_table_atomic(df, path: str | os.PathLike, **kwargs) -> Path:
     """Write a pandas table (CSV, or TSV when the name ends with .tsv) atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    sep = "\t" if path.suffix == ".tsv" else ","
-    df.to_csv(tmp, sep=sep, **kwargs)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, sep="\t" if path.suffix == ".tsv" else ",", **kwargs)
     return path

@@ -21,7 +21,7 @@ import pandas as pd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .images import InputError, check_same_grid, like, load_nifti, save_nifti, write_table_atomic
+from .images import InputError, atomic_path, check_same_grid, like, load_nifti, save_nifti, write_table_atomic
 from .metrics import dice, region_dice  # noqa: F401  (region_dice re-exported for the notebook)
 from .tissue import brain_mask as make_brain_mask
 from .tissue import _remove, segment_tissues, to_ants, to_nibabel
@@ -183,7 +183,8 @@ def process_subject(subject: str, t1, flair, outdir: str | os.PathLike, atlas: d
         true_wm = np.asanyarray(load_nifti(Path(truth_dir) / "tissue.nii.gz", subject, "true tissue").dataobj) == 3
         qc["true_wm_dice"] = dice(wm, true_wm)
     qc["seconds"] = time.perf_counter() - start
-    _write_json(qc, out / DONE)
+    with atomic_path(out / DONE) as tmp:
+        tmp.write_text(json.dumps(qc, indent=1))
     return qc
 
 
@@ -211,12 +212,6 @@ def relabel(subject_dir: str | os.PathLike, flair, atlas: dict, method: str, out
     Path(outdir).mkdir(parents=True, exist_ok=True)
     return label_subject(src.name, load_nifti(src / "prob_wm.nii.gz", what="WM probability"), wm,
                          load_nifti(flair, what="FLAIR"), outdir, atlas, method, reg_spacing)
-
-
-def _write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _worker(args: tuple) -> dict:

@@ -29,7 +29,7 @@ from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, LoadIma
 from tqdm.auto import tqdm
 
 from . import __version__, runtime
-from .images import InputError, check_same_grid, write_table_atomic
+from .images import InputError, atomic_path, check_same_grid, write_table_atomic
 from .networks import PATCH_DIVISOR, SegLoss, build_model, label_skeleton, model_kwargs
 
 # What each task predicts. Region labels cannot be flipped left-right (left and right regions
@@ -240,9 +240,8 @@ def model_config(cfg: TrainConfig, train_subjects: Sequence[str] = (), val_subje
 
 
 def _save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "auto") -> tuple[torch.nn.Module, dict]:
