@@ -47,6 +47,16 @@ def test_regions_table_invariants():
     assert table.loc[table["id"] == 25, "type2_ids"].item() == "77,78,82,106"
 
 
+def test_mirror_labels_swap_hemispheres():
+    mirror = atlas.mirror_labels()
+    table = atlas.regions_table().set_index("id")
+    assert mirror[0] == 0 and mirror[1] == 18 and mirror[18] == 1 and mirror[35] == 36
+    np.testing.assert_array_equal(mirror[mirror], np.arange(37))  # an involution
+    for i in range(1, 37):
+        assert table.loc[i, "hemisphere"] != table.loc[mirror[i], "hemisphere"]
+        assert table.loc[i, "short"][:-2] == table.loc[mirror[i], "short"][:-2]
+
+
 def test_refine_labels_is_a_lookup_and_rejects_unknown_ids():
     arr = np.array([[[0, 1, 8, 23], [66, 73, 88, 130], [26, 91, 53, 118]]], dtype=np.int16)
     out = atlas.refine_labels(arr)

@@ -73,6 +73,56 @@ def test_region_labels_on_flair_grid_from_a_real_checkpoint(tmp_path):
     assert np.asanyarray(img.dataobj).max() <= 36 and np.asanyarray(img.dataobj).min() >= 0
 
 
+class FlairClasses(torch.nn.Module):
+    """A stand-in 37-class 'network': background outside the brain, class 5 in it, class 30 in the lesion."""
+
+    def forward(self, x):
+        f = x[:, -1:]
+        logits = torch.full((x.shape[0], 37, *x.shape[2:]), -10.0)
+        logits[:, 0:1] = 4.0 * (-1.0 - f)
+        logits[:, 5:6] = 4.0 * (0.5 - (f - 0.2).abs())
+        logits[:, 30:31] = 4.0 * (f - 1.0)
+        return logits
+
+
+def test_region_probabilities_resampled_onto_flair_grid_in_chunks(tmp_path):
+    """Class probabilities are inverted a few classes at a time; the chunking must not change the labels."""
+    paths, lesion, aff = _subject(tmp_path, (1.0, 1.0, 3.0), "LAS", (40, 36, 14))
+    seg = inference.Segmenter(FlairClasses(), _config(task="regions", inputs="flair"), torch.device("cpu"), Path("r.pt"))
+    whole = inference.segment(seg, flair_path=paths["flair"], chunk=37)["labels"]
+    chunked = inference.segment(seg, flair_path=paths["flair"], chunk=4)["labels"]
+    assert whole.shape == (40, 36, 14) and np.allclose(whole.affine, aff)
+    a, b = np.asanyarray(whole.dataobj), np.asanyarray(chunked.dataobj)
+    np.testing.assert_array_equal(a, b)
+    assert set(np.unique(a)) <= {0, 5, 30}
+    dice = 2 * ((a == 30) & (lesion == 1)).sum() / ((a == 30).sum() + lesion.sum())
+    assert dice > 0.8, dice
+
+
+class LeftRight(torch.nn.Module):
+    """A stand-in 37-class 'network' that labels the left half of what it sees 1 (left SPL) and the right half 18."""
+
+    def forward(self, x):
+        logits = torch.zeros((x.shape[0], 37, *x.shape[2:]))
+        half = x.shape[2] // 2
+        logits[:, 1, :half] = 5.0
+        logits[:, 18, half:] = 5.0
+        return logits
+
+
+def test_region_tta_mirrors_left_and_right_back(tmp_path):
+    """A left-right flipped pass must have its labels swapped back, or left and right would be mixed up."""
+    paths, _, aff = _subject(tmp_path, (2.0, 2.0, 2.0), "LAS", (24, 28, 22))
+    config = _config(task="regions", inputs="flair")
+    assert config["flip_axes"] == [0] and config["label_mirror"][1] == 18
+    seg = inference.Segmenter(LeftRight(), config, torch.device("cpu"), Path("r.pt"))
+    labels = np.asanyarray(inference.segment(seg, flair_path=paths["flair"], tta=True, roi_size=32)["labels"].dataobj)
+    x_world = (aff @ np.c_[np.indices(labels.shape).reshape(3, -1).T, np.ones(labels.size)].T)[0].reshape(labels.shape)
+    centre = x_world.mean()
+    left, right = x_world < centre - 2, x_world > centre + 2
+    assert (labels[left] == 1).mean() > 0.95 and (labels[right] == 18).mean() > 0.95
+
+
 def test_refuses_wrong_or_missing_inputs(tmp_path):
     paths, _, _ = _subject(tmp_path, (2.0, 2.0, 2.0), "RAS", (24, 28, 22))
     seg = inference.Segmenter(FlairThreshold(), _config(inputs="t1+flair"), torch.device("cpu"), Path("m.pt"))

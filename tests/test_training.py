@@ -108,6 +108,25 @@ def test_one_step_training_checkpoint_roundtrip_and_resume(cohort, tmp_path):
         training.train(tiny_cfg(epochs=3, inputs="flair"), recs[:3], recs[3:], tmp_path, resume=True, progress=False)
 
 
+def test_region_mirroring_flips_left_right_and_swaps_labels():
+    from monai.data import MetaTensor
+
+    from wmloc_utils import atlas
+
+    label = torch.zeros(1, 6, 4, 4)
+    label[0, :3] = 1  # left half (RAS axis 0 runs left to right) is region 1, a left region
+    label[0, 3:] = 19  # right half is region 19, a right region
+    image = torch.arange(6.0)[None, :, None, None].expand(2, 6, 4, 4).clone()
+    data = {"image": MetaTensor(image), "label": MetaTensor(label), "skeleton": MetaTensor(label.clone())}
+    flipped = training.RandMirrord(["image", "label", "skeleton"], ["label", "skeleton"], atlas.mirror_labels(), prob=1.0)(data)
+    np.testing.assert_array_equal(flipped["image"].numpy(), image.flip(1).numpy())
+    out = flipped["label"][0].numpy()
+    assert (out[:3] == 2).all() and (out[3:] == 18).all()  # left half now holds the mirror of region 19, and so on
+    np.testing.assert_array_equal(flipped["skeleton"].numpy(), flipped["label"].numpy())
+    kept = training.RandMirrord(["image", "label"], ["label"], atlas.mirror_labels(), prob=0.0)(data)
+    assert torch.equal(kept["label"].as_tensor(), label)
+
+
 def test_wrong_input_mode_is_refused():
     config = training.model_config(tiny_cfg(inputs="t1+flair"))
     training.check_inputs(config, "t1+flair")

@@ -103,6 +103,24 @@ def regions_table() -> pd.DataFrame:
     return table
 
 
+def mirror_labels() -> np.ndarray:
+    """``m[id]`` = the contralateral region of ``id`` (left <-> right by name; background to itself).
+
+    Lets a left-right flip of a region map stay a valid region map (flip augmentation and test-time flips).
+    """
+    table = regions_table()
+    ids = dict(zip(table["short"], table["id"]))
+    mirror = np.arange(len(table), dtype=np.int64)
+    for short, i in ids.items():
+        for side, other in (("_L", "_R"), ("_R", "_L")):
+            if short.endswith(side):
+                partner = short[: -len(side)] + other
+                if partner not in ids:
+                    raise InputError(f"wmloc_utils/data/refined_regions.tsv: {short} has no contralateral {partner}")
+                mirror[i] = ids[partner]
+    return mirror
+
+
 def _lookup_table() -> np.ndarray:
     """Array ``lut`` with ``lut[type2_id] = refined_id`` for ids 0..130."""
     lut = np.zeros(N_TYPE2 + 1, dtype=np.int16)

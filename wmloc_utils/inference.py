@@ -47,19 +47,24 @@ def load_segmenter(checkpoint: str | os.PathLike, device: str = "auto") -> Segme
 
 
 def _tta_flips(config: dict, tta: bool) -> list[tuple[int, ...]]:
-    """Flip combinations (of spatial dims of a B,C,X,Y,Z tensor) averaged at test time; only axes seen in training."""
+    """Flip combinations (of spatial dims of a B,C,X,Y,Z tensor) averaged at test time; only axes seen in training.
+
+    Region networks flip left-right only, and their outputs are mirrored back (left and right labels swapped).
+    """
     axes = [a + 2 for a in config["flip_axes"]] if tta else []
     return [()] + [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
 def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike | None = None,
             flair_path: str | os.PathLike | None = None, tta: bool = False, inputs: str | None = None,
-            sw_batch_size: int = 4, overlap: float = 0.25, roi_size: int | None = None) -> dict[str, nib.Nifti1Image]:
+            sw_batch_size: int = 4, overlap: float = 0.25, roi_size: int | None = None,
+            chunk: int = 8) -> dict[str, nib.Nifti1Image]:
     """Segment one subject; return images on the FLAIR grid ({"mask", "prob"} or {"labels"}).
 
     ``roi_size`` (default: the training patch) sets the sliding window; a larger window means fewer
     windows, i.e. faster on a CPU. ``inputs`` (default: the checkpoint's) must match the mode the network was trained on; every
-    modality it needs must be given, on the same grid.
+    modality it needs must be given, on the same grid. ``chunk`` region classes are resampled onto the
+    FLAIR grid at a time (memory: ``chunk`` float32 copies of the FLAIR volume).
     """
     seg = segmenter if isinstance(segmenter, Segmenter) else load_segmenter(segmenter)
     cfg = seg.config
@@ -80,6 +85,7 @@ def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike
     image = data["image"]
     x = image.as_tensor()[None].to(seg.device)
     flips = _tta_flips(cfg, tta)
+    mirror = torch.as_tensor(cfg["label_mirror"]) if cfg.get("label_mirror") else None
     roi = cfg["patch_size"] if roi_size is None or cfg["architecture"] == "unetr" else [int(roi_size)] * 3
     probs = None
     with torch.no_grad(), torch.autocast(seg.device.type, enabled=seg.device.type == "cuda"):
@@ -89,20 +95,37 @@ def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike
                                               mode="gaussian")
             p = torch.softmax(logits.float(), 1)
             p = torch.flip(p, dims) if dims else p
+            if 2 in dims and mirror is not None:  # flipped left-right: a "left" output means right
+                p = p[:, mirror]
             probs = p if probs is None else probs + p
     probs = probs[0].cpu() / len(flips)
 
-    lesion = cfg["task"] == "lesion"
-    out = probs[1:2] if lesion else probs.argmax(0, keepdim=True).float()
-    data["pred"] = MetaTensor(out, meta=image.meta, applied_operations=image.applied_operations)
-    inverted = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=not lesion)(data)["pred"]
-    arr = np.asarray(inverted[0].detach().cpu().numpy())
-    if arr.shape != ref.shape[:3]:
-        raise RuntimeError(f"inverted prediction has shape {arr.shape}, expected the FLAIR shape {ref.shape[:3]}")
-    if lesion:
-        prob = np.clip(arr, 0, 1).astype(np.float32)
+    if cfg["task"] == "lesion":
+        prob = np.clip(_invert(probs[1:2], image, pre, ref.shape[:3])[0], 0, 1).astype(np.float32)
         return {"mask": like(ref, (prob >= 0.5).astype(np.uint8)), "prob": like(ref, prob)}
-    return {"labels": like(ref, np.rint(arr).astype(np.int16))}
+    # Regions: resample the class probabilities (not the labels) onto the FLAIR grid and take the most
+    # probable class there, so that boundaries are placed at native resolution rather than in
+    # blocks of the training spacing. Classes go a few at a time to bound memory at 1 mm.
+    best = labels = None
+    for start in range(0, probs.shape[0], chunk):
+        p = torch.as_tensor(_invert(probs[start:start + chunk], image, pre, ref.shape[:3]))
+        value, index = p.max(0)
+        if best is None:
+            best, labels = value, index + start
+        else:
+            better = value > best
+            best, labels = torch.where(better, value, best), torch.where(better, index + start, labels)
+    return {"labels": like(ref, labels.numpy().astype(np.int16))}
+
+
+def _invert(channels: torch.Tensor, image: MetaTensor, pre, shape: tuple[int, ...]) -> np.ndarray:
+    """Undo the preprocessing (resampling, reorientation) of ``image`` on ``channels``: arrays on the FLAIR grid."""
+    data = {"image": image, "pred": MetaTensor(channels, meta=image.meta, applied_operations=image.applied_operations)}
+    inverted = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False)(data)["pred"]
+    arr = np.asarray(inverted.detach().cpu().numpy())
+    if arr.shape[1:] != tuple(shape):
+        raise RuntimeError(f"inverted prediction has shape {arr.shape[1:]}, expected the FLAIR shape {tuple(shape)}")
+    return arr
 
 
 def predict(checkpoint: Segmenter | str | os.PathLike, t1_path: str | os.PathLike | None = None,

@@ -23,20 +23,23 @@ import torch
 from monai.data import CacheDataset, DataLoader, list_data_collate
 from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric
-from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform,
+from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, Flip, LoadImaged, MapTransform,
                               NormalizeIntensityd, Orientationd, RandAffined, RandCropByPosNegLabeld,
-                              RandFlipd, RandScaleIntensityd, RandShiftIntensityd, Spacingd, SpatialPadd)
+                              RandFlipd, RandomizableTransform, RandScaleIntensityd, RandShiftIntensityd, Spacingd,
+                              SpatialPadd)
 from tqdm.auto import tqdm
 
-from . import __version__, runtime
+from . import __version__, atlas, runtime
 from .images import InputError, atomic_path, check_same_grid, write_table_atomic
 from .networks import PATCH_DIVISOR, SegLoss, build_model, label_skeleton, model_kwargs
 
-# What each task predicts. Region labels cannot be flipped left-right (left and right regions
-# have different ids), so the region task uses no flips in augmentation nor in test-time augmentation.
+# What each task predicts. Lesions may be flipped along any axis. Region labels are lateralised:
+# they are flipped left-right only (axis 0 of RAS), with every left label swapped for its right
+# counterpart ("mirror"), in augmentation and in test-time augmentation alike.
 TASKS: dict[str, dict[str, Any]] = {
-    "lesion": {"n_classes": 2, "ignore_label": 2, "flip_axes": (0, 1, 2), "label_values": (0, 1, 2)},
-    "regions": {"n_classes": 37, "ignore_label": None, "flip_axes": (), "label_values": tuple(range(37))},
+    "lesion": {"n_classes": 2, "ignore_label": 2, "flip_axes": (0, 1, 2), "label_values": (0, 1, 2), "mirror": False},
+    "regions": {"n_classes": 37, "ignore_label": None, "flip_axes": (0,), "label_values": tuple(range(37)),
+                "mirror": True},
 }
 # Input modes -> channels, in this order.
 INPUTS: dict[str, tuple[str, ...]] = {"t1+flair": ("t1", "flair"), "flair": ("flair",), "t1": ("t1",)}
@@ -173,6 +176,27 @@ class SkeletonizeLabeld(MapTransform):
         return d
 
 
+class RandMirrord(RandomizableTransform, MapTransform):
+    """Flip left-right (axis 0 of RAS) with probability ``prob`` and swap left and right label ids in ``label_keys``."""
+
+    def __init__(self, keys: Sequence[str], label_keys: Sequence[str], mirror: Sequence[int], prob: float = 0.5) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.label_keys, self.mirror, self.flip = tuple(label_keys), torch.as_tensor(mirror), Flip(spatial_axis=0)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        for key in self.keys:
+            d[key] = self.flip(d[key])
+            if key in self.label_keys:
+                d[key] = d[key].clone()
+                d[key][:] = self.mirror[d[key].as_tensor().long()].to(d[key].dtype)
+        return d
+
+
 def preprocessing(spacing: Sequence[float], with_label: bool) -> Compose:
     """Deterministic preprocessing shared by training, validation and inference (inverted at inference)."""
     keys = ["image", "label"] if with_label else ["image"]
@@ -191,7 +215,10 @@ def training_transforms(cfg: TrainConfig) -> Compose:
     """Preprocessing + skeleton (cached), then lesion-weighted patch sampling and augmentation (random)."""
     task = TASKS[cfg.task]
     keys = ["image", "label", "skeleton"]
-    flips = [RandFlipd(keys, prob=0.5, spatial_axis=a) for a in task["flip_axes"]]
+    if task["mirror"]:
+        flips = [RandMirrord(keys, ["label", "skeleton"], atlas.mirror_labels())]
+    else:
+        flips = [RandFlipd(keys, prob=0.5, spatial_axis=a) for a in task["flip_axes"]]
     return Compose([
         *preprocessing(cfg.spacing, with_label=True).transforms,
         SkeletonizeLabeld("label", task["n_classes"], task["ignore_label"]),
@@ -227,6 +254,7 @@ def model_config(cfg: TrainConfig, train_subjects: Sequence[str] = (), val_subje
         "n_classes": task["n_classes"],
         "ignore_label": task["ignore_label"],
         "flip_axes": list(task["flip_axes"]),
+        "label_mirror": atlas.mirror_labels().tolist() if task["mirror"] else None,
         "spacing": list(cfg.spacing),
         "orientation": "RAS",
         "patch_size": list(cfg.patch_size),
