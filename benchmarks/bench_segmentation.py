@@ -3,14 +3,17 @@
 Run: ``python benchmarks/bench_segmentation.py [--lesion CKPT] [--regions CKPT] [--threads N]``.
 Each case runs in its own process (so peak memory is its own): a brain-sized LAS FLAIR (+T1) at the
 given voxel size is segmented with ``inference.predict`` (load, preprocess, sliding window, inversion
-onto the FLAIR grid, writing). Without checkpoints, untrained networks with the book's default
-configuration are timed (speed does not depend on the weights). Targets on 2 CPU cores: lesion
-<= 2 s at 2 mm and <= 10 s at 1 mm; regions <= 5 s at 2 mm and <= 40 s at 1 mm.
+onto the FLAIR grid, writing). Without checkpoints, untrained networks are timed (speed does not
+depend on the weights), in two configurations: the book's (notebooks 04/05: lesions at 2 mm, regions
+at 3 mm, whatever the FLAIR's voxel size) and one trained at the FLAIR's own voxel size (a network
+run at full resolution, as on a GPU). Targets on 2 CPU cores: lesion <= 2 s at 2 mm and <= 10 s at
+1 mm; regions <= 5 s at 2 mm and <= 40 s at 1 mm.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import subprocess
@@ -28,7 +31,10 @@ from wmloc_utils.networks import build_model
 
 FOV_MM = np.array([180.0, 216.0, 180.0])
 TARGETS = {("lesion", 2.0): 2.0, ("lesion", 1.0): 10.0, ("regions", 2.0): 5.0, ("regions", 1.0): 40.0}
-NOTEBOOK_DEFAULTS = {"lesion": dict(patch_size=(48, 48, 48)), "regions": dict(patch_size=(64, 64, 64))}
+# The defaults of notebooks 04 and 05 (architecture "unet", inputs T1 + FLAIR).
+NOTEBOOK_DEFAULTS = {"lesion": dict(spacing=2.0, patch_size=(48, 48, 48)),
+                     "regions": dict(spacing=3.0, patch_size=(48, 56, 48),
+                                     model_overrides={"channels": (32, 64, 128, 256)})}
 
 
 def subject(folder: Path, voxel: float) -> dict[str, Path]:
@@ -45,9 +51,12 @@ def subject(folder: Path, voxel: float) -> dict[str, Path]:
     return paths
 
 
-def default_checkpoint(task: str, spacing: float, folder: Path) -> Path:
-    """An untrained network with the notebooks' default configuration, trained for ``spacing`` mm."""
-    cfg = training.TrainConfig(task=task, spacing=(spacing,) * 3, **NOTEBOOK_DEFAULTS[task])
+def default_checkpoint(task: str, spacing: float | None, folder: Path) -> Path:
+    """An untrained network with the notebook's configuration, at ``spacing`` mm (None: the notebook's)."""
+    kwargs = dict(NOTEBOOK_DEFAULTS[task])
+    if spacing is not None:
+        kwargs["spacing"] = spacing
+    cfg = training.TrainConfig(task=task, **kwargs)
     config = training.model_config(cfg)
     model = build_model("unet", config["in_channels"], config["n_classes"], **config["model_kwargs"])
     path = folder / f"{task}_{spacing}mm.pt"
@@ -55,11 +64,11 @@ def default_checkpoint(task: str, spacing: float, folder: Path) -> Path:
     return path
 
 
-def run_case(task: str, voxel: float, checkpoint: str | None, repeats: int) -> dict:
+def run_case(task: str, voxel: float, native: bool, checkpoint: str | None, repeats: int) -> dict:
     """Time ``predict`` on one subject (best of ``repeats`` after a warm-up) and report peak RSS."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ckpt = Path(checkpoint) if checkpoint else default_checkpoint(task, voxel, tmp)
+        ckpt = Path(checkpoint) if checkpoint else default_checkpoint(task, voxel if native else None, tmp)
         paths = subject(tmp, voxel)
         seg = inference.load_segmenter(ckpt)
         times = []
@@ -83,23 +92,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.case:
-        task, voxel = args.case.split(":")
-        print(json.dumps(run_case(task, float(voxel), getattr(args, task), args.repeats)))
+        task, voxel, native = args.case.split(":")
+        print(json.dumps(run_case(task, float(voxel), native == "native", getattr(args, task), args.repeats)))
         return
     print(f"device: {inference.runtime.resolve_device('auto')}, torch threads: {args.threads}")
-    for task in ("lesion", "regions"):
-        for voxel in (2.0, 1.0):
-            cmd = [sys.executable, __file__, "--case", f"{task}:{voxel}", "--threads", str(args.threads),
-                   "--repeats", str(args.repeats)] + sum(([f"--{k}", v] for k in ("lesion", "regions")
-                                                          if (v := getattr(args, k))), [])
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                print(out.stderr[-2000:])
-                sys.exit(f"case {task} at {voxel} mm failed")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{task:7s} FLAIR {voxel:.0f} mm {tuple(r['shape'])}, model at {r['model_spacing_mm']:.0f} mm: "
-                  f"{r['seconds']:6.2f} s (target <= {r['target_s']:.0f} s), peak RSS {r['peak_rss_mb']} MB")
-
+    configs = ["book"] if args.lesion or args.regions else ["book", "native"]
+    for task, config, voxel in itertools.product(("lesion", "regions"), configs, (2.0, 1.0)):
+        cmd = [sys.executable, __file__, "--case", f"{task}:{voxel}:{config}", "--threads", str(args.threads),
+               "--repeats", str(args.repeats)] + sum(([f"--{k}", v] for k in ("lesion", "regions")
+                                                      if (v := getattr(args, k))), [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            print(out.stderr[-2000:])
+            sys.exit(f"case {task} at {voxel} mm ({config}) failed")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{task:7s} FLAIR {voxel:.0f} mm {tuple(r['shape'])}, model at {r['model_spacing_mm']:.0f} mm: "
+              f"{r['seconds']:6.2f} s (target <= {r['target_s']:.0f} s), peak RSS {r['peak_rss_mb']} MB", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -25,6 +25,8 @@ def test_factory_rejects_unknown_name_and_applies_overrides():
     small = sum(p.numel() for p in build_model("unet", 1, 2).parameters())
     big = sum(p.numel() for p in build_model("unet", 1, 2, channels=(32, 64, 128, 256)).parameters())
     assert big > 3 * small
+    with pytest.raises(ValueError, match="segresnet .*has no option 'channels'.*init_filters"):
+        build_model("segresnet", 1, 2, channels=(32, 64, 128, 256))
 
 
 def _tube():

@@ -9,6 +9,7 @@ can be ignored everywhere in the loss.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,11 @@ def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     """The full keyword set :func:`build_model` uses for ``name`` (defaults updated by ``overrides``)."""
     if name not in _DEFAULTS:
         raise ValueError(f"unknown architecture {name!r}; choose one of {ARCHITECTURES}")
+    allowed = set(inspect.signature(_CLASSES[name]).parameters) - {"spatial_dims", "in_channels", "out_channels"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise ValueError(f"{name} ({_CLASSES[name].__name__}) has no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(sorted(allowed))}")
     return {**_DEFAULTS[name], **overrides}
 
 

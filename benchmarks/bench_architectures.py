@@ -1,0 +1,92 @@
+"""The paper's comparison table on the demo cohort: lesion networks per architecture x input, scored on held-out subjects.
+
+Run after notebooks 01-04 (it reuses their work directory, subjects and split)::
+
+    python benchmarks/bench_architectures.py --workdir work [--epochs 12] [--archs unet segresnet ...]
+
+Each (architecture, inputs) pair is trained with the book's CPU defaults of notebook 04 (or the given
+epochs) into ``WORKDIR/bench_architectures/<architecture>_<inputs>/best.pt`` and scored on the test
+subjects with the MICCAI 2017 WMH metrics (label 2 ignored). Prints mean (sd) per row, the training
+time and the inference time per subject, and writes ``WORKDIR/bench_architectures/table.csv``.
+The checkpoints can be listed in notebook 06's ``compare_checkpoints`` to show the same rows there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from wmloc_utils import inference, metrics, runtime, training
+
+# Patch edges must be multiples of 16 for unetr/mednext; 48 suits all four.
+NOTEBOOK_04 = dict(spacing=2.0, patch_size=48, batch_size=4, lr=3e-3, skeleton_weight=1.0, iters_per_epoch=40)
+
+
+def run_pair(arch: str, inputs: str, table: pd.DataFrame, split: pd.DataFrame, out: Path, epochs: int,
+             device: str) -> dict:
+    """Train one lesion network (resumable) and score it on the test subjects."""
+    rec = {s: training.make_records(table, inputs, "lesion", split.loc[split["split"] == s, "subject"])
+           for s in ("train", "val")}
+    cfg = training.TrainConfig(task="lesion", architecture=arch, inputs=inputs, epochs=epochs, device=device,
+                               **NOTEBOOK_04)
+    start = time.perf_counter()
+    result = training.train(cfg, rec["train"], rec["val"], out, resume=True, progress=False)
+    train_s = time.perf_counter() - start
+    seg = inference.load_segmenter(result["best"], device)
+    test = table[table["subject"].isin(split.loc[split["split"] == "test", "subject"])]
+    rows, start = [], time.perf_counter()
+    for r in test.itertuples():
+        mask = inference.segment(seg, r.t1, r.flair)["mask"]
+        rows.append(metrics.wmh_metrics_img(r.lesion, mask, subject=r.subject))
+    infer_s = (time.perf_counter() - start) / max(len(test), 1)
+    scores = pd.DataFrame(rows)
+    params = sum(p.numel() for p in seg.model.parameters())
+    return {"architecture": arch, "inputs": inputs, "params_k": round(params / 1e3),
+            **{f"{k}_mean": scores[k].mean() for k in ("dice", "hd95", "avd", "recall", "f1")},
+            **{f"{k}_sd": scores[k].std() for k in ("dice", "hd95", "avd", "recall", "f1")},
+            "best_val_dice": result["best_dice"], "train_s": train_s, "infer_s_per_subject": infer_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="work", help="work directory of notebooks 01-04")
+    parser.add_argument("--archs", nargs="+", default=["unet", "segresnet", "mednext", "unetr"])
+    parser.add_argument("--inputs", nargs="+", default=["t1+flair"], help="input modes for every architecture")
+    parser.add_argument("--unet-inputs", nargs="*", default=["flair", "t1"],
+                        help="extra input modes for the U-Net only (the paper's input comparison)")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.workdir).resolve()
+    table = pd.read_csv(runtime.require(work / "01_data" / "subjects.csv", "notebooks/01_data.ipynb"), dtype={"subject": str})
+    table = table[table["lesion"].notna()]
+    split = training.read_split(work / "04_lesion_model" / "split.csv")
+    pairs = [(a, i) for a in args.archs for i in args.inputs]
+    pairs += [("unet", i) for i in args.unet_inputs if ("unet", i) not in pairs]
+    root = work / "bench_architectures"
+    print(f"device {runtime.resolve_device(args.device)}, {args.threads} threads, {args.epochs} epochs x "
+          f"{NOTEBOOK_04['iters_per_epoch']} steps, test subjects: {int((split['split'] == 'test').sum())}", flush=True)
+    rows = []
+    for arch, inputs in pairs:
+        r = run_pair(arch, inputs, table, split, root / f"{arch}_{inputs.replace('+', '-')}", args.epochs, args.device)
+        rows.append(r)
+        print(f"{arch:9s} {inputs:8s} Dice {r['dice_mean']:.3f} ({r['dice_sd']:.3f})  HD95 {r['hd95_mean']:5.2f} mm  "
+              f"AVD {r['avd_mean']:5.1f} %  recall {r['recall_mean']:.3f}  F1 {r['f1_mean']:.3f}  "
+              f"[{r['params_k']}k params, train {r['train_s']:.0f} s, inference {r['infer_s_per_subject']:.1f} s/subject]",
+              flush=True)
+    out = pd.DataFrame(rows)
+    out.to_csv(root / "table.csv", index=False)
+    print(f"table: {root / 'table.csv'}; checkpoints: {', '.join(str(p) for p in sorted(root.glob('*/best.pt')))}")
+    if not np.isfinite(out["dice_mean"]).all():
+        raise SystemExit("a network produced no valid score")
+
+
+if __name__ == "__main__":
+    main()
