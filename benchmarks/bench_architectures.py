@@ -6,8 +6,9 @@ Run after notebooks 01-04 (it reuses their work directory, subjects and split)::
 
 Each (architecture, inputs) pair is trained with the book's CPU defaults of notebook 04 (or the given
 epochs) into ``WORKDIR/bench_architectures/<architecture>_<inputs>/best.pt`` and scored on the test
-subjects with the MICCAI 2017 WMH metrics (label 2 ignored). Prints mean (sd) per row, the training
-time and the inference time per subject, and writes ``WORKDIR/bench_architectures/table.csv``.
+subjects with the MICCAI 2017 WMH metrics (label 2 ignored), with flip test-time augmentation as
+notebook 06 does by default and without. Prints mean (sd) per row, the training time (sum of epoch
+times) and the inference time per subject, and writes ``WORKDIR/bench_architectures/table.csv``.
 The checkpoints can be listed in notebook 06's ``compare_checkpoints`` to show the same rows there.
 """
 
@@ -34,22 +35,24 @@ def run_pair(arch: str, inputs: str, table: pd.DataFrame, split: pd.DataFrame, o
            for s in ("train", "val")}
     cfg = training.TrainConfig(task="lesion", architecture=arch, inputs=inputs, epochs=epochs, device=device,
                                **NOTEBOOK_04)
-    start = time.perf_counter()
     result = training.train(cfg, rec["train"], rec["val"], out, resume=True, progress=False)
-    train_s = time.perf_counter() - start
     seg = inference.load_segmenter(result["best"], device)
     test = table[table["subject"].isin(split.loc[split["split"] == "test", "subject"])]
-    rows, start = [], time.perf_counter()
-    for r in test.itertuples():
-        mask = inference.segment(seg, r.t1, r.flair)["mask"]
-        rows.append(metrics.wmh_metrics_img(r.lesion, mask, subject=r.subject))
-    infer_s = (time.perf_counter() - start) / max(len(test), 1)
-    scores = pd.DataFrame(rows)
+    scores, seconds = {}, {}
+    for tta in (True, False):
+        rows, start = [], time.perf_counter()
+        for r in test.itertuples():
+            mask = inference.segment(seg, r.t1, r.flair, tta=tta)["mask"]
+            rows.append(metrics.wmh_metrics_img(r.lesion, mask, subject=r.subject))
+        seconds[tta] = (time.perf_counter() - start) / max(len(test), 1)
+        scores[tta] = pd.DataFrame(rows)
     params = sum(p.numel() for p in seg.model.parameters())
+    keys = ("dice", "hd95", "avd", "recall", "f1")
     return {"architecture": arch, "inputs": inputs, "params_k": round(params / 1e3),
-            **{f"{k}_mean": scores[k].mean() for k in ("dice", "hd95", "avd", "recall", "f1")},
-            **{f"{k}_sd": scores[k].std() for k in ("dice", "hd95", "avd", "recall", "f1")},
-            "best_val_dice": result["best_dice"], "train_s": train_s, "infer_s_per_subject": infer_s}
+            **{f"{k}_mean": scores[True][k].mean() for k in keys}, **{f"{k}_sd": scores[True][k].std() for k in keys},
+            **{f"{k}_no_tta": scores[False][k].mean() for k in keys},
+            "best_val_dice": result["best_dice"], "train_s": float(result["history"]["seconds"].sum()),
+            "infer_s_tta": seconds[True], "infer_s_no_tta": seconds[False]}
 
 
 def main() -> None:
@@ -78,9 +81,9 @@ def main() -> None:
         r = run_pair(arch, inputs, table, split, root / f"{arch}_{inputs.replace('+', '-')}", args.epochs, args.device)
         rows.append(r)
         print(f"{arch:9s} {inputs:8s} Dice {r['dice_mean']:.3f} ({r['dice_sd']:.3f})  HD95 {r['hd95_mean']:5.2f} mm  "
-              f"AVD {r['avd_mean']:5.1f} %  recall {r['recall_mean']:.3f}  F1 {r['f1_mean']:.3f}  "
-              f"[{r['params_k']}k params, train {r['train_s']:.0f} s, inference {r['infer_s_per_subject']:.1f} s/subject]",
-              flush=True)
+              f"AVD {r['avd_mean']:5.1f} %  recall {r['recall_mean']:.3f}  F1 {r['f1_mean']:.3f}  | no TTA: Dice "
+              f"{r['dice_no_tta']:.3f} F1 {r['f1_no_tta']:.3f}  [{r['params_k']}k params, train {r['train_s']:.0f} s, "
+              f"inference {r['infer_s_no_tta']:.1f} s/subject, {r['infer_s_tta']:.1f} s with TTA]", flush=True)
     out = pd.DataFrame(rows)
     out.to_csv(root / "table.csv", index=False)
     print(f"table: {root / 'table.csv'}; checkpoints: {', '.join(str(p) for p in sorted(root.glob('*/best.pt')))}")

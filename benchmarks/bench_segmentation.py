@@ -13,7 +13,6 @@ run at full resolution, as on a GPU). Targets on 2 CPU cores: lesion <= 2 s at 2
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import resource
 import subprocess
@@ -96,8 +95,9 @@ def main() -> None:
         print(json.dumps(run_case(task, float(voxel), native == "native", getattr(args, task), args.repeats)))
         return
     print(f"device: {inference.runtime.resolve_device('auto')}, torch threads: {args.threads}")
-    configs = ["book"] if args.lesion or args.regions else ["book", "native"]
-    for task, config, voxel in itertools.product(("lesion", "regions"), configs, (2.0, 1.0)):
+    cases = [(task, config, voxel) for task in ("lesion", "regions")
+             for config in (["checkpoint"] if getattr(args, task) else ["book", "native"]) for voxel in (2.0, 1.0)]
+    for task, config, voxel in cases:
         cmd = [sys.executable, __file__, "--case", f"{task}:{voxel}:{config}", "--threads", str(args.threads),
                "--repeats", str(args.repeats)] + sum(([f"--{k}", v] for k in ("lesion", "regions")
                                                       if (v := getattr(args, k))), [])
@@ -106,8 +106,9 @@ def main() -> None:
             print(out.stderr[-2000:])
             sys.exit(f"case {task} at {voxel} mm ({config}) failed")
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{task:7s} FLAIR {voxel:.0f} mm {tuple(r['shape'])}, model at {r['model_spacing_mm']:.0f} mm: "
+        print(f"{task:7s} {config:10s} FLAIR {voxel:.0f} mm {tuple(r['shape'])}, model at {r['model_spacing_mm']:.0f} mm: "
               f"{r['seconds']:6.2f} s (target <= {r['target_s']:.0f} s), peak RSS {r['peak_rss_mb']} MB", flush=True)
+
 
 if __name__ == "__main__":
     main()
