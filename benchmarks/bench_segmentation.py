@@ -58,7 +58,7 @@ def default_checkpoint(task: str, spacing: float | None, folder: Path) -> Path:
     cfg = training.TrainConfig(task=task, **kwargs)
     config = training.model_config(cfg)
     model = build_model("unet", config["in_channels"], config["n_classes"], **config["model_kwargs"])
-    path = folder / f"{task}_{spacing}mm.pt"
+    path = folder / f"{task}_{cfg.spacing[0]}mm.pt"
     torch.save({"config": config, "model": model.state_dict()}, path)
     return path
 

@@ -106,15 +106,11 @@ def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike
     # Regions: resample the class probabilities (not the labels) onto the FLAIR grid and take the most
     # probable class there, so that boundaries are placed at native resolution rather than in
     # blocks of the training spacing. Classes go a few at a time to bound memory at 1 mm.
-    best = labels = None
+    best, labels = torch.full(ref.shape[:3], -torch.inf), torch.zeros(ref.shape[:3], dtype=torch.long)
     for start in range(0, probs.shape[0], chunk):
-        p = torch.as_tensor(_invert(probs[start:start + chunk], image, pre, ref.shape[:3]))
-        value, index = p.max(0)
-        if best is None:
-            best, labels = value, index + start
-        else:
-            better = value > best
-            best, labels = torch.where(better, value, best), torch.where(better, index + start, labels)
+        value, index = torch.as_tensor(_invert(probs[start:start + chunk], image, pre, ref.shape[:3])).max(0)
+        better = value > best
+        best, labels = torch.where(better, value, best), torch.where(better, index + start, labels)
     return {"labels": like(ref, labels.numpy().astype(np.int16))}
 
 

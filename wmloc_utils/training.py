@@ -191,8 +191,7 @@ class RandMirrord(RandomizableTransform, MapTransform):
             return d
         for key in self.keys:
             d[key] = self.flip(d[key])
-            if key in self.label_keys:
-                d[key] = d[key].clone()
+            if key in self.label_keys:  # Flip returned a new tensor: relabel it in place
                 d[key][:] = self.mirror[d[key].as_tensor().long()].to(d[key].dtype)
         return d
 
