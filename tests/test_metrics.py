@@ -80,15 +80,29 @@ def test_lesion_detection_counts_26_connected_components():
     assert f1 == pytest.approx(2 / 3)  # precision = 2 detected / 3 predicted components
 
 
-def test_lesion_detection_follows_official_counting_for_bridges():
+def test_lesion_detection_bridge_counts_predicted_components():
+    # official evaluation.py (Aug 2017): precision = predicted components overlapping a reference lesion
+    # / predicted components. The July 2017 version counted detected *reference* lesions (precision 2 here).
     ref = np.zeros((10, 10, 10), np.uint8)
     ref[2, 2, 2] = ref[2, 6, 2] = 1
     pred = np.zeros_like(ref)
     pred[2, 2:7, 2] = 1  # one predicted component over two reference lesions
     recall, f1 = metrics.lesion_detection(ref, pred)
-    # official: precision = detected reference lesions (2) / predicted components (1) = 2
     assert recall == 1.0
-    assert f1 == pytest.approx(2 * 2 * 1 / 3)
+    assert f1 == pytest.approx(1.0)
+
+
+def test_lesion_detection_two_predictions_on_one_lesion():
+    ref = np.zeros((12, 12, 12), np.uint8)
+    ref[2:9, 5, 5] = 1  # one reference lesion
+    ref[10, 10, 10] = 1  # a second one, missed
+    pred = np.zeros_like(ref)
+    pred[2, 5, 5] = pred[8, 5, 5] = 1  # two predicted components, both on the first lesion
+    pred[5, 10, 1] = 1  # a false positive
+    recall, f1 = metrics.lesion_detection(ref, pred)
+    precision = 2 / 3  # two of three predicted components overlap a lesion (July 2017 version: 1/3)
+    assert recall == pytest.approx(1 / 2)
+    assert f1 == pytest.approx(2 * precision * 0.5 / (precision + 0.5))
 
 
 def test_label_two_is_discarded_from_prediction():

@@ -79,19 +79,21 @@ def lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def lesion_detection(ref: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
-    """Lesion recall and lesion F1 as the official code counts them.
+    """Lesion recall and lesion F1 as the official ``evaluation.py`` counts them (version of August 2017 on).
 
-    Detected lesions are the reference components that any predicted voxel overlaps;
-    recall = detected / reference lesions (1 without reference lesions) and precision =
-    detected / predicted components (1 without detections). As in the official code,
-    precision counts detected *reference* lesions, so it can exceed 1 when one predicted
-    component bridges several reference lesions.
+    Lesions are 26-connected components. Recall = reference lesions that any predicted voxel
+    overlaps / reference lesions (1 without reference lesions). Precision = *predicted* components
+    that overlap a reference lesion / all predicted components (1 without predictions). So one
+    predicted component bridging two reference lesions gives recall 1 and precision 1, and two
+    predicted components on one reference lesion give precision 1 as well.
     """
+    ref, pred = np.asarray(ref, bool), np.asarray(pred, bool)
     ref_cc, n_ref = lesions(ref)
-    _, n_pred = lesions(pred)
-    n_detected = len(np.unique(ref_cc[np.asarray(pred, bool) & (ref_cc > 0)]))
+    pred_cc, n_pred = lesions(pred)
+    n_detected = len(np.unique(ref_cc[pred & (ref_cc > 0)]))
+    n_true_pred = len(np.unique(pred_cc[ref & (pred_cc > 0)]))
     recall = 1.0 if n_ref == 0 else n_detected / n_ref
-    precision = 1.0 if n_pred == 0 else n_detected / n_pred
+    precision = 1.0 if n_pred == 0 else n_true_pred / n_pred
     f1 = 0.0 if precision + recall == 0 else 2.0 * precision * recall / (precision + recall)
     return float(recall), float(f1)
 
