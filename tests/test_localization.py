@@ -167,3 +167,35 @@ def test_sparse_ids_of_a_bullseye_table():
     assert len(out) == len(ids) + 1
     assert out.loc[ids[0], "lesion_ml"] == pytest.approx(4 * 0.008) and out.loc[ids[-1], "n_lesions"] == 1
     assert out.loc[ids[0], "region_ml"] == pytest.approx(128 * 0.008)
+
+
+def test_every_lesion_voxel_inside_the_brain_gets_the_nearest_region():
+    lesion, regions = maps()  # 3 lesion voxels at x = 20..22 lie outside every region
+    brain = np.ones(regions.shape, bool)
+    brain[22:] = False  # ... and one of them outside the brain
+    out = loc.regional_loads(lesion, regions, ZOOMS, TABLE, fill_from=[1, 2], brain=brain).set_index("region")
+    np.testing.assert_allclose(out["lesion_ml"], np.array([1, 15, 8, 0]) * VOX_ML)  # x=20, 21 -> region 2 (nearest)
+    np.testing.assert_allclose(out["assigned_ml"], np.array([0, 0, 2, 0]) * VOX_ML)
+    assert out.loc[1:, "lesion_fraction"].max() <= 1
+    qc = loc.lesion_qc(out.reset_index().assign(subject="s0")).set_index("subject")
+    assert qc.loc["s0", "unassigned_ml"] == pytest.approx(VOX_ML)
+    assert qc.loc["s0", "unassigned_fraction"] == pytest.approx(1 / 24)
+    everything = loc.regional_loads(lesion, regions, ZOOMS, TABLE, fill_from=[1, 2])  # no brain mask: all placed
+    assert everything.loc[everything["region"] == 0, "lesion_ml"].item() == 0
+
+
+def test_nearest_region_is_measured_in_mm_on_anisotropic_voxels():
+    regions = np.zeros((9, 9, 9), np.int16)
+    regions[0] = 1  # 4 voxels of 1 mm away along x
+    regions[:, :, 8] = 2  # 2 voxels of 3 mm = 6 mm away along z
+    lesion = np.zeros(regions.shape, np.uint8)
+    lesion[4, 4, 6] = 1
+    filled = loc.assign_lesion_voxels(lesion, regions, (1.0, 1.0, 3.0), fill_from=[1, 2])
+    assert filled[4, 4, 6] == 1  # in voxels region 2 is nearer (2 vs 4), in mm region 1 (4 vs 6 mm)
+    assert loc.assign_lesion_voxels(lesion, regions, (1.0, 1.0, 3.0), [1, 2], max_distance_mm=3)[4, 4, 6] == 0
+
+
+def test_region_map_without_regions_is_an_error_not_an_unlabelled_load():
+    lesion, regions = maps()
+    with pytest.raises(InputError, match=r"holds none of the regions \[5\].*24 lesion voxels"):
+        loc.regional_loads(lesion, np.zeros_like(regions), ZOOMS, TABLE, fill_from=[5])

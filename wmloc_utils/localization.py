@@ -6,6 +6,12 @@ into a tidy per-region table: lesion volume, region volume, the fraction of the 
 is lesion, the region's share of the subject's load, and the number of lesions (26-connected
 components) whose majority of voxels lies in the region. Lesion voxels outside every region
 are reported as region 0, "unlabelled". Volumes are in mL from the voxel size.
+
+A region map restricted to the subject's WM (atlas registration) or made by a network (which
+calls lesions "background": they do not look like WM) leaves lesion voxels outside every region.
+With ``fill_from`` (e.g. the 34 WM regions), every such lesion voxel inside the brain takes the
+nearest of those regions (in mm), so that no lesion volume is silently lost; ``assigned_ml``
+reports how much was placed that way, and what stays unlabelled is the QC figure to watch.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from tqdm.auto import tqdm
 from .images import InputError, check_same_grid, load_nifti
 
 UNLABELLED = "unlabelled"
-COLUMNS = ["region", "name", "short", "lesion_ml", "region_ml", "lesion_fraction", "load_share", "n_lesions"]
+COLUMNS = ["region", "name", "short", "lesion_ml", "region_ml", "lesion_fraction", "load_share", "n_lesions",
+           "assigned_ml"]
 _CONNECTIVITY_26 = ndimage.generate_binary_structure(3, 3)
 
 
@@ -82,25 +89,73 @@ def _region_ids(regions: np.ndarray, table: pd.DataFrame, who: str) -> tuple[np.
     return regions, counts
 
 
+def assign_lesion_voxels(lesion: np.ndarray, regions: np.ndarray, zooms: Sequence[float],
+                         fill_from: Iterable[int], brain: np.ndarray | None = None,
+                         max_distance_mm: float | None = None, who: str = "lesion/regions") -> np.ndarray:
+    """The region map with every lesion voxel outside a region given the nearest ``fill_from`` region (mm).
+
+    Only lesion voxels inside ``brain`` (when given) and within ``max_distance_mm`` of a region
+    (when given) are assigned; the others stay 0. Raises :class:`InputError` when lesion voxels need a
+    region and the map holds none of ``fill_from`` (a failed registration or segmentation).
+    """
+    lesion, regions = np.asarray(lesion, bool), np.asarray(regions)
+    todo = lesion & (regions == 0)
+    if brain is not None:
+        brain = np.asarray(brain, bool)
+        if brain.shape != regions.shape:
+            raise InputError(f"{who}: brain mask shape {brain.shape} differs from region map shape {regions.shape}")
+        todo &= brain
+    if not todo.any():
+        return regions
+    source = np.isin(regions, list(fill_from))
+    if not source.any():
+        raise InputError(f"{who}: the region map holds none of the regions {_span(fill_from)}, so its "
+                         f"{int(todo.sum())} lesion voxels cannot be placed: check the registration or segmentation")
+    # nearest source voxel, computed in the bounding box of the sources and the voxels to place
+    idx = np.argwhere(source | todo)
+    box = tuple(slice(a, b) for a, b in zip(idx.min(0), idx.max(0) + 1))
+    dist, near = ndimage.distance_transform_edt(~source[box], sampling=np.asarray(zooms, float)[:3],
+                                                return_indices=True)
+    sub = regions[box]
+    place = todo[box] if max_distance_mm is None else todo[box] & (dist <= max_distance_mm)
+    out = regions.copy()
+    out[box] = np.where(place, sub[tuple(near)], sub)
+    return out
+
+
+def _span(ids: Iterable[int]) -> str:
+    ids = sorted(int(i) for i in ids)
+    return f"{ids[0]}..{ids[-1]}" if len(ids) > 2 and ids == list(range(ids[0], ids[-1] + 1)) else str(ids)
+
+
 def regional_loads(lesion: np.ndarray, regions: np.ndarray, zooms: Sequence[float],
                    table: pd.DataFrame | str | os.PathLike, ignore_label: int | None = None,
-                   who: str = "lesion/regions") -> pd.DataFrame:
+                   who: str = "lesion/regions", fill_from: Iterable[int] | None = None,
+                   brain: np.ndarray | None = None, max_distance_mm: float | None = None) -> pd.DataFrame:
     """Per-region lesion loads of one subject (columns :data:`COLUMNS`, one row per table region plus region 0).
 
     ``short`` is the table's short name when it has one (else the name), for compact figures.
 
     ``lesion`` must hold {0, 1} (with ``ignore_label`` set, voxels of that label count as 0);
-    ``regions`` holds region ids known to ``table``; ``zooms`` is the voxel size in mm.
+    ``regions`` holds region ids known to ``table``; ``zooms`` is the voxel size in mm. With
+    ``fill_from``, lesion voxels outside every region go to the nearest of those regions
+    (:func:`assign_lesion_voxels`, inside ``brain`` when given); ``assigned_ml`` says how much.
     """
     table = read_table(table)
     lesion = _binary_lesion(lesion, ignore_label, who)
-    regions, region_counts = _region_ids(regions, table, who)
+    regions, _ = _region_ids(regions, table, who)
     if lesion.shape != regions.shape:
         raise InputError(f"{who}: lesion mask shape {lesion.shape} differs from region map shape {regions.shape}")
+    original = regions
+    if fill_from is not None:
+        regions = assign_lesion_voxels(lesion, regions, zooms, fill_from, brain, max_distance_mm, who)
+    region_counts = np.bincount(regions.ravel(), minlength=(int(table["id"].max()) if len(table) else 0) + 1)
     voxel_ml = float(np.prod(np.asarray(zooms, float)[:3])) / 1000.0
     n_ids = len(region_counts)
     lesion_regions = regions[lesion]
     lesion_counts = np.bincount(lesion_regions, minlength=n_ids)
+    assigned = np.bincount(regions[lesion & (original == 0)], minlength=n_ids)
+    assigned[0] = 0
     # each 26-connected lesion goes to the region holding most of its voxels (ties: lowest id)
     components, n_comp = ndimage.label(lesion, structure=_CONNECTIVITY_26)
     per_lesion = np.bincount(components[lesion].astype(np.int64) * n_ids + lesion_regions,
@@ -123,6 +178,7 @@ def regional_loads(lesion: np.ndarray, regions: np.ndarray, zooms: Sequence[floa
         "lesion_fraction": fraction,
         "load_share": lesion_counts[ids] / total if total else np.zeros(len(ids)),
         "n_lesions": lesions_per_region[ids].astype(int),
+        "assigned_ml": assigned[ids] * voxel_ml,
     })
 
 
@@ -133,25 +189,41 @@ def _image(img_or_path, subject: str | None, what: str) -> tuple[nib.Nifti1Image
 
 
 def regional_loads_img(lesion_img, regions_img, table: pd.DataFrame | str | os.PathLike,
-                       subject: str | None = None, ignore_label: int | None = None) -> pd.DataFrame:
-    """:func:`regional_loads` for images or paths; both must share one grid (the voxel size comes from it)."""
+                       subject: str | None = None, ignore_label: int | None = None,
+                       fill_from: Iterable[int] | None = None, brain_img=None,
+                       max_distance_mm: float | None = None) -> pd.DataFrame:
+    """:func:`regional_loads` for images or paths; all must share one grid (the voxel size comes from it)."""
     les, les_name = _image(lesion_img, subject, "lesion mask")
     reg, reg_name = _image(regions_img, subject, "region map")
     check_same_grid(les, reg, les_name, reg_name, subject=subject)
+    brain = None
+    if brain_img is not None and str(brain_img) not in ("", "nan"):
+        brain_nii, brain_name = _image(brain_img, subject, "brain mask")
+        check_same_grid(les, brain_nii, les_name, brain_name, subject=subject)
+        brain = np.asanyarray(brain_nii.dataobj) > 0
     who = f"subject {subject}: {les_name} / {reg_name}" if subject else f"{les_name} / {reg_name}"
     return regional_loads(np.asanyarray(les.dataobj), np.asanyarray(reg.dataobj), les.header.get_zooms()[:3],
-                          table, ignore_label=ignore_label, who=who)
+                          table, ignore_label=ignore_label, who=who, fill_from=fill_from, brain=brain,
+                          max_distance_mm=max_distance_mm)
 
 
 def cohort_loads(records: pd.DataFrame | Iterable[Mapping], table: pd.DataFrame | str | os.PathLike,
                  lesion: str = "lesion", regions: str = "regions", subject: str = "subject",
-                 ignore_label: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """Tidy loads of many subjects: ``records`` rows give the subject id, lesion path and region-map path."""
+                 ignore_label: int | None = None, progress: bool = True, fill_from: Iterable[int] | None = None,
+                 brain: str | None = None, max_distance_mm: float | None = None) -> pd.DataFrame:
+    """Tidy loads of many subjects: ``records`` rows give the subject id, lesion path and region-map path.
+
+    ``fill_from`` and the ``brain`` column (brain-mask paths) place lesion voxels outside every region
+    (see :func:`regional_loads`).
+    """
     rows = records.to_dict("records") if isinstance(records, pd.DataFrame) else list(records)
     table = read_table(table)
+    fill_from = None if fill_from is None else tuple(fill_from)
     out = []
     for rec in tqdm(rows, desc="regional loads", disable=not progress):
-        loads = regional_loads_img(rec[lesion], rec[regions], table, subject=str(rec[subject]), ignore_label=ignore_label)
+        loads = regional_loads_img(rec[lesion], rec[regions], table, subject=str(rec[subject]), ignore_label=ignore_label,
+                                   fill_from=fill_from, brain_img=rec.get(brain) if brain else None,
+                                   max_distance_mm=max_distance_mm)
         out.append(loads.assign(subject=str(rec[subject])))
     if not out:
         return pd.DataFrame(columns=["subject", *COLUMNS])
@@ -202,15 +274,27 @@ PAIRINGS = {
 
 def cohort_pairings(records: pd.DataFrame, table: pd.DataFrame | str | os.PathLike,
                     pairings: Mapping[str, tuple[str, str]] = PAIRINGS, ignore_label: int | None = 2,
-                    progress: bool = True) -> pd.DataFrame:
+                    progress: bool = True, **fill) -> pd.DataFrame:
     """:func:`cohort_loads` for each named pairing of lesion and region columns, stacked with a ``pairing`` column.
 
-    ``ignore_label=2`` drops the challenge's "other pathology" label from reference masks.
+    ``ignore_label=2`` drops the challenge's "other pathology" label from reference masks; ``fill``
+    (``fill_from``, ``brain``, ``max_distance_mm``) goes to :func:`cohort_loads`.
     """
-    parts = [cohort_loads(records, table, lesion=les, regions=reg, ignore_label=ignore_label, progress=progress)
+    parts = [cohort_loads(records, table, lesion=les, regions=reg, ignore_label=ignore_label, progress=progress, **fill)
              .assign(pairing=name) for name, (les, reg) in pairings.items()]
     tidy = pd.concat(parts, ignore_index=True)
     return tidy[["pairing", "subject", *COLUMNS]]
+
+
+def lesion_qc(tidy: pd.DataFrame) -> pd.DataFrame:
+    """Per pairing and subject: total lesion mL, mL placed by nearest region, mL and fraction left in no region."""
+    keys = [k for k in ("pairing", "subject") if k in tidy.columns]
+    grouped = tidy.groupby(keys)
+    out = pd.DataFrame({"lesion_ml": grouped["lesion_ml"].sum(), "assigned_ml": grouped["assigned_ml"].sum(),
+                        "unassigned_ml": tidy[tidy["region"] == 0].groupby(keys)["lesion_ml"].sum()})
+    out["unassigned_ml"] = out["unassigned_ml"].fillna(0.0)
+    out["unassigned_fraction"] = (out["unassigned_ml"] / out["lesion_ml"].where(out["lesion_ml"] > 0)).fillna(0.0)
+    return out.reset_index()
 
 
 def load_agreement(tidy: pd.DataFrame, other: str, reference: str = "reference", value: str = "lesion_ml") -> pd.DataFrame:
