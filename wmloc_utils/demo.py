@@ -362,6 +362,19 @@ def generate(root: str | os.PathLike, n_subjects: int = 24, seed: int = 0, grid:
     return participants
 
 
+def withhold_masks(root: str | os.PathLike, dest: str | os.PathLike) -> dict[str, Path]:
+    """Move every subject's lesion mask out of a challenge-layout cohort into ``dest/<id>.nii.gz``.
+
+    What is left is a cohort as a new user has it, without manual masks; the withheld masks serve to
+    score the apply path afterwards. Returns {subject id: withheld mask}; idempotent.
+    """
+    root, dest = Path(root), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for mask in sorted(root.glob("*/*/wmh.nii.gz")):
+        os.replace(mask, dest / f"{mask.parent.name}.nii.gz")
+    return {p.name.removesuffix(".nii.gz"): p for p in sorted(dest.glob("*.nii.gz"))}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: ``wmloc-demo OUT [--n-subjects N] [--seed S] [--grid 2mm|1mm|aniso] [--skull]``."""
     parser = argparse.ArgumentParser(description="Generate the wmloc synthetic demo cohort (WMH challenge layout).")

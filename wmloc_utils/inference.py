@@ -147,25 +147,102 @@ def predict(checkpoint: Segmenter | str | os.PathLike, t1_path: str | os.PathLik
 
 
 
+def split_of(config: dict, subject: str) -> str:
+    """"train" or "val" when the checkpoint's network saw ``subject`` in training, else "test" (never seen)."""
+    if subject in config.get("train_subjects", ()):
+        return "train"
+    return "val" if subject in config.get("val_subjects", ()) else "test"
+
+
+def _stamp(paths: dict[str, str | os.PathLike | None], **settings) -> dict:
+    """What a prediction depends on: each file's path, size and modification time, and the settings."""
+    files = {k: None if not p else {"path": str(Path(p).resolve()), "size": Path(p).stat().st_size,
+                                     "mtime_ns": Path(p).stat().st_mtime_ns} for k, p in paths.items()}
+    return {"files": files, **settings}
+
+
 def predict_cohort(table: pd.DataFrame, out_root: str | os.PathLike, lesion_checkpoint: str | os.PathLike | None = None,
                    region_checkpoint: str | os.PathLike | None = None, split: pd.DataFrame | None = None,
                    tta: bool = False, device: str = "auto", progress: bool = True) -> pd.DataFrame:
     """Predict every subject of ``table`` into ``out_root/<subject>/`` with each given checkpoint.
 
-    Returns (and notebooks save) one row per subject: subject, split, lesion_pred, lesion_prob, regions_pred.
+    A subject whose outputs exist and whose inputs, checkpoints and settings are unchanged (same
+    ``prediction.json``) is not predicted again. Returns one row per subject: subject, split,
+    lesion_pred, lesion_prob, regions_pred. The split comes from ``split`` when given, else from the
+    lesion checkpoint: "train"/"val" for subjects it was trained on, "test" for all others.
     """
+    import json
+
+    from .images import atomic_path
+
     models = {k: load_segmenter(c, device) for k, c in (("lesion", lesion_checkpoint), ("regions", region_checkpoint)) if c}
     if not models:
         raise ValueError("give lesion_checkpoint and/or region_checkpoint")
     which = dict(zip(split["subject"].astype(str), split["split"])) if split is not None else {}
+    names = {"mask": "lesion_pred", "prob": "lesion_prob", "labels": "regions_pred"}
+    first = next(iter(models.values()))
     rows = []
     for row in tqdm(list(table.itertuples(index=False)), desc="predicting subjects", disable=not progress):
         subject = str(row.subject)
-        out = {"subject": subject, "split": which.get(subject, "")}
+        out = {"subject": subject, "split": which.get(subject, split_of(first.config, subject))}
+        out_dir = Path(out_root) / subject
+        t1, flair = getattr(row, "t1", None), getattr(row, "flair", None)
         for task, seg in models.items():
-            paths = predict(seg, getattr(row, "t1", None), getattr(row, "flair", None),
-                            out_dir=Path(out_root) / subject, tta=tta)
-            names = {"mask": "lesion_pred", "prob": "lesion_prob", "labels": "regions_pred"}
+            paths = {k: out_dir / name for k, name in OUTPUT_NAMES[task].items()}
+            stamp = _stamp({"t1": t1, "flair": flair, "checkpoint": seg.path}, tta=tta)
+            done = out_dir / f"{task}_prediction.json"
+            fresh = done.exists() and json.loads(done.read_text()) == stamp and all(p.exists() for p in paths.values())
+            if not fresh:
+                predict(seg, t1, flair, out_paths=paths, tta=tta)
+                with atomic_path(done) as tmp:
+                    tmp.write_text(json.dumps(stamp, indent=1))
             out.update({names[k]: str(p) for k, p in paths.items()})
         rows.append(out)
     return pd.DataFrame(rows)
+
+
+def predict_step(workdir: str | os.PathLike, lesion_checkpoint: str | os.PathLike | None = None,
+                 region_checkpoint: str | os.PathLike | None = None, tta: bool = False, device: str = "auto",
+                 progress: bool = True) -> pd.DataFrame:
+    """Notebook 06's step: predict the subjects of ``01_data/subjects.csv`` into ``06_evaluation/``.
+
+    Writes ``06_evaluation/predictions.csv`` (only when its content changes) and returns it.
+    """
+    from .images import write_table_atomic
+
+    workdir = Path(workdir)
+    table = pd.read_csv(runtime.require(workdir / "01_data" / "subjects.csv", "notebook 01"), dtype={"subject": str},
+                        keep_default_na=False)
+    out = workdir / "06_evaluation"
+    predictions = predict_cohort(table, out, lesion_checkpoint, region_checkpoint, tta=tta, device=device,
+                                 progress=progress)
+    path = out / "predictions.csv"
+    if not path.exists() or not pd.read_csv(path, dtype=str, keep_default_na=False).equals(predictions.astype(str)):
+        write_table_atomic(predictions, path, index=False)
+    return predictions
+
+
+def score_lesions(models: dict, subjects: pd.DataFrame, test: list[str], progress: bool = True) -> pd.DataFrame:
+    """The challenge's five metrics per test subject for each ``{checkpoint: predictions table}``.
+
+    Rows: architecture, inputs, subject, dice, hd95, avd, recall, f1 (reference masks from ``subjects``).
+    """
+    from .metrics import wmh_metrics_img
+
+    rows = []
+    for ckpt, preds in models.items():
+        config = load_segmenter(ckpt, "cpu").config
+        chosen = preds[preds["subject"].isin(test)].merge(subjects[["subject", "lesion"]], on="subject")
+        for r in tqdm(list(chosen.itertuples()), desc=config["architecture"], disable=not progress):
+            rows.append({"architecture": config["architecture"], "inputs": config["inputs"], "subject": r.subject,
+                         **wmh_metrics_img(r.lesion, r.lesion_pred, subject=r.subject)})
+    return pd.DataFrame(rows)
+
+
+def default_checkpoint(given: str | os.PathLike | bool | None, default: Path) -> Path | None:
+    """A checkpoint parameter: a path (must exist), ``None`` (``default`` if it exists) or ``False`` (none)."""
+    if given is False:
+        return None
+    if given:
+        return runtime.require(given, "the notebook that trains it")
+    return default if Path(default).exists() else None

@@ -1,0 +1,193 @@
+"""Apply trained networks to a new cohort: region labels, lesions and regional loads, no manual masks needed.
+
+The same steps as notebooks 01 -> 02 -> 03 -> 06 -> 07, written in the same work-directory layout,
+so that notebook 08 (clustering), or any notebook, can read the result. Each step skips what is
+already done (unchanged subjects are not recomputed), so an interrupted run is simply run again.
+
+Command line::
+
+    wmloc-apply DATA WORKDIR --lesion-checkpoint best.pt [--region-checkpoint best.pt]
+                [--region-source atlas|network] [--n-subjects N] [--tta] [--device auto]
+
+``DATA`` is a challenge-layout folder, a BIDS data set or a CSV manifest (see :mod:`wmloc_utils.subjects`).
+The cohort table ``WORKDIR/cohort_loads.csv`` has one row per subject: its total lesion volume, the
+volume left in no region (QC) and the lesion volume in each region.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import nibabel as nib
+import pandas as pd
+
+from . import atlas, inference, localization, registration, runtime, subjects
+from .images import InputError, write_table_atomic
+
+REGION_SOURCES = {"atlas": "regions", "network": "regions_pred"}  # region source -> region column of the records
+
+
+def prepare_subjects(data: str | os.PathLike, workdir: str | os.PathLike, n_subjects: int | None = None,
+                     progress: bool = True) -> Path:
+    """Notebook 01's step: find and validate the subjects, write ``01_data/subjects.csv``; its path."""
+    found = subjects.discover(data)[:n_subjects]
+    table = subjects.validate(found, progress=progress)
+    participants = subjects.read_participants(data, table["subject"].tolist())
+    return subjects.write_manifest(table, participants, runtime.step_dir(workdir, "01_data"))["subjects"]
+
+
+def prepare_atlas(workdir: str | os.PathLike) -> Path:
+    """Notebook 02's output that later steps read: the refined atlas and its table (written once)."""
+    out = Path(workdir) / "02_atlas"
+    if not (out / "refined_atlas.nii.gz").exists() or not (out / "refined_atlas_lut.tsv").exists():
+        atlas.write_refined_atlas(out)
+    return out / "refined_atlas_lut.tsv"
+
+
+def records(workdir: str | os.PathLike) -> pd.DataFrame:
+    """One row per subject with what notebooks 01, 03 and 06 wrote: images, masks, regions and predictions."""
+    workdir = Path(workdir)
+    table = pd.read_csv(runtime.require(workdir / "01_data" / "subjects.csv", "notebook 01"), dtype={"subject": str},
+                        keep_default_na=False)
+    regions = pd.read_csv(runtime.require(workdir / "03_regions" / "regions.csv", "notebook 03"), dtype={"subject": str})
+    preds = pd.read_csv(runtime.require(workdir / "06_evaluation" / "predictions.csv", "notebook 06"),
+                        dtype={"subject": str}, keep_default_na=False)
+    keep = [c for c in ("subject", "site", "group", "t1", "flair", "lesion") if c in table]
+    out = (table[keep].merge(regions.drop(columns=["group"], errors="ignore"), on="subject")
+           .merge(preds.drop(columns=["t1", "flair", "lesion"], errors="ignore"), on="subject"))
+    return out
+
+
+def pairings(records: pd.DataFrame, region_source: str = "atlas") -> dict[str, tuple[str, str]]:
+    """The lesion x region pairings these records support, the fully automatic one named ``automatic``.
+
+    ``automatic`` pairs predicted lesions with the chosen region source (``"atlas"``: notebook 03's
+    registered regions, ``"network"``: the region network). With reference masks, ``reference``
+    (reference lesions x registered regions) and the other pairings are added for comparison.
+    """
+    if region_source not in REGION_SOURCES:
+        raise InputError(f"region_source must be one of {sorted(REGION_SOURCES)}, got {region_source!r}")
+    if REGION_SOURCES[region_source] not in records:
+        raise InputError(f"region_source={region_source!r} needs the column {REGION_SOURCES[region_source]!r} "
+                         f"(for 'network', give notebook 06 / wmloc-apply a region checkpoint)")
+    out = {"automatic": ("lesion_pred", REGION_SOURCES[region_source])}
+    if "lesion" in records and (records["lesion"].astype(str) != "").all():
+        out["reference"] = ("lesion", "regions")
+        out["lesion_pred"] = ("lesion_pred", "regions")
+        if "regions_pred" in records:
+            out["predicted"] = ("lesion_pred", "regions_pred")
+    return out
+
+
+def cohort_loads(records: pd.DataFrame, table: pd.DataFrame | str | os.PathLike, region_source: str = "atlas",
+                 progress: bool = True) -> pd.DataFrame:
+    """Tidy regional loads of every supported pairing; every lesion voxel in the brain gets a WM region."""
+    return localization.cohort_pairings(records, table, pairings(records, region_source), progress=progress,
+                                        fill_from=atlas.WM_REGIONS, brain="brain_mask")
+
+
+def cohort_table(tidy: pd.DataFrame, pairing: str = "automatic") -> pd.DataFrame:
+    """One row per subject: total lesion mL, unassigned mL and fraction (QC), then mL per region."""
+    rows = tidy[tidy["pairing"] == pairing]
+    qc = localization.lesion_qc(rows).drop(columns="pairing").set_index("subject")
+    wide = localization.wide_matrix(rows, unlabelled=False)
+    return qc.join(wide).reset_index()
+
+
+def run(data: str | os.PathLike, workdir: str | os.PathLike, lesion_checkpoint: str | os.PathLike,
+        region_checkpoint: str | os.PathLike | None = None, region_source: str = "atlas",
+        n_subjects: int | None = None, tta: bool = False, device: str = "auto", n_jobs: int = 1,
+        progress: bool = True) -> dict[str, Path]:
+    """The whole apply path on a folder or manifest; returns the paths of the tables it wrote."""
+    if region_source == "network" and region_checkpoint is None:
+        raise InputError("region_source='network' needs a region checkpoint")
+    workdir = runtime.resolve_workdir(workdir)
+    timings = {}
+    start = time.perf_counter()
+    subjects_csv = prepare_subjects(data, workdir, n_subjects, progress)
+    lut = prepare_atlas(workdir)
+    timings["subjects"] = time.perf_counter() - start
+    registration.run_cohort(subjects_csv, workdir, n_jobs=n_jobs, progress=progress)
+    timings["regions"] = time.perf_counter() - start - sum(timings.values())
+    inference.predict_step(workdir, lesion_checkpoint, region_checkpoint, tta=tta, device=device, progress=progress)
+    timings["segmentation"] = time.perf_counter() - start - sum(timings.values())
+    recs = records(workdir)
+    tidy = cohort_loads(recs, lut, region_source, progress=progress)
+    out = runtime.step_dir(workdir, "07_localization")
+    paths = {"loads": write_table_atomic(tidy, out / "regional_loads.csv", index=False, float_format="%.6g"),
+             "qc": write_table_atomic(localization.lesion_qc(tidy), out / "lesion_qc.csv", index=False),
+             "cohort": write_table_atomic(cohort_table(tidy), workdir / "cohort_loads.csv", index=False,
+                                          float_format="%.6g")}
+    wide = pd.concat({p: localization.wide_matrix(t) for p, t in tidy.groupby("pairing")}, names=["pairing", "subject"])
+    paths["wide"] = write_table_atomic(wide, out / "regional_loads_wide.csv", float_format="%.6g")
+    timings["loads"] = time.perf_counter() - start - sum(timings.values())
+    if progress:
+        print(f"{len(recs)} subjects; seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    return paths
+
+
+def evaluate(workdir: str | os.PathLike, references: dict[str, str | os.PathLike],
+             lesion_checkpoint: str | os.PathLike, region_source: str = "atlas", truth_regions=None,
+             progress: bool = True) -> dict[str, pd.DataFrame]:
+    """Score an apply run against reference masks kept apart (e.g. :func:`wmloc_utils.demo.withhold_masks`).
+
+    Returns tables: ``lesions`` (challenge metrics per subject, with reference and predicted mL),
+    ``agreement`` (per pairing and subject, regional loads vs the reference pairing: Pearson r,
+    relative error), ``qc`` (:func:`localization.lesion_qc`) and, with ``truth_regions`` (the demo's
+    true regions in template space, :func:`registration.truth_regions_in_template`), ``regions``: the
+    mean region Dice of the atlas registration and of the region network against the truth.
+    """
+    recs = records(workdir)
+    recs["lesion"] = recs["subject"].map({str(k): str(v) for k, v in references.items()}).fillna("")
+    if (recs["lesion"] == "").any():
+        raise InputError(f"no reference mask for subjects {recs.loc[recs['lesion'] == '', 'subject'].tolist()[:5]}")
+    lut = Path(workdir) / "02_atlas" / "refined_atlas_lut.tsv"
+    tidy = cohort_loads(recs, lut, region_source, progress=progress)
+    qc = localization.lesion_qc(tidy)
+    volumes = qc.pivot(index="subject", columns="pairing", values="lesion_ml")
+    lesions = inference.score_lesions({lesion_checkpoint: recs}, recs, recs["subject"].tolist(), progress=progress)
+    lesions = lesions.merge(volumes[["reference", "automatic"]].rename(
+        columns={"reference": "reference_ml", "automatic": "predicted_ml"}).reset_index(), on="subject")
+    agreement = pd.concat({p: localization.load_agreement(tidy, p, "reference") for p in tidy["pairing"].unique()
+                           if p != "reference"}, names=["pairing", "subject"]).reset_index()
+    out = {"lesions": lesions, "agreement": agreement, "qc": qc}
+    if truth_regions is not None:
+        rows = []
+        for r in recs.itertuples():
+            truth = registration.truth_regions(truth_regions, r.truth_dir)
+            for source, col in REGION_SOURCES.items():
+                if col in recs:
+                    dice = registration.score_regions(nib.load(getattr(r, col)), truth)["mean"]
+                    rows.append({"subject": r.subject, "source": source, "mean_dice": dice})
+        out["regions"] = pd.DataFrame(rows)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry point ``wmloc-apply`` (see the module docstring)."""
+    parser = argparse.ArgumentParser(description="Apply trained wmloc networks to a cohort: regions, lesions, "
+                                                 "regional loads (no manual masks needed).")
+    parser.add_argument("data", help="challenge-layout folder, BIDS data set or CSV manifest subject,t1,flair[,lesion]")
+    parser.add_argument("workdir", help="output work directory (same layout as the book's)")
+    parser.add_argument("--lesion-checkpoint", required=True, help="lesion network best.pt (notebook 04)")
+    parser.add_argument("--region-checkpoint", help="region network best.pt (notebook 05); optional")
+    parser.add_argument("--region-source", choices=sorted(REGION_SOURCES), default="atlas",
+                        help="regions of the automatic loads: registered atlas (default) or the region network")
+    parser.add_argument("--n-subjects", type=int, help="only the first N subjects")
+    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (slower)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--n-jobs", type=int, default=1, help="worker processes for the registration step")
+    args = parser.parse_args(argv)
+    try:
+        paths = run(args.data, args.workdir, args.lesion_checkpoint, args.region_checkpoint, args.region_source,
+                    args.n_subjects, args.tta, args.device, args.n_jobs)
+    except (InputError, FileNotFoundError) as err:
+        raise SystemExit(f"wmloc-apply: {err}") from None
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+
+
+if __name__ == "__main__":
+    main()
