@@ -86,6 +86,8 @@ def test_distances_are_in_mm_on_anisotropic_voxels():
     above = box((38, 41), (38, 41), (19, 19))
     assert classes_of(above)[1].tolist() == [PV]
     assert classes_of(above, distance_mm=2.5)[1].tolist() == [DWM]
+    corner = box((51, 52), (51, 52), (19, 19))  # meets the ventricle's corner (50, 50, 18) at a vertex only
+    assert classes_of(corner)[1].tolist() == [PV], "touching means any of the 26 neighbours, as LST-AI's 3x3x3 dilation"
 
 
 def test_lesion_voxels_are_never_cortex_or_ventricle():
@@ -203,3 +205,21 @@ def test_fallback_infratentorial_matches_the_atlas_on_eve(eve_dir):
     precision = (found & truth & in_wm).sum() / (found & in_wm).sum()
     assert recall > 0.95 and precision > 0.95, (recall, precision)
     assert (found & truth).sum() / truth.sum() > 0.9, "the cerebellar cortex follows its WM"
+
+
+def test_a_lesion_behind_the_ventricle_wall_is_periventricular():
+    """A partial-volume lining (here one GM voxel) between the CSF and the lesion is no WM: still periventricular."""
+    lesion, tissue, regions, brain, _ = image_phantom(_rotated_lps())
+    t = np.asanyarray(tissue.dataobj).copy()
+    t[51, 30:51, 14:19] = 2  # GM lining on the ventricle's +x side, under the periventricular lesion (x 51..53)
+    les = np.asanyarray(lesion.dataobj).copy()
+    les[51] = 0  # the lesion now starts behind the lining
+    lesion, tissue = nib.Nifti1Image(les, lesion.affine), nib.Nifti1Image(t, lesion.affine)
+    pv_lesion = box(*LESIONS["pv"][0])
+    classes_at = lambda out: set(np.unique(np.asanyarray(out["classes"].dataobj)[pv_lesion & (les > 0)]))  # noqa: E731
+    assert classes_at(lc.classify_subject(lesion, tissue, regions, brain)) == {PV}
+    # without the wall the lining is grey matter next to gyral WM, i.e. "cortex": the lesion turns juxtacortical
+    assert classes_at(lc.classify_subject(lesion, tissue, regions, brain, wall_mm=0)) == {JC}
+    # given ventricles are used as they are (here: far from the lesion, so the lining is not their wall)
+    far = nib.Nifti1Image(box((30, 35), (30, 35), (14, 18)).astype(np.uint8), lesion.affine)
+    assert classes_at(lc.classify_subject(lesion, tissue, regions, brain, ventricles=far)) == {JC}

@@ -5,7 +5,10 @@ annotates them: a lesion (26-connected component) is periventricular when it tou
 ventricles, juxtacortical when it touches the cortex (no WM in between), infratentorial when it
 touches or lies in the brainstem or cerebellum, and deep (subcortical) WM otherwise. "Touches"
 is LST-AI's one-voxel 3x3x3 dilation of the lesion; a ``distance_mm`` instead uses distances in mm
-(voxel sizes), the same on any grid. As LST-AI does, lesion voxels never count as ventricle or
+(voxel sizes), the same on any grid. The ventricles include their wall: the non-WM voxels within
+``wall_mm`` of the CSF (the partial-volume lining that T1 tissue maps class as CSF or GM), so a lesion
+with no WM between it and the ventricle is periventricular, as one with no WM between it and the
+cortex is juxtacortical. As LST-AI does, lesion voxels never count as ventricle or
 cortex (a lesion segmented as grey matter is not cortex). Each lesion gets one class, the first
 of ``priority`` it satisfies; see :data:`PRIORITY`.
 """
@@ -162,8 +165,10 @@ def lesion_table(components: np.ndarray, classes: np.ndarray, regions: np.ndarra
     voxel_ml = float(np.prod(np.asarray(zooms, float)[:3])) / 1000.0
     inside = components > 0
     counts = np.bincount(components[inside], minlength=n + 1)[1:]
-    centres = np.asarray(ndimage.center_of_mass(inside, components, range(1, n + 1)), float).reshape(n, 3)
-    world = nib.affines.apply_affine(affine, centres)
+    voxels = np.argwhere(inside)
+    labels = components[inside]
+    centres = np.stack([np.bincount(labels, weights=voxels[:, a], minlength=n + 1)[1:] for a in range(3)], 1)
+    world = nib.affines.apply_affine(affine, centres / counts[:, None])
     ids = np.rint(np.asarray(regions)[inside]).astype(np.int64)
     n_ids = int(ids.max(initial=0)) + 1
     votes = np.bincount(components[inside].astype(np.int64) * n_ids + ids, minlength=(n + 1) * n_ids)
@@ -173,20 +178,32 @@ def lesion_table(components: np.ndarray, classes: np.ndarray, regions: np.ndarra
                          "x_mm": world[:, 0], "y_mm": world[:, 1], "z_mm": world[:, 2], "region": region})
 
 
+def ventricle_wall(ventricles: np.ndarray, tissue_labels: np.ndarray, zooms, wall_mm: float = 3.0) -> np.ndarray:
+    """The ventricles with their wall: non-WM (class != 3) voxels within ``wall_mm`` of them (0: the ventricles only)."""
+    vent = np.asarray(ventricles, bool)
+    if wall_mm <= 0 or not vent.any():
+        return vent
+    dist = ndimage.distance_transform_edt(~vent, sampling=tuple(float(z) for z in zooms))
+    return vent | ((np.asarray(tissue_labels) != 3) & (dist <= wall_mm))
+
+
 def _image(img_or_path, subject: str | None, what: str) -> tuple[nib.spatialimages.SpatialImage, str]:
     if isinstance(img_or_path, (str, os.PathLike)):
         return load_nifti(img_or_path, subject=subject, what=what), str(img_or_path)
     return img_or_path, str(img_or_path.get_filename() or what)
 
 
-def classify_subject(lesion, tissue, regions, brain_mask=None, infratentorial=None, subject: str | None = None,
-                     distance_mm: float | None = None, csf_labels: tuple[int, ...] = (1,), min_depth_mm: float = 15.0,
-                     ignore_label: int | None = None, priority: Sequence[int] = PRIORITY) -> dict:
+def classify_subject(lesion, tissue, regions, brain_mask=None, infratentorial=None, ventricles=None,
+                     subject: str | None = None, distance_mm: float | None = None, wall_mm: float = 3.0,
+                     csf_labels: tuple[int, ...] = (1,), min_depth_mm: float = 15.0, ignore_label: int | None = None,
+                     priority: Sequence[int] = PRIORITY) -> dict:
     """Lesion classes of one subject from images or paths on one grid: ``{"table": DataFrame, "classes": image}``.
 
     ``tissue`` holds 0 background, 1 CSF, 2 GM, 3 WM (notebook 03's ``tissue.nii.gz``), ``regions``
-    the refined ids 0..36, ``brain_mask`` defaults to ``tissue > 0``. The lateral ventricles come
-    from :func:`wmdepth.lateral_ventricles`, the cortex from :func:`wmdepth.cortex_mask`, the
+    the refined ids 0..36, ``brain_mask`` defaults to ``tissue > 0``. The lateral ventricles are
+    ``ventricles`` (e.g. the ``"ventricles"`` image of :func:`wmdepth.depth_maps`, saves time) or
+    come from :func:`wmdepth.lateral_ventricles` (CSF = ``csf_labels``), grown by their wall
+    (:func:`ventricle_wall`, ``wall_mm``); the cortex from :func:`wmdepth.cortex_mask`, the
     infratentorial compartment from ``infratentorial`` (a mask, e.g. the warped
     :func:`atlas_infratentorial`) or else :func:`infratentorial_from_regions`. ``ignore_label``
     (e.g. 2, "other pathology" of challenge masks) is dropped from the lesion mask.
@@ -199,6 +216,8 @@ def classify_subject(lesion, tissue, regions, brain_mask=None, infratentorial=No
         imgs["brain mask"] = _image(brain_mask, subject, "brain mask")
     if infratentorial is not None:
         imgs["infratentorial mask"] = _image(infratentorial, subject, "infratentorial mask")
+    if ventricles is not None:
+        imgs["ventricle mask"] = _image(ventricles, subject, "ventricle mask")
     for what, (img, name) in imgs.items():
         check_same_grid(les_img, img, les_name, what if name == what else f"{what} {name}", subject=subject)
     allowed = (0, 1) if ignore_label is None else (0, 1, ignore_label)
@@ -213,9 +232,14 @@ def classify_subject(lesion, tissue, regions, brain_mask=None, infratentorial=No
         box = _bounding_box(brain | les | (ids > 0), margin=2)
         b_les, b_brain, b_labels, b_ids = les[box], brain[box], labels[box], ids[box]
         try:
-            vent = lateral_ventricles(b_brain & np.isin(b_labels, csf_labels) & ~b_les, b_brain, zooms, min_depth_mm)
+            if ventricles is not None:
+                vent = np.asanyarray(imgs["ventricle mask"][0].dataobj)[box] > 0
+            else:
+                vent = lateral_ventricles(b_brain & np.isin(b_labels, csf_labels) & ~b_les, b_brain, zooms,
+                                          min_depth_mm)
+            vent = ventricle_wall(vent, b_labels, zooms, wall_mm) & b_brain
             near = nearest_region(b_ids, zooms)
-            cortex = cortex_mask(b_labels, b_ids, zooms, near) & b_brain
+            cortex = cortex_mask(b_labels, b_ids, zooms, near) & b_brain & ~vent
             if infratentorial is not None:
                 infra = np.asanyarray(imgs["infratentorial mask"][0].dataobj)[box] > 0
             else:
