@@ -3,7 +3,7 @@
 Run: ``python benchmarks/bench_lesion_classes.py`` (needs the JHU Eve files: ``WMLOC_DATA`` or the fetch cache).
 The subject is Eve itself: its tissue classes, brain mask and refined labels kept inside WM (as notebook 03
 writes them), with random blob lesions in WM. Prints the wall time of ``classify_subject`` (fallback
-infratentorial mask, and with the atlas mask given) and the number of lesions per class.
+infratentorial mask; the atlas mask given; the atlas mask and the ventricles given) and the lesions per class.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from wmloc_utils import atlas, lesion_classes
+from wmloc_utils import atlas, lesion_classes, wmdepth
 
 
 def synthetic_lesions(wm: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -44,7 +44,10 @@ def main() -> None:
     infra = lesion_classes.atlas_infratentorial(eve["type2"])
     print(f"grid {tissue.shape} voxel {tuple(float(z) for z in eve['tissue'].header.get_zooms()[:3])} mm, "
           f"lesion {lesion.sum() / 1000:.1f} mL")
-    for name, extra in (("fallback infratentorial", {}), ("atlas infratentorial mask", {"infratentorial": infra})):
+    vent = wmdepth.depth_maps(imgs["tissue"], imgs["brain"], csf_labels=(0,))["ventricles"]
+    configs = (("fallback infratentorial", {}), ("atlas infratentorial mask", {"infratentorial": infra}),
+               ("atlas mask + ventricles given (as from depth_maps)", {"infratentorial": infra, "ventricles": vent}))
+    for name, extra in configs:
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()

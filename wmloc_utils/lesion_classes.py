@@ -183,8 +183,11 @@ def ventricle_wall(ventricles: np.ndarray, tissue_labels: np.ndarray, zooms, wal
     vent = np.asarray(ventricles, bool)
     if wall_mm <= 0 or not vent.any():
         return vent
-    dist = ndimage.distance_transform_edt(~vent, sampling=tuple(float(z) for z in zooms))
-    return vent | ((np.asarray(tissue_labels) != 3) & (dist <= wall_mm))
+    box = _bounding_box(vent, int(math.ceil(wall_mm / min(float(z) for z in zooms))) + 1)  # the wall is near
+    dist = ndimage.distance_transform_edt(~vent[box], sampling=tuple(float(z) for z in zooms))
+    out = vent.copy()
+    out[box] |= (np.asarray(tissue_labels)[box] != 3) & (dist <= wall_mm)
+    return out
 
 
 def _image(img_or_path, subject: str | None, what: str) -> tuple[nib.spatialimages.SpatialImage, str]:
