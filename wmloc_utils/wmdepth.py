@@ -143,6 +143,32 @@ def bullseye_table(n_shells: int = 4) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["id", "lobe", "hemisphere", "shell", "name", "r", "g", "b"])
 
 
+def nearest_region(ids: np.ndarray, zooms) -> np.ndarray:
+    """For every voxel, the id of the nearest labelled voxel of the region map ``ids`` (in mm; itself where labelled)."""
+    ids = np.asarray(ids)
+    if not (ids > 0).any():
+        raise InputError("region map is empty: no labelled voxel to take the nearest region from")
+    nearest = ndimage.distance_transform_edt(ids == 0, sampling=tuple(float(z) for z in zooms),
+                                             return_distances=False, return_indices=True)
+    return ids[tuple(nearest)]
+
+
+def cortex_mask(tissue_labels: np.ndarray, ids: np.ndarray, zooms, near_ids: np.ndarray | None = None) -> np.ndarray:
+    """The cortical ribbon: non-WM voxels, grey matter (class 2) or atlas-labelled, whose nearest region is gyral.
+
+    Subject region maps are kept inside WM, so a grey-matter voxel takes the lobe of its nearest
+    region (:func:`nearest_region`, or ``near_ids`` when already computed); voxels next to deep,
+    callosal or infratentorial regions (deep grey nuclei, cerebellum) are not cortex.
+    """
+    from .atlas import lobe_map
+
+    labels = np.asarray(tissue_labels)
+    ids = np.asarray(ids)
+    near_ids = nearest_region(ids, zooms) if near_ids is None else near_ids
+    cortical = [2 * i + s for i in range(5) for s in (1, 2)]  # frontal, parietal, occipital, temporal, limbic
+    return (labels != 3) & ((ids > 0) | (labels == 2)) & np.isin(lobe_map(near_ids), cortical)
+
+
 def depth_maps(tissue: nib.spatialimages.SpatialImage, brain_mask: nib.spatialimages.SpatialImage | None = None,
                regions: nib.spatialimages.SpatialImage | None = None, distance_mm: float = 10.0, n_shells: int = 4,
                min_depth_mm: float = 15.0, csf_labels: tuple[int, ...] = (1,)) -> dict[str, nib.Nifti1Image]:
@@ -181,12 +207,7 @@ def depth_maps(tissue: nib.spatialimages.SpatialImage, brain_mask: nib.spatialim
     if ids is not None:
         ids = ids[box]
         lobes = lobe_map(ids, absorb_deep=True, zooms=zooms)
-        cortical = [2 * i + s for i in range(5) for s in (1, 2)]  # frontal, parietal, occipital, temporal, limbic
-        # cortex = grey matter (or atlas-labelled non-WM) whose nearest region is gyral, not deep nuclei:
-        # subject region maps are kept inside WM, so the lobe of the cortex comes from the nearest region
-        nearest = ndimage.distance_transform_edt(ids == 0, sampling=zooms, return_distances=False, return_indices=True)
-        near_ids = ids[tuple(nearest)]
-        cortex = ~wm & ((ids > 0) | (labels == 2)) & np.isin(lobe_map(near_ids), cortical)
+        cortex = cortex_mask(labels, ids, zooms)
         maps["bullseye"] = (bullseye(wm, vent, lobes, zooms, n_shells, cortex=cortex), np.int16)
     out = {}
     for key, (arr, dtype) in maps.items():  # back onto the full grid
