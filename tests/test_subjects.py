@@ -154,7 +154,8 @@ def test_t1_far_from_flair_is_refused(tmp_path):
     write_subject(tmp_path / "s1")
     far = AFF.copy()
     far[:3, 3] = 300.0
-    save_nifti(img(np.zeros((12, 14, 10), np.float32), far), tmp_path / "s1" / "pre" / "T1.nii.gz")
+    t1 = np.random.default_rng(2).random((12, 14, 10)).astype(np.float32)  # a usable image, in the wrong place
+    save_nifti(img(t1, far), tmp_path / "s1" / "pre" / "T1.nii.gz")
     (s,) = subjects.discover(tmp_path)
     with pytest.raises(InputError, match="centres are .* mm apart"):
         s.validate()
