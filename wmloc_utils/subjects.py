@@ -238,7 +238,7 @@ def _pick_scan(anat: Path, suffix: str, key: str, selector: dict) -> Path | None
     if selector and len(chosen) == 1:
         return chosen[0]
     names = ", ".join(p.name for p in found)
-    why = (f"run={_selector_text(selector)!r} selects {len(chosen)} of them" if selector
+    why = (f"{_selector_text(selector)} selects {len(chosen)} of them" if selector
            else "wmloc needs exactly one per subject/session")
     raise InputError(
         f"subject {key}: {len(found)} {suffix} images in {anat} ({names}); {why}. Choose one with "
