@@ -91,7 +91,7 @@ def test_authors_region_maps_load():
 @pytest.mark.parametrize("zooms, message", [
     ((2000.0, 2.0, 2.0), r"voxel size \(pixdim\) is \(2000.0, 2.0, 2.0\) mm, not a plausible"),
     ((0.01, 1.0, 1.0), r"voxel size \(pixdim\) is \(0.01, 1.0, 1.0\) mm, not a plausible"),
-])
+], ids=["2000mm", "0.01mm"])
 def test_implausible_voxel_sizes_are_refused(tmp_path, zooms, message):
     path = saved(tmp_path, nib.Nifti1Image(brain(), np.diag([*zooms, 1.0])))
     with pytest.raises(InputError, match=r"subject s1: .*FLAIR header " + message):

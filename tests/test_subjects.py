@@ -1,6 +1,7 @@
 """Subject discovery in the three layouts, and every bad-input case, on tiny images in temp folders."""
 
 import gzip
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -341,3 +342,23 @@ def test_inverted_lesion_mask_is_refused_empty_is_fine(tmp_path):
     write_subject(tmp_path / "ok" / "s2", lesion_data=np.zeros((12, 14, 10), np.uint8))
     (s2,) = subjects.discover(tmp_path / "ok")
     assert s2.validate()["lesion_ml"] == 0.0
+
+
+# ---------------------------------------------------------------- notebook 01 on a cohort without masks
+def test_notebook_01_runs_without_lesion_masks(tmp_path):
+    """A cohort without reference masks is valid input: notebook 01 runs to the end and says so."""
+    import papermill as pm
+
+    from wmloc_utils import demo
+
+    data = tmp_path / "data"
+    demo.generate(data, n_subjects=3, progress=False)
+    for mask in data.glob("*/*/wmh.nii.gz"):
+        mask.unlink()
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "01_data.ipynb"
+    out = pm.execute_notebook(str(notebook), str(tmp_path / "01.ipynb"), cwd=str(tmp_path), kernel_name="python3",
+                              progress_bar=False, parameters={"data_dir": str(data), "workdir": str(tmp_path / "w")})
+    printed = "".join(o.get("text", "") for c in out.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "no reference lesion masks: evaluation sections will be skipped" in printed
+    table = pd.read_csv(tmp_path / "w" / "01_data" / "subjects.csv", dtype={"subject": str})
+    assert len(table) == 3 and table["lesion"].isna().all()

@@ -402,3 +402,19 @@ def write_manifest(table: pd.DataFrame, participants: pd.DataFrame, outdir: str 
     rest = [c for c in manifest.columns if c not in cols]
     return {"subjects": write_table_atomic(manifest[cols + rest], outdir / "subjects.csv", index=False),
             "participants": write_table_atomic(participants, outdir / "participants.tsv", index=False)}
+
+
+NO_MASKS = "no reference lesion masks: evaluation sections will be skipped"
+
+
+def with_lesion_masks(cohort: pd.DataFrame) -> pd.DataFrame:
+    """The subjects of a table (``subjects.csv``) that have a reference lesion mask; empty when none has."""
+    if "lesion" not in cohort:
+        return cohort.iloc[:0]
+    return cohort[cohort["lesion"].fillna("").astype(str).str.strip().ne("")]
+
+
+def lesion_mask_summary(cohort: pd.DataFrame) -> str:
+    """One line for the reader: how many subjects have a reference lesion mask, or :data:`NO_MASKS`."""
+    n = len(with_lesion_masks(cohort))
+    return NO_MASKS if n == 0 else f"{n} of {len(cohort)} subjects have a reference lesion mask"
