@@ -243,26 +243,27 @@ def test_bids_name_parsing():
 
 
 def test_bids_masks_match_subject_and_session(tmp_path):
-    """sub-1's mask must not go to sub-10 (prefix), nor a ses-2 mask to ses-1."""
-    write_bids(tmp_path, [f"{sub}/ses-1/anat/{sub}_ses-1_{m}.nii.gz" for sub in ("sub-1", "sub-10") for m in ("T1w", "FLAIR")]
+    """sub-1's mask must not go to sub-10 (prefix) or sub-01 (labels are strings), nor a ses-2 mask to ses-1."""
+    write_bids(tmp_path, [f"{sub}/ses-1/anat/{sub}_ses-1_{m}.nii.gz" for sub in ("sub-1", "sub-10", "sub-01")
+                          for m in ("T1w", "FLAIR")]
                + ["derivatives/m/sub-1/ses-1/anat/sub-1_ses-1_label-WMH_mask.nii.gz",
                   "derivatives/m/sub-10/ses-2/anat/sub-10_ses-2_label-WMH_mask.nii.gz"])
     found = {s.id: s for s in subjects.discover(tmp_path)}
     assert found["sub-1_ses-1"].lesion.name == "sub-1_ses-1_label-WMH_mask.nii.gz"
-    assert found["sub-10_ses-1"].lesion is None
+    assert found["sub-10_ses-1"].lesion is None and found["sub-01_ses-1"].lesion is None
 
 
 def test_bids_several_runs_need_a_choice(tmp_path):
     write_bids(tmp_path, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_run-1_FLAIR.nii.gz",
                           "sub-01/anat/sub-01_run-2_FLAIR.nii.gz",
                           "derivatives/m/sub-01/anat/sub-01_run-1_label-WMH_mask.nii.gz",
-                          "derivatives/m/sub-01/anat/sub-01_run-2_label-WMH_mask.nii.gz"])
+                          "derivatives/m/sub-01/anat/sub-01_run-02_label-WMH_mask.nii.gz"])
     with pytest.raises(InputError, match=r"subject sub-01: 2 FLAIR images in .*anat \(sub-01_run-1_FLAIR.nii.gz, "
                                          r"sub-01_run-2_FLAIR.nii.gz\).*discover\(\.\.\., run=N\)"):
         subjects.discover(tmp_path)
     (s,) = subjects.discover(tmp_path, run=2)
     assert s.flair.name == "sub-01_run-2_FLAIR.nii.gz" and s.t1.name == "sub-01_T1w.nii.gz"
-    assert s.lesion.name == "sub-01_run-2_label-WMH_mask.nii.gz"
+    assert s.lesion.name == "sub-01_run-02_label-WMH_mask.nii.gz"  # a run is an index: 02 is 2
     with pytest.raises(InputError, match="run-3 selects 0 of them"):
         subjects.discover(tmp_path, run=3)
 

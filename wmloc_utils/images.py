@@ -1,7 +1,8 @@
-"""NIfTI input/output with clear errors: loading, grid and label checks, atomic writes.
+"""NIfTI input/output with clear errors: loading, header, grid, intensity and label checks, atomic writes.
 
-Every check names the file and says what is wrong, so that bad input never turns into a
-silent wrong answer. Writes go to a temporary file that is renamed into place, so an
+Every check names the file and says what is wrong and how to fix it, so that bad input (a header
+without orientation, disagreeing qform/sform, implausible voxels, NaN or wrapped-around values,
+an inverted lesion mask) never turns into a silent wrong answer. Writes go to a temporary file that is renamed into place, so an
 interrupted run never leaves a half-written image behind.
 """
 

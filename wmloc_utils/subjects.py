@@ -209,9 +209,9 @@ def is_lesion_mask(name: BidsName) -> bool:
     return word is not None and word.lower() in LESION_WORDS
 
 
-def _same_label(a: str | None, b: str | None) -> bool:
-    """BIDS labels compare as numbers when both are (``run-01`` is ``run-1``)."""
-    if a is not None and b is not None and a.isdigit() and b.isdigit():
+def _same_label(key: str, a: str | None, b: str | None) -> bool:
+    """Entity values compare as strings (``sub-01`` is not ``sub-1``), but a run is an index (``run-01`` is ``run-1``)."""
+    if key == "run" and a is not None and b is not None and a.isdigit() and b.isdigit():
         return int(a) == int(b)
     return a == b
 
@@ -234,7 +234,7 @@ def _pick_scan(anat: Path, suffix: str, key: str, selector: dict) -> Path | None
     found = sorted(p for p in anat.glob(f"*_{suffix}.nii*") if (n := parse_bids_name(p.name)) and n.suffix == suffix)
     if len(found) <= 1:
         return found[0] if found else None
-    chosen = [p for p in found if all(_same_label(parse_bids_name(p.name).get(k), v) for k, v in selector.items())]
+    chosen = [p for p in found if all(_same_label(k, parse_bids_name(p.name).get(k), v) for k, v in selector.items())]
     if selector and len(chosen) == 1:
         return chosen[0]
     names = ", ".join(p.name for p in found)
@@ -266,8 +266,8 @@ def _mask_for(masks: list[tuple[BidsName, Path]], flair: Path | None, key: str) 
         return None
     target = parse_bids_name(flair.name)
     hits = [p for name, p in masks
-            if all(_same_label(name.get(k), target.get(k)) for k in ("sub", "ses"))
-            and all(_same_label(name.get(k), target.get(k)) for k in ("run", "acq") if name.get(k) is not None)]
+            if all(_same_label(k, name.get(k), target.get(k)) for k in ("sub", "ses"))
+            and all(_same_label(k, name.get(k), target.get(k)) for k in ("run", "acq") if name.get(k) is not None)]
     if len(hits) > 1:
         raise InputError(
             f"subject {key}: {len(hits)} lesion masks match {flair.name}: {', '.join(str(p) for p in hits)}. "
@@ -280,7 +280,8 @@ def find_bids(root: str | os.PathLike, run: str | int | None = None) -> list[Sub
     """Subjects of a BIDS data set: one T1w + FLAIR per subject/session, lesion masks from derivatives.
 
     ``run`` chooses among several T1w/FLAIR of one subject/session: a run number, or entities such
-    as ``"acq-sag"``; without it several are an error. Subject ids are ``sub-X[_ses-Y]``.
+    as ``"acq-sag"``; without it several are an error (a single one is used as is). Subject ids
+    are ``sub-X[_ses-Y]``.
     """
     root = Path(root)
     selector = _parse_selector(run)
