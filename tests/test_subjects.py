@@ -1,6 +1,7 @@
 """Subject discovery in the three layouts, and every bad-input case, on tiny images in temp folders."""
 
 import gzip
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -154,7 +155,8 @@ def test_t1_far_from_flair_is_refused(tmp_path):
     write_subject(tmp_path / "s1")
     far = AFF.copy()
     far[:3, 3] = 300.0
-    save_nifti(img(np.zeros((12, 14, 10), np.float32), far), tmp_path / "s1" / "pre" / "T1.nii.gz")
+    t1 = np.random.default_rng(2).random((12, 14, 10)).astype(np.float32)  # a usable image, in the wrong place
+    save_nifti(img(t1, far), tmp_path / "s1" / "pre" / "T1.nii.gz")
     (s,) = subjects.discover(tmp_path)
     with pytest.raises(InputError, match="centres are .* mm apart"):
         s.validate()
@@ -190,3 +192,174 @@ def test_write_manifest_and_participants(tmp_path):
     paths = subjects.write_manifest(table, parts, tmp_path / "out")
     manifest = pd.read_csv(paths["subjects"], dtype={"subject": str})
     assert manifest.loc[0, "group"] == "deep" and manifest.columns[:6].tolist() == ["subject", "site", "group", "t1", "flair", "lesion"]
+
+
+# ---------------------------------------------------------------- BIDS entities
+def write_bids(root, names, shape=(8, 8, 8)):
+    """Write BIDS files: ``names`` are paths relative to ``root``; masks (in derivatives) get a small lesion."""
+    rng = np.random.default_rng(3)
+    for name in names:
+        if name.startswith("derivatives"):
+            data = np.zeros(shape, np.uint8)
+            data[2:4, 2:4, 2:4] = 1
+        else:
+            data = rng.random(shape).astype(np.float32)
+        save_nifti(img(data), root / name)
+
+
+def test_bids_brain_mask_is_not_a_lesion_mask(tmp_path):
+    write_bids(tmp_path, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_FLAIR.nii.gz",
+                          "derivatives/fsl/sub-01/anat/sub-01_desc-brain_mask.nii.gz",
+                          "derivatives/fsl/sub-01/anat/sub-01_label-brain_desc-lesion_mask.nii.gz",
+                          "derivatives/fsl/sub-01/anat/sub-01_label-WMH_probseg.nii.gz",
+                          "derivatives/manual/sub-01/anat/sub-01_FLAIR_label-WMH_mask.nii.gz"])
+    (s,) = subjects.discover(tmp_path)
+    assert s.lesion.name == "sub-01_FLAIR_label-WMH_mask.nii.gz"
+
+
+def test_bids_brain_mask_alone_gives_no_lesion(tmp_path):
+    write_bids(tmp_path, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_FLAIR.nii.gz",
+                          "derivatives/fsl/sub-01/anat/sub-01_desc-brain_mask.nii.gz",
+                          "derivatives/fsl/sub-01/anat/sub-01_mask.nii.gz"])
+    (s,) = subjects.discover(tmp_path)
+    assert s.lesion is None
+
+
+@pytest.mark.parametrize("mask", ["sub-01_label-wmh_mask", "sub-01_label-Lesions_dseg", "sub-01_desc-lesion_mask",
+                                  "sub-01_space-orig_desc-WMH_dseg", "sub-01_label-lesion_mask"])
+def test_bids_lesion_mask_entities(tmp_path, mask):
+    write_bids(tmp_path, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_FLAIR.nii.gz",
+                          f"derivatives/x/sub-01/anat/{mask}.nii.gz"])
+    (s,) = subjects.discover(tmp_path)
+    assert s.lesion.name == f"{mask}.nii.gz"
+
+
+def test_bids_name_parsing():
+    name = subjects.parse_bids_name("sub-01_ses-2_FLAIR_label-WMH_mask.nii.gz")
+    assert name.entities == {"sub": "01", "ses": "2", "label": "WMH"} and name.suffix == "mask"
+    assert name.tokens == ("FLAIR",)
+    assert subjects.parse_bids_name("sub-01_run-2.nii.gz") is None  # no suffix
+    assert subjects.parse_bids_name("lesion_mask.nii.gz") is None  # no subject entity
+
+
+def test_bids_masks_match_subject_and_session(tmp_path):
+    """sub-1's mask must not go to sub-10 (prefix) or sub-01 (labels are strings), nor a ses-2 mask to ses-1."""
+    write_bids(tmp_path, [f"{sub}/ses-1/anat/{sub}_ses-1_{m}.nii.gz" for sub in ("sub-1", "sub-10", "sub-01")
+                          for m in ("T1w", "FLAIR")]
+               + ["derivatives/m/sub-1/ses-1/anat/sub-1_ses-1_label-WMH_mask.nii.gz",
+                  "derivatives/m/sub-10/ses-2/anat/sub-10_ses-2_label-WMH_mask.nii.gz"])
+    found = {s.id: s for s in subjects.discover(tmp_path)}
+    assert found["sub-1_ses-1"].lesion.name == "sub-1_ses-1_label-WMH_mask.nii.gz"
+    assert found["sub-10_ses-1"].lesion is None and found["sub-01_ses-1"].lesion is None
+
+
+def test_bids_several_runs_need_a_choice(tmp_path):
+    write_bids(tmp_path, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_run-1_FLAIR.nii.gz",
+                          "sub-01/anat/sub-01_run-2_FLAIR.nii.gz",
+                          "derivatives/m/sub-01/anat/sub-01_run-1_label-WMH_mask.nii.gz",
+                          "derivatives/m/sub-01/anat/sub-01_run-02_label-WMH_mask.nii.gz"])
+    with pytest.raises(InputError, match=r"subject sub-01: 2 FLAIR images in .*anat \(sub-01_run-1_FLAIR.nii.gz, "
+                                         r"sub-01_run-2_FLAIR.nii.gz\).*discover\(\.\.\., run=N\)"):
+        subjects.discover(tmp_path)
+    (s,) = subjects.discover(tmp_path, run=2)
+    assert s.flair.name == "sub-01_run-2_FLAIR.nii.gz" and s.t1.name == "sub-01_T1w.nii.gz"
+    assert s.lesion.name == "sub-01_run-02_label-WMH_mask.nii.gz"  # a run is an index: 02 is 2
+    with pytest.raises(InputError, match="run-3 selects 0 of them"):
+        subjects.discover(tmp_path, run=3)
+
+
+def test_bids_acquisitions_chosen_by_entity(tmp_path):
+    write_bids(tmp_path, ["sub-01/anat/sub-01_acq-sag_T1w.nii.gz", "sub-01/anat/sub-01_acq-ax_T1w.nii.gz",
+                          "sub-01/anat/sub-01_FLAIR.nii.gz"])
+    with pytest.raises(InputError, match="2 T1w images"):
+        subjects.discover(tmp_path)
+    (s,) = subjects.discover(tmp_path, run="acq-sag")
+    assert s.t1.name == "sub-01_acq-sag_T1w.nii.gz"
+
+
+def test_bids_two_matching_lesion_masks_are_refused(tmp_path):
+    write_bids(tmp_path, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_FLAIR.nii.gz",
+                          "derivatives/rater1/sub-01/anat/sub-01_label-WMH_mask.nii.gz",
+                          "derivatives/rater2/sub-01/anat/sub-01_desc-lesion_dseg.nii.gz"])
+    with pytest.raises(InputError, match=r"subject sub-01: 2 lesion masks match sub-01_FLAIR.nii.gz: .*rater1.*rater2"):
+        subjects.discover(tmp_path)
+
+
+def test_run_only_for_bids(tmp_path):
+    write_subject(tmp_path / "7")
+    with pytest.raises(InputError, match="not a BIDS data set"):
+        subjects.discover(tmp_path, run=1)
+
+
+# ---------------------------------------------------------------- unique ids
+def test_same_id_at_two_sites_is_refused_unless_prefixed(tmp_path):
+    write_subject(tmp_path / "Utrecht" / "0")
+    write_subject(tmp_path / "Amsterdam" / "0", lesion=False)
+    write_subject(tmp_path / "Amsterdam" / "1", lesion=False)
+    with pytest.raises(InputError, match=r"1 subject id\(s\) appear more than once \(0: .*Amsterdam/0, .*Utrecht/0\);"
+                                         r" use discover\(\.\.\., site_prefix=True\)"):
+        subjects.discover(tmp_path)
+    found = subjects.discover(tmp_path, site_prefix=True)
+    assert [s.id for s in found] == ["Amsterdam_0", "Amsterdam_1", "Utrecht_0"]
+    assert subjects.validate(found, progress=False)["subject"].tolist() == ["Amsterdam_0", "Amsterdam_1", "Utrecht_0"]
+
+
+# ---------------------------------------------------------------- headers and intensities through validate()
+def test_flair_without_orientation_is_a_header_error_not_a_grid_error(tmp_path):
+    write_subject(tmp_path / "s1")
+    flair = tmp_path / "s1" / "pre" / "FLAIR.nii.gz"
+    header = nib.load(flair).header.copy()
+    header["qform_code"], header["sform_code"] = 0, 0
+    nib.save(nib.Nifti1Image(np.asanyarray(nib.load(flair).dataobj), None, header), flair)
+    (s,) = subjects.discover(tmp_path)
+    with pytest.raises(InputError, match=r"subject s1: .*FLAIR.nii.gz: FLAIR has no orientation in its header"):
+        s.validate()
+    with pytest.raises(InputError, match="FLAIR has no orientation"):
+        s.validate(t1_other_grid="error")
+
+
+def test_nan_flair_is_refused_in_validate(tmp_path):
+    write_subject(tmp_path / "s1")
+    data = np.random.default_rng(0).random((12, 14, 10)).astype(np.float32)
+    data[:2] = np.nan
+    save_nifti(img(data), tmp_path / "s1" / "pre" / "FLAIR.nii.gz")
+    (s,) = subjects.discover(tmp_path)
+    with pytest.raises(InputError, match=r"subject s1: .*FLAIR.nii.gz: FLAIR has 280 non-finite voxels"):
+        s.validate()
+
+
+def test_huge_voxels_are_refused_in_validate(tmp_path):
+    write_subject(tmp_path / "s1", lesion=False, flair_affine=np.diag([2000.0, 2.0, 2.0, 1.0]))
+    (s,) = subjects.discover(tmp_path)
+    with pytest.raises(InputError, match=r"subject s1: .*FLAIR.nii.gz: FLAIR header voxel size .*2000"):
+        s.validate()
+
+
+def test_inverted_lesion_mask_is_refused_empty_is_fine(tmp_path):
+    write_subject(tmp_path / "s1", lesion_data=np.ones((12, 14, 10), np.uint8))
+    (s,) = subjects.discover(tmp_path)
+    with pytest.raises(InputError, match=r"subject s1: .*wmh.nii.gz: lesion mask covers 13 mL, 100% .*inverted"):
+        s.validate()
+    write_subject(tmp_path / "ok" / "s2", lesion_data=np.zeros((12, 14, 10), np.uint8))
+    (s2,) = subjects.discover(tmp_path / "ok")
+    assert s2.validate()["lesion_ml"] == 0.0
+
+
+# ---------------------------------------------------------------- notebook 01 on a cohort without masks
+def test_notebook_01_runs_without_lesion_masks(tmp_path):
+    """A cohort without reference masks is valid input: notebook 01 runs to the end and says so."""
+    import papermill as pm
+
+    from wmloc_utils import demo
+
+    data = tmp_path / "data"
+    demo.generate(data, n_subjects=3, progress=False)
+    for mask in data.glob("*/*/wmh.nii.gz"):
+        mask.unlink()
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "01_data.ipynb"
+    out = pm.execute_notebook(str(notebook), str(tmp_path / "01.ipynb"), cwd=str(tmp_path), kernel_name="python3",
+                              progress_bar=False, parameters={"data_dir": str(data), "workdir": str(tmp_path / "w")})
+    printed = "".join(o.get("text", "") for c in out.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "no reference lesion masks: evaluation sections will be skipped" in printed
+    table = pd.read_csv(tmp_path / "w" / "01_data" / "subjects.csv", dtype={"subject": str})
+    assert len(table) == 3 and table["lesion"].isna().all()

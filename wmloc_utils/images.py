@@ -1,7 +1,8 @@
-"""NIfTI input/output with clear errors: loading, grid and label checks, atomic writes.
+"""NIfTI input/output with clear errors: loading, header, grid, intensity and label checks, atomic writes.
 
-Every check names the file and says what is wrong, so that bad input never turns into a
-silent wrong answer. Writes go to a temporary file that is renamed into place, so an
+Every check names the file and says what is wrong and how to fix it, so that bad input (a header
+without orientation, disagreeing qform/sform, implausible voxels, NaN or wrapped-around values,
+an inverted lesion mask) never turns into a silent wrong answer. Writes go to a temporary file that is renamed into place, so an
 interrupted run never leaves a half-written image behind.
 """
 
@@ -26,9 +27,11 @@ def _who(path: str | os.PathLike, subject: str | None) -> str:
 
 
 def load_nifti(path: str | os.PathLike, subject: str | None = None, what: str = "image") -> nib.Nifti1Image:
-    """Load a 3D NIfTI image, raising :class:`InputError` if it is missing, unreadable or not 3D.
+    """Load a 3D NIfTI image, raising :class:`InputError` if it is missing, unreadable, not 3D or unoriented.
 
-    A trailing singleton 4th dimension (common in exported masks) is dropped.
+    The orientation header is checked first (:func:`check_orientation_header`), so a file without
+    orientation is reported as such, not as a grid mismatch later. A trailing singleton 4th
+    dimension (common in exported masks) is dropped.
     """
     path = Path(path)
     if not path.exists():
@@ -38,6 +41,7 @@ def load_nifti(path: str | os.PathLike, subject: str | None = None, what: str = 
         data = np.asanyarray(img.dataobj)
     except Exception as err:
         raise InputError(f"{_who(path, subject)}: {what} is not a readable NIfTI file ({type(err).__name__}: {err})") from err
+    check_orientation_header(img, path, subject, what)
     if data.ndim == 4 and data.shape[3] == 1:
         img = nib.Nifti1Image(data[..., 0], img.affine, img.header)
     elif data.ndim != 3:
@@ -45,6 +49,134 @@ def load_nifti(path: str | os.PathLike, subject: str | None = None, what: str = 
     if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-6:
         raise InputError(f"{_who(path, subject)}: {what} has an invalid (singular or non-finite) affine")
     return img
+
+
+#: qform and sform affines that differ by more than this (mm in translation, or in the direction
+#: cosines / relative voxel size) put the image in two different places depending on the tool.
+QFORM_SFORM_MM = 1.0
+QFORM_SFORM_ROT = 1e-3
+
+
+def _axes(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel sizes (mm) and unit direction cosines (columns) of an affine."""
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    return zooms, affine[:3, :3] / np.where(zooms > 0, zooms, 1.0)
+
+
+def check_orientation_header(img: nib.spatialimages.SpatialImage, path: str | os.PathLike,
+                             subject: str | None = None, what: str = "image") -> None:
+    """Refuse a NIfTI header without orientation (qform_code = sform_code = 0) or with disagreeing qform/sform.
+
+    Without either, nibabel falls back to a voxel-size-only affine, so left and right may be
+    swapped without any error; with two disagreeing ones, tools that read the qform (ITK/ANTs may)
+    and tools that read the sform (nibabel) place the image differently.
+    """
+    header = img.header
+    if "qform_code" not in header or "sform_code" not in header:
+        return  # not a NIfTI header (no such fields): nothing to check
+    who = _who(path, subject)
+    qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    if qcode == 0 and scode == 0:
+        raise InputError(
+            f"{who}: {what} has no orientation in its header (qform_code = 0 and sform_code = 0): nibabel would "
+            f"fall back to a voxel-size-only affine, so left and right may be swapped. Fix: write the scanner's "
+            f"orientation into the sform/qform, e.g. re-export the image from DICOM with dcm2niix")
+    if qcode > 0 and scode > 0:
+        q, s = header.get_qform(), header.get_sform()
+        (qz, qr), (sz, sr) = _axes(q), _axes(s)
+        shift = float(np.linalg.norm(q[:3, 3] - s[:3, 3]))
+        rot = float(np.abs(qr - sr).max())
+        scale = float(np.abs(qz / np.where(sz > 0, sz, 1.0) - 1).max())
+        if shift > QFORM_SFORM_MM or rot > QFORM_SFORM_ROT or scale > QFORM_SFORM_ROT:
+            raise InputError(
+                f"{who}: {what} header holds a qform (qform_code {qcode}) and an sform (sform_code {scode}) that "
+                f"disagree (origin {shift:.2f} mm apart, direction cosines differ by {rot:.3g}, voxel sizes by "
+                f"{scale:.3g}): nibabel uses the sform, ITK/ANTs may use the qform, so the image would sit in "
+                f"different places. Trust the one that matches the scanner (re-export from DICOM with dcm2niix if "
+                f"unsure) and copy it onto the other, e.g. img.set_qform(img.get_sform(), code={scode}) in nibabel "
+                f"or `fslorient -copysform2qform`")
+
+
+#: Voxel sizes (mm) a brain MRI can have; anything outside is a broken header, not a scan.
+VOXEL_MM = (0.1, 10.0)
+
+
+def check_voxel_sizes(img: nib.spatialimages.SpatialImage, path: str | os.PathLike,
+                      subject: str | None = None, what: str = "image") -> None:
+    """Refuse voxel sizes outside 0.1-10 mm, or header voxel sizes (pixdim) that contradict the affine.
+
+    Volumes (mL) are computed from the voxel size, so an implausible one would give wrong loads silently.
+    """
+    who = _who(path, subject)
+    pixdim = np.array([float(z) for z in img.header.get_zooms()[:3]])
+    from_affine = _axes(img.affine)[0]
+    lo, hi = VOXEL_MM
+    for name, zooms in (("header voxel size (pixdim)", pixdim), ("voxel size of the affine", from_affine)):
+        if not np.all((zooms >= lo) & (zooms <= hi)):
+            raise InputError(
+                f"{who}: {what} {name} is {tuple(round(float(z), 4) for z in zooms)} mm, not a plausible brain MRI "
+                f"voxel ({lo:g}-{hi:g} mm per axis). Fix the header (pixdim and sform/qform), e.g. re-export the "
+                f"image from DICOM with dcm2niix")
+    if np.abs(pixdim / from_affine - 1).max() > 0.01:
+        raise InputError(
+            f"{who}: {what} header voxel size (pixdim) {tuple(round(float(z), 4) for z in pixdim)} mm contradicts "
+            f"its affine's {tuple(round(float(z), 4) for z in from_affine)} mm, so volumes would be wrong. Fix the "
+            f"header so both agree (e.g. re-export with dcm2niix, or in nibabel img.header.set_zooms(...))")
+
+
+#: A magnitude image (T1, FLAIR) with more negative voxels than this fraction has wrapped around
+#: (e.g. stored as int8/int16 with values above the type's maximum) or is not a magnitude image.
+MAX_NEGATIVE_FRACTION = 0.05
+
+
+def check_intensities(img: nib.spatialimages.SpatialImage, path: str | os.PathLike, subject: str | None = None,
+                      what: str = "image", magnitude: bool = True) -> None:
+    """Refuse intensities no method can use: complex or non-numeric, NaN/Inf, constant, or (magnitude) mostly negative."""
+    who = _who(path, subject)
+    data = np.asanyarray(img.dataobj)
+    if np.iscomplexobj(data) or not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
+        raise InputError(
+            f"{who}: {what} has data type {data.dtype}, not real-valued scalars. Save the magnitude image "
+            f"(e.g. numpy.abs of complex data) as float32 or int16")
+    if not np.issubdtype(data.dtype, np.integer) and data.dtype != bool:
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise InputError(
+                f"{who}: {what} has {bad} non-finite voxels (NaN or Inf) of {data.size}. Replace them, e.g. with 0 "
+                f"(numpy.nan_to_num, or fslmaths IN -nan OUT)")
+    lo, hi = data.min(), data.max()
+    if lo == hi:
+        state = "all zero" if lo == 0 else f"constant ({lo})"
+        raise InputError(f"{who}: {what} is {state}: there is no image in it. Check that this is the right file "
+                         f"and that its export did not fail")
+    if magnitude:
+        negative = float(np.count_nonzero(data < 0)) / data.size
+        if negative > MAX_NEGATIVE_FRACTION:
+            raise InputError(
+                f"{who}: {what} has {100 * negative:.1f}% negative voxels (min {lo}, data type {data.dtype}); a "
+                f"magnitude MRI is non-negative, so the values have most likely wrapped around a too small integer "
+                f"type. Re-export it as int16/uint16 or float32 (with the scanner's scaling)")
+
+
+#: A lesion mask larger than this (mL), or than this fraction of the FLAIR's non-zero voxels, is
+#: not a lesion segmentation (an inverted mask, a brain mask, or the wrong file).
+MAX_LESION_ML = 500.0
+MAX_LESION_FRACTION = 0.5
+
+
+def check_lesion_volume(mask: np.ndarray, flair: np.ndarray, voxel_ml: float, path: str | os.PathLike,
+                        subject: str | None = None, what: str = "lesion mask") -> None:
+    """Refuse an implausibly large lesion mask; an empty one is fine (a subject without lesions)."""
+    lesion = int(np.count_nonzero(mask))
+    if lesion == 0:
+        return
+    ml, tissue = lesion * voxel_ml, int(np.count_nonzero(flair))
+    if ml > MAX_LESION_ML or lesion > MAX_LESION_FRACTION * tissue:
+        raise InputError(
+            f"{_who(path, subject)}: {what} covers {ml:.0f} mL, {100 * lesion / max(tissue, 1):.0f}% of the FLAIR's "
+            f"non-zero voxels; a lesion segmentation is at most {MAX_LESION_ML:g} mL and "
+            f"{100 * MAX_LESION_FRACTION:g}% of the image. Is it inverted (lesions 0, rest 1), a brain mask, or "
+            f"another subject's file? Use a mask with 1 on the lesions and 0 elsewhere")
 
 
 def grid_of(img: nib.spatialimages.SpatialImage) -> dict:

@@ -5,8 +5,12 @@ Three layouts are understood, detected automatically by :func:`discover`:
 1. MICCAI 2017 WMH challenge: ``<root>/[<site>/]<id>/pre/T1.nii.gz``, ``pre/FLAIR.nii.gz`` and
    ``<id>/wmh.nii.gz`` (0 background, 1 WMH, 2 other pathology);
 2. BIDS: ``sub-*/[ses-*/]anat/*_T1w.nii.gz`` and ``*_FLAIR.nii.gz``, lesion masks under
-   ``derivatives/*/sub-*/[ses-*/]anat/*_FLAIR*(label-WMH|lesion|mask)*.nii.gz``;
+   ``derivatives/*/sub-*/[ses-*/]anat/`` named by their entities (``label-WMH``/``label-lesion`` or
+   ``desc-lesion``/``desc-wmh``, suffix ``_mask`` or ``_dseg``; see :func:`is_lesion_mask`);
 3. a CSV manifest with columns ``subject,t1,flair[,lesion]`` (paths relative to the CSV allowed).
+
+Subject ids must be unique: the same challenge id at two sites is refused unless
+``discover(..., site_prefix=True)`` names every subject ``<site>_<id>``.
 
 Native space is the FLAIR grid, as in the challenge. A lesion mask must lie on it; a T1 on
 another grid is rigidly registered to the FLAIR with ANTsPy (:meth:`Subject.t1_on_flair`).
@@ -24,7 +28,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from .images import InputError, check_labels, check_same_grid, grid_of, load_nifti, same_grid
+from .images import (InputError, check_intensities, check_labels, check_lesion_volume, check_same_grid,
+                     check_voxel_sizes, grid_of, load_nifti, same_grid)
 
 LESION_LABELS = (0, 1, 2)
 NIFTI = (".nii.gz", ".nii")
@@ -41,19 +46,24 @@ class Subject:
     site: str = ""
     extra: dict = field(default_factory=dict)
 
+    def _scan(self, path: Path | None, what: str) -> nib.Nifti1Image:
+        """Load a T1 or FLAIR: readable, oriented 3D image with plausible voxels and usable intensities."""
+        if path is None:
+            raise InputError(f"subject {self.id}: {what} image is missing")
+        img = load_nifti(path, self.id, what)
+        check_voxel_sizes(img, path, self.id, what)
+        check_intensities(img, path, self.id, what)
+        return img
+
     @cached_property
     def flair_img(self) -> nib.Nifti1Image:
         """The FLAIR image: the subject's native grid."""
-        if self.flair is None:
-            raise InputError(f"subject {self.id}: FLAIR image is missing")
-        return load_nifti(self.flair, self.id, "FLAIR")
+        return self._scan(self.flair, "FLAIR")
 
     @cached_property
     def t1_img(self) -> nib.Nifti1Image:
         """The T1 image as stored (possibly on another grid than FLAIR)."""
-        if self.t1 is None:
-            raise InputError(f"subject {self.id}: T1 image is missing")
-        return load_nifti(self.t1, self.id, "T1")
+        return self._scan(self.t1, "T1")
 
     @cached_property
     def lesion_img(self) -> nib.Nifti1Image | None:
@@ -63,6 +73,8 @@ class Subject:
         img = load_nifti(self.lesion, self.id, "lesion mask")
         check_same_grid(self.flair_img, img, f"FLAIR ({self.flair})", f"lesion mask ({self.lesion})", self.id)
         data = check_labels(img, LESION_LABELS, self.lesion, self.id, "lesion mask")
+        check_lesion_volume(data, np.asanyarray(self.flair_img.dataobj), grid_of(self.flair_img)["voxel_ml"],
+                            self.lesion, self.id)
         return nib.Nifti1Image(data.astype(np.uint8), img.affine, img.header)
 
     def t1_on_flair(self, workdir: str | os.PathLike | None = None) -> nib.Nifti1Image:
@@ -144,24 +156,141 @@ def find_challenge(root: str | os.PathLike) -> list[Subject]:
     return subjects
 
 
-def _bids_entities(name: str) -> str:
-    return "_".join(p for p in name.split("_") if p.startswith(("sub-", "ses-")))
+@dataclass(frozen=True)
+class BidsName:
+    """A BIDS file name split into its ``key-value`` entities (in order), bare tokens and final suffix."""
+
+    entities: dict
+    suffix: str
+    tokens: tuple = ()
+
+    def get(self, key: str) -> str | None:
+        """The value of entity ``key`` (None when absent)."""
+        return self.entities.get(key)
 
 
-def find_bids(root: str | os.PathLike) -> list[Subject]:
-    """Subjects of a BIDS data set (T1w + FLAIR per subject/session, lesion masks from derivatives)."""
-    root = Path(root)
-    lesions = {}
+def parse_bids_name(name: str) -> BidsName | None:
+    """Parse ``sub-01_ses-1_run-2_FLAIR.nii.gz`` into entities and suffix; None if it is not a BIDS-like name.
+
+    Parts are split on ``_``; the last one is the suffix (no ``-``), the others are ``key-value``
+    entities. Bare tokens between them (``sub-01_FLAIR_label-WMH_mask``, common in derivatives) are
+    kept in ``tokens`` rather than mistaken for entities.
+    """
+    stem = next((name[: -len(ext)] for ext in NIFTI if name.endswith(ext)), None)
+    if not stem:
+        return None
+    *parts, suffix = stem.split("_")
+    if not parts or "-" in suffix or not suffix:
+        return None
+    entities, tokens = {}, []
+    for part in parts:
+        key, sep, value = part.partition("-")
+        if sep and key and value:
+            entities[key] = value
+        else:
+            tokens.append(part)
+    if "sub" not in entities:
+        return None
+    return BidsName(entities, suffix, tuple(tokens))
+
+
+LESION_WORDS = {"wmh", "lesion", "lesions"}
+MASK_SUFFIXES = {"mask", "dseg"}
+
+
+def is_lesion_mask(name: BidsName) -> bool:
+    """True for a lesion mask: ``label-WMH|lesion(s)``, else ``desc-lesion(s)|wmh``, with suffix ``_mask``/``_dseg``.
+
+    The ``label`` entity decides when present, so ``desc-brain_mask`` or ``label-brain_mask`` never count.
+    """
+    if name.suffix.lower() not in MASK_SUFFIXES:
+        return False
+    word = name.get("label") if name.get("label") is not None else name.get("desc")
+    return word is not None and word.lower() in LESION_WORDS
+
+
+def _same_label(key: str, a: str | None, b: str | None) -> bool:
+    """Entity values compare as strings (``sub-01`` is not ``sub-1``), but a run is an index (``run-01`` is ``run-1``)."""
+    if key == "run" and a is not None and b is not None and a.isdigit() and b.isdigit():
+        return int(a) == int(b)
+    return a == b
+
+
+def _parse_selector(run: str | int | None) -> dict:
+    """``run=2`` -> {"run": "2"}; ``run="acq-sag_run-1"`` -> {"acq": "sag", "run": "1"}."""
+    if run is None:
+        return {}
+    text = str(run)
+    if "-" not in text:
+        return {"run": text}
+    pairs = [part.partition("-") for part in text.split("_")]
+    if any(not k or not v for k, _, v in pairs):
+        raise InputError(f"run={run!r}: expected a run number (2) or BIDS entities such as 'acq-sag' or 'acq-sag_run-1'")
+    return {k: v for k, _, v in pairs}
+
+
+def _pick_scan(anat: Path, suffix: str, key: str, selector: dict) -> Path | None:
+    """The one ``*_<suffix>.nii*`` of a subject/session: several need ``run=`` to choose (an error lists them)."""
+    found = sorted(p for p in anat.glob(f"*_{suffix}.nii*") if (n := parse_bids_name(p.name)) and n.suffix == suffix)
+    if len(found) <= 1:
+        return found[0] if found else None
+    chosen = [p for p in found if all(_same_label(k, parse_bids_name(p.name).get(k), v) for k, v in selector.items())]
+    if selector and len(chosen) == 1:
+        return chosen[0]
+    names = ", ".join(p.name for p in found)
+    why = (f"{_selector_text(selector)} selects {len(chosen)} of them" if selector
+           else "wmloc needs exactly one per subject/session")
+    raise InputError(
+        f"subject {key}: {len(found)} {suffix} images in {anat} ({names}); {why}. Choose one with "
+        f"discover(..., run=N) for run-N, or run='acq-<label>' / 'acq-<label>_run-N' for other entities, "
+        f"or list the files you want in a CSV manifest (subject,t1,flair[,lesion])")
+
+
+def _selector_text(selector: dict) -> str:
+    return "_".join(f"{k}-{v}" for k, v in selector.items())
+
+
+def _lesion_masks(root: Path) -> list[tuple[BidsName, Path]]:
+    """Every lesion mask under ``derivatives/*/sub-*/[ses-*/]anat/``, with its parsed name."""
+    out = []
     for p in sorted((root / "derivatives").glob("*/sub-*/**/anat/*.nii*")):
-        if re.search(r"(label-(WMH|lesion)|_mask|lesion)", p.name, re.IGNORECASE):
-            lesions.setdefault(_bids_entities(p.name), p)
+        name = parse_bids_name(p.name)
+        if name is not None and is_lesion_mask(name):
+            out.append((name, p))
+    return out
+
+
+def _mask_for(masks: list[tuple[BidsName, Path]], flair: Path | None, key: str) -> Path | None:
+    """The lesion mask of one FLAIR: same sub and ses (and run/acq when the mask names them); two is an error."""
+    if flair is None:
+        return None
+    target = parse_bids_name(flair.name)
+    hits = [p for name, p in masks
+            if all(_same_label(k, name.get(k), target.get(k)) for k in ("sub", "ses"))
+            and all(_same_label(k, name.get(k), target.get(k)) for k in ("run", "acq") if name.get(k) is not None)]
+    if len(hits) > 1:
+        raise InputError(
+            f"subject {key}: {len(hits)} lesion masks match {flair.name}: {', '.join(str(p) for p in hits)}. "
+            f"Keep one (move the others out of derivatives/), or name the one to use in a CSV manifest "
+            f"(subject,t1,flair,lesion)")
+    return hits[0] if hits else None
+
+
+def find_bids(root: str | os.PathLike, run: str | int | None = None) -> list[Subject]:
+    """Subjects of a BIDS data set: one T1w + FLAIR per subject/session, lesion masks from derivatives.
+
+    ``run`` chooses among several T1w/FLAIR of one subject/session: a run number, or entities such
+    as ``"acq-sag"``; without it several are an error (a single one is used as is). Subject ids
+    are ``sub-X[_ses-Y]``.
+    """
+    root = Path(root)
+    selector = _parse_selector(run)
+    masks = _lesion_masks(root)
     subjects = []
     for anat in sorted(set(root.glob("sub-*/anat")) | set(root.glob("sub-*/ses-*/anat"))):
-        t1s = sorted(anat.glob("*_T1w.nii*"))
-        flairs = sorted(anat.glob("*_FLAIR.nii*"))
         key = "_".join(p.name for p in (anat.parent.parent, anat.parent) if p.name.startswith(("sub-", "ses-")))
-        subjects.append(Subject(id=key, t1=t1s[0] if t1s else None, flair=flairs[0] if flairs else None,
-                                lesion=lesions.get(key)))
+        t1, flair = _pick_scan(anat, "T1w", key, selector), _pick_scan(anat, "FLAIR", key, selector)
+        subjects.append(Subject(id=key, t1=t1, flair=flair, lesion=_mask_for(masks, flair, key)))
     return subjects
 
 
@@ -183,22 +312,34 @@ def read_manifest(csv: str | os.PathLike) -> list[Subject]:
                     site=r.get("site", "")) for _, r in table.iterrows()]
 
 
-def discover(source: str | os.PathLike) -> list[Subject]:
-    """Find subjects in a folder (challenge or BIDS layout) or a CSV manifest; errors name what is wrong."""
+def discover(source: str | os.PathLike, run: str | int | None = None, site_prefix: bool = False) -> list[Subject]:
+    """Find subjects in a folder (challenge or BIDS layout) or a CSV manifest; errors name what is wrong.
+
+    ``run`` (BIDS only) chooses among several T1w/FLAIR runs, see :func:`find_bids`. Subject ids must
+    be unique; ``site_prefix=True`` makes every id ``<site>_<id>`` (for challenge data whose sites
+    reuse ids).
+    """
     source = Path(source)
     if not source.exists():
         raise InputError(f"{source}: no such file or folder")
+    bids = source.is_dir() and any(source.glob("sub-*"))
+    if run is not None and not bids:
+        raise InputError(f"{source}: run={run!r} chooses among BIDS runs, but this is not a BIDS data set")
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise InputError(f"{source}: expected a folder (challenge or BIDS layout) or a .csv manifest")
         subjects = read_manifest(source)
-    elif any(source.glob("sub-*")):
-        subjects = find_bids(source)
+    elif bids:
+        subjects = find_bids(source, run=run)
     else:
         subjects = find_challenge(source)
     if not subjects:
         raise InputError(f"{source}: no subjects found. Expected <root>/[<site>/]<id>/pre/FLAIR.nii.gz "
                          f"(WMH challenge), sub-*/anat/*_FLAIR.nii.gz (BIDS), or a CSV manifest subject,t1,flair[,lesion]")
+    if site_prefix:
+        for s in subjects:
+            s.id = f"{s.site}_{s.id}" if s.site else s.id
+    _check_unique_ids(subjects, source, site_prefix)
     for s in subjects:
         for what, p in (("T1", s.t1), ("FLAIR", s.flair)):
             if p is None:
@@ -206,6 +347,20 @@ def discover(source: str | os.PathLike) -> list[Subject]:
             if not Path(p).exists():
                 raise InputError(f"subject {s.id}: {what} file {p} does not exist")
     return subjects
+
+
+def _check_unique_ids(subjects: list[Subject], source: Path, site_prefix: bool) -> None:
+    """Refuse two subjects with one id (their outputs would overwrite each other), listing their folders."""
+    folders: dict[str, list[str]] = {}
+    for s in subjects:
+        where = Path(s.flair or s.t1 or source).parent
+        folders.setdefault(s.id, []).append(str(where.parent if where.name == "pre" else where))
+    dup = {k: v for k, v in folders.items() if len(v) > 1}
+    if dup:
+        listed = "; ".join(f"{k}: {', '.join(v)}" for k, v in list(dup.items())[:10])
+        fix = ("make them unique in the data" if site_prefix else
+               "use discover(..., site_prefix=True) to name every subject <site>_<id>, or rename them")
+        raise InputError(f"{source}: {len(dup)} subject id(s) appear more than once ({listed}); {fix}")
 
 
 def validate(subjects: list[Subject], t1_other_grid: str = "register", progress: bool = True) -> pd.DataFrame:
@@ -248,3 +403,19 @@ def write_manifest(table: pd.DataFrame, participants: pd.DataFrame, outdir: str 
     rest = [c for c in manifest.columns if c not in cols]
     return {"subjects": write_table_atomic(manifest[cols + rest], outdir / "subjects.csv", index=False),
             "participants": write_table_atomic(participants, outdir / "participants.tsv", index=False)}
+
+
+NO_MASKS = "no reference lesion masks: evaluation sections will be skipped"
+
+
+def with_lesion_masks(cohort: pd.DataFrame) -> pd.DataFrame:
+    """The subjects of a table (``subjects.csv``) that have a reference lesion mask; empty when none has."""
+    if "lesion" not in cohort:
+        return cohort.iloc[:0]
+    return cohort[cohort["lesion"].fillna("").astype(str).str.strip().ne("")]
+
+
+def lesion_mask_summary(cohort: pd.DataFrame) -> str:
+    """One line for the reader: how many subjects have a reference lesion mask, or :data:`NO_MASKS`."""
+    n = len(with_lesion_masks(cohort))
+    return NO_MASKS if n == 0 else f"{n} of {len(cohort)} subjects have a reference lesion mask"
