@@ -89,3 +89,44 @@ def test_executes(path, workdir, tmp_path):
         _failed.append(path.stem)
         raise
     print(f"{path.name}: {time.perf_counter() - start:.1f} s with {params}")
+
+
+# The bring-your-own-cohort path: a new cohort without masks, the networks trained by the chain above.
+APPLY_CHAIN = ["01_data", "02_atlas", "03_regions", "06_evaluate", "07_localization", "08_clustering"]
+
+
+def test_apply_chain_without_masks(workdir, tmp_path):
+    """Notebooks 01 -> 03 -> 06 -> 07 -> 08 on a cohort without reference masks, with checkpoints from elsewhere."""
+    if _failed:
+        pytest.fail(f"the apply chain needs the checkpoints of the book chain, which failed at {_failed}")
+    from wmloc_utils import demo
+
+    data = tmp_path / "new_cohort"
+    demo.generate(data, n_subjects=3, seed=7, progress=False)
+    demo.withhold_masks(data, tmp_path / "withheld")
+    assert not list(data.glob("*/*/wmh.nii.gz"))
+    new_work = tmp_path / "work"
+    params = {
+        "01_data": {"data_dir": str(data), "n_subjects": None},
+        "03_regions": {"score_truth": False, "eve_spacing": 3.0, "show_subjects": 1},
+        "06_evaluate": {"tta": False, "lesion_checkpoint": str(workdir / "04_lesion_model" / "best.pt"),
+                        "region_checkpoint": str(workdir / "05_region_model" / "best.pt")},
+        "08_clustering": {"k_range": [2], "n_boot": 3},
+    }
+    for stem in APPLY_CHAIN:
+        path = next(p for p in NOTEBOOKS if p.stem == stem)
+        out = tmp_path / path.name
+        pm.execute_notebook(str(path), str(out), parameters={"workdir": str(new_work), **params.get(stem, {})},
+                            cwd=str(tmp_path), kernel_name="python3", progress_bar=False)
+        if stem == "06_evaluate":
+            text = out.read_text()
+            assert "the lesion evaluation is skipped" in text and "lesion evaluation: skipped" in text
+    import pandas as pd
+
+    loads = pd.read_csv(new_work / "07_localization" / "regional_loads.csv", dtype={"subject": str})
+    assert set(loads["pairing"]) >= {"automatic"} and "reference" not in set(loads["pairing"])
+    assert sorted(loads["subject"].unique()) == sorted(pd.read_csv(new_work / "01_data" / "subjects.csv",
+                                                                   dtype={"subject": str})["subject"])
+    qc = pd.read_csv(new_work / "07_localization" / "lesion_qc.csv")
+    assert (qc["unassigned_fraction"] <= 0.01).all(), qc
+    assert (new_work / "08_clustering" / "clusters.csv").exists()

@@ -232,7 +232,8 @@ def score_lesions(models: dict, subjects: pd.DataFrame, test: list[str], progres
     rows = []
     for ckpt, preds in models.items():
         config = load_segmenter(ckpt, "cpu").config
-        chosen = preds[preds["subject"].isin(test)].merge(subjects[["subject", "lesion"]], on="subject")
+        chosen = (preds[preds["subject"].isin(test)].drop(columns="lesion", errors="ignore")
+                  .merge(subjects[["subject", "lesion"]], on="subject"))
         for r in tqdm(list(chosen.itertuples()), desc=config["architecture"], disable=not progress):
             rows.append({"architecture": config["architecture"], "inputs": config["inputs"], "subject": r.subject,
                          **wmh_metrics_img(r.lesion, r.lesion_pred, subject=r.subject)})
