@@ -256,3 +256,29 @@ def classify_subject(lesion, tissue, regions, brain_mask=None, infratentorial=No
         components[box] = b_comp
     table = lesion_table(components, classes, ids, les_img.affine, zooms, subject)
     return {"table": table, "classes": like(les_img, class_image(components, classes), np.uint8)}
+
+
+def classify_cohort(records: pd.DataFrame, lesion: str, out_dir: str | os.PathLike, progress: bool = True
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Location classes of every subject's lesions, from notebook 03's outputs (tissue, regions, brain mask, transform).
+
+    The brainstem and cerebellum come from the Eve atlas through each subject's own atlas transform.
+    Writes ``<out_dir>/<subject>_lesion_classes.nii.gz``; returns the per-lesion table of all subjects
+    and a records table (subject, lesion, classes) for :func:`wmloc_utils.localization.cohort_loads`.
+    """
+    from tqdm.auto import tqdm
+
+    from . import atlas, registration
+    from .images import save_nifti
+
+    infra_atlas = atlas_infratentorial(atlas.load_eve()["type2"])
+    tables, rows = [], []
+    for r in tqdm(list(records.itertuples()), desc="lesion classes", disable=not progress):
+        tissue = load_nifti(r.tissue, r.subject, "tissue map")
+        infra = like(tissue, registration.warp_mask(infra_atlas, str(r.transform).split(";"), tissue), np.uint8)
+        result = classify_subject(getattr(r, lesion), tissue, r.regions, r.brain_mask, infratentorial=infra,
+                                  subject=r.subject, ignore_label=2)
+        path = save_nifti(result["classes"], os.path.join(out_dir, f"{r.subject}_lesion_classes.nii.gz"))
+        tables.append(result["table"])
+        rows.append({"subject": r.subject, "lesion": getattr(r, lesion), "classes": str(path)})
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(), pd.DataFrame(rows)
