@@ -132,3 +132,14 @@ def test_wrong_input_mode_is_refused():
     training.check_inputs(config, "t1+flair")
     with pytest.raises(InputError, match="trained on inputs 't1\\+flair' \\(T1 \\+ FLAIR\\).*'flair'"):
         training.check_inputs(config, "flair")
+
+
+def test_training_without_masks_says_how_to_apply_instead():
+    import pandas as pd
+
+    from wmloc_utils.images import InputError
+
+    table = pd.DataFrame({"subject": ["a", "b", "c", "d"], "lesion": ["a.nii.gz", "", None, "d.nii.gz"]})
+    with pytest.raises(InputError, match=r"2 of 4 subjects have a lesion mask.*lesion_checkpoint"):
+        training.labelled_subjects(table)
+    assert training.labelled_subjects(table, minimum=2)["subject"].tolist() == ["a", "d"]

@@ -128,6 +128,16 @@ def read_split(path: str | os.PathLike) -> pd.DataFrame:
     return split
 
 
+def labelled_subjects(subjects: pd.DataFrame, label_col: str = "lesion", minimum: int = 3) -> pd.DataFrame:
+    """The subjects that have a ``label_col`` file: what a network can be trained on (at least ``minimum``)."""
+    has = subjects[label_col].fillna("").astype(str) != "" if label_col in subjects else pd.Series(False, subjects.index)
+    if has.sum() < minimum:
+        raise InputError(f"{int(has.sum())} of {len(subjects)} subjects have a {label_col} mask; training needs at least "
+                         f"{minimum}. To apply networks trained elsewhere to this cohort, skip training: run notebook 06 "
+                         f"with lesion_checkpoint=<best.pt> (or notebook 09, or the wmloc-apply command)")
+    return subjects[has]
+
+
 def make_records(table: pd.DataFrame, inputs: str, label_col: str | None = None,
                  subjects: Sequence[str] | None = None) -> list[dict]:
     """One pipeline record per subject: {"subject", "image": [channel paths], "label": path}.
