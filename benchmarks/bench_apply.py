@@ -1,0 +1,93 @@
+"""Lesion locations on data the networks never saw: the apply path on a new demo setting, and the book's own numbers.
+
+Run after ``make book`` (it reuses the checkpoints of notebooks 04 and 05 in its work directory)::
+
+    python benchmarks/bench_apply.py --workdir work [--n-subjects 6] [--demo '{"grid": "aniso", "skull": true}']
+
+Prints
+1. from the book's run (notebook 07): the fully automatic regional loads against the reference loads on the
+   demo test subjects (median Pearson r and relative error), per region source, and the median fraction
+   of lesion volume left in no region;
+2. on a new demo cohort made with ``--demo`` generator options (settings the networks never trained on),
+   masks withheld: the seconds per subject of the whole apply path (brain mask, tissues, registration,
+   both networks, loads), lesion Dice / F1 / false mL in subjects without lesions, region Dice of the
+   atlas registration and of the region network against the true regions, and the load agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from wmloc_utils import apply, demo, localization, registration
+
+
+def book_numbers(workdir: Path) -> None:
+    """Agreement of the automatic loads with the reference loads on the book's test subjects."""
+    loads = pd.read_csv(workdir / "07_localization" / "regional_loads.csv", dtype={"subject": str})
+    preds = pd.read_csv(workdir / "06_evaluation" / "predictions.csv", dtype={"subject": str})
+    test = set(preds.loc[preds["split"] == "test", "subject"])
+    tidy = loads[loads["pairing"].isin(["reference", "lesion_pred", "predicted"]) & loads["subject"].isin(test)]
+    print(f"book run, {len(test)} demo test subjects: automatic regional loads vs reference loads")
+    for pairing, source in (("lesion_pred", "atlas"), ("predicted", "network")):
+        agree = localization.load_agreement(tidy, pairing, "reference")
+        print(f"  regions from {source:7s}: median Pearson r {agree['pearson_r'].median():.3f}, "
+              f"median relative error {agree['rel_error'].median():.3f}")
+    qc = localization.lesion_qc(tidy).groupby("pairing")["unassigned_fraction"].median()
+    print("  median lesion volume fraction in no region:", qc.round(4).to_dict())
+
+
+def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta: bool) -> None:
+    """The apply path on a new demo cohort with its masks withheld."""
+    out = workdir / "bench_apply" / "_".join(f"{k}-{v}" for k, v in sorted(options.items()))
+    data = out / "data"
+    demo.generate(data, n_subjects=n_subjects, seed=seed, progress=False, **options)
+    withheld = demo.withhold_masks(data, out / "withheld")
+    lesion_ckpt = workdir / "04_lesion_model" / "best.pt"
+    region_ckpt = workdir / "05_region_model" / "best.pt"
+    start = time.perf_counter()
+    apply.run(data, out / "work", lesion_ckpt, region_ckpt if region_ckpt.exists() else None, tta=tta, progress=False)
+    seconds = (time.perf_counter() - start) / n_subjects
+    truth = registration.truth_regions_in_template(workdir / "03_regions" / "template_truth")
+    scores = apply.evaluate(out / "work", withheld, lesion_ckpt, truth_regions=truth, progress=False)
+    les = scores["lesions"]
+    free = les[les["reference_ml"] == 0]
+    with_lesions = les[les["reference_ml"] > 0]
+    print(f"new demo cohort {options}, {n_subjects} subjects, masks withheld (tta={tta}):")
+    print(f"  apply path: {seconds:.1f} s per subject (first run, everything computed)")
+    print(f"  lesions: Dice {with_lesions['dice'].mean():.3f}, F1 {with_lesions['f1'].mean():.3f}, "
+          f"HD95 {with_lesions['hd95'].mean():.1f} mm, AVD {with_lesions['avd'].mean():.1f} %")
+    if len(free):
+        print(f"  false lesion mL in {len(free)} lesion-free subjects: max {free['predicted_ml'].max():.2f}, "
+              f"mean {free['predicted_ml'].mean():.2f}")
+    regions = scores["regions"].groupby("source")["mean_dice"].agg(["mean", "min"])
+    for source, row in regions.iterrows():
+        print(f"  region Dice vs truth, {source:7s}: mean {row['mean']:.3f} (min {row['min']:.3f})")
+    agree = scores["agreement"].groupby("pairing")[["pearson_r", "rel_error"]].median()
+    for pairing, row in agree.iterrows():
+        print(f"  loads {pairing:11s} vs reference: median r {row['pearson_r']:.3f}, rel. error {row['rel_error']:.3f}")
+    print("  median fraction of lesion volume in no region:",
+          scores["qc"].groupby("pairing")["unassigned_fraction"].median().round(4).to_dict())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="work")
+    parser.add_argument("--n-subjects", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--demo", default='{"grid": "aniso", "skull": true}', help="demo.generate options (JSON)")
+    parser.add_argument("--no-tta", action="store_true")
+    args = parser.parse_args()
+    workdir = Path(args.workdir)
+    if not (workdir / "04_lesion_model" / "best.pt").exists():
+        raise SystemExit(f"{workdir}: run `make book` first (this benchmark reuses its checkpoints)")
+    book_numbers(workdir)
+    unseen_numbers(workdir, args.n_subjects, json.loads(args.demo), args.seed, not args.no_tta)
+
+
+if __name__ == "__main__":
+    main()
