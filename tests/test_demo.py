@@ -131,3 +131,62 @@ def test_skull_option_adds_bright_scalp_outside_the_brain():
     skull = demo.make_subject(0, demo.CohortSpec(seed=1, skull=True))
     outside = plain["tissue"] == 0
     assert skull["t1"][outside].mean() > 2 * plain["t1"][outside].mean()
+
+
+# ---------------------------------------------------------------- options for testing generalisation
+@pytest.fixture(scope="module")
+def unseen():
+    """Three subjects of an unseen setting: Eve's brain, challenge grids, mixed skull, contrast jitter, one lesion-free."""
+    spec = demo.CohortSpec(n_subjects=3, seed=5, grid="challenge", brain="eve", skull="mixed", contrast=0.3,
+                           lesion_free_every=3)
+    return spec, [demo.make_subject(i, spec) for i in range(3)]
+
+
+def test_challenge_grids_are_per_site_lps_and_oblique(unseen):
+    _, subj = unseen
+    assert [s["site"] for s in subj] == list(demo.CHALLENGE_SITES)
+    for s in subj:
+        aff = s["affine"]
+        voxel = np.linalg.norm(aff[:3, :3], axis=0)
+        assert np.allclose(voxel, demo.CHALLENGE_SITES[s["site"]], atol=1e-6)
+        assert nib.aff2axcodes(aff) == ("L", "P", "S")
+        off_diagonal = np.abs(aff[:3, :3] / voxel - np.diag(np.diag(aff[:3, :3]) / voxel)).max()
+        assert off_diagonal > 0.01, "challenge headers are oblique"
+        assert np.allclose(np.array(s["t1"].shape) * voxel, demo.FOV_MM, atol=3)
+
+
+def test_eve_brain_is_another_anatomy_with_lesions_in_its_wm(unseen):
+    spec, subj = unseen
+    s = subj[0]
+    tissue = s["tissue"]
+    assert np.all(tissue[s["wmh"] == 1] == 3) and s["lesion_ml"] > 0.5
+    eve, mni = demo.template("eve"), demo.template()
+    coords = demo._world_coords(mni.wm.shape, mni.affine)  # Eve's WM seen on MNI152's grid, in the shared world
+    wm_a, wm_b = demo._sample(eve.wm, eve.affine, coords) > 0.5, mni.wm > 0.5
+    dice = 2 * (wm_a & wm_b).sum() / (wm_a.sum() + wm_b.sum())
+    assert 0.4 < dice < 0.85, f"Eve's WM should overlap MNI152's roughly but not exactly (Dice {dice:.2f})"
+    assert 20 < (eve.vent_dist == 0).sum() / 1000 < 80, "Eve's lateral ventricles found as for MNI152"
+    assert s["transform"]["template"] == "eve" and "template" not in demo.make_subject(0, demo.CohortSpec())["transform"]
+
+
+def test_mixed_skull_contrast_and_lesion_free_subjects(unseen):
+    _, subj = unseen
+    bright = [(s["t1"][s["tissue"] == 0] > 0.5 * s["t1"][s["tissue"] == 3].mean()).mean() for s in subj]
+    assert min(bright[0], bright[2]) > 5 * bright[1], f"a bright scalp on sites 1 and 3 only: {bright}"
+    free = subj[2]
+    assert not free["wmh"].any() and free["lesion_ml"] == 0 and free["group"] == "none"
+    assert subj[0]["wmh"].any() and subj[1]["wmh"].any()
+    plain = demo.make_subject(0, demo.CohortSpec(seed=5))
+    jittered = demo.make_subject(0, demo.CohortSpec(seed=5, contrast=0.3))
+    assert np.array_equal(plain["wmh"], jittered["wmh"]), "contrast changes intensities, not anatomy"
+    ratio = [s["flair"][s["wmh"] == 1].mean() / s["flair"][s["tissue"] == 3].mean() for s in (plain, jittered)]
+    assert abs(ratio[0] - ratio[1]) > 0.05 and not np.array_equal(plain["t1"], jittered["t1"])
+
+
+def test_generate_checks_new_options(tmp_path):
+    with pytest.raises(ValueError, match="brain must be one of"):
+        demo.generate(tmp_path / "x", brain="colin27")
+    with pytest.raises(ValueError, match="skull must be"):
+        demo.generate(tmp_path / "x", skull="some")
+    with pytest.raises(ValueError, match="must not be negative"):
+        demo.generate(tmp_path / "x", contrast=-1)

@@ -134,3 +134,64 @@ def test_refuses_wrong_or_missing_inputs(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((24, 28, 20), np.float32), np.eye(4)), odd)
     with pytest.raises(InputError, match="T1 is not on the grid of FLAIR"):
         inference.segment(seg, t1_path=odd, flair_path=paths["flair"])
+
+
+# ---------------------------------------------------------------- brain masks and minimum lesion size
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A demo head with skull and scalp (bright on FLAIR), as files, and its true brain mask on the FLAIR grid."""
+    from wmloc_utils import demo
+
+    folder = demo.write_subject(demo.make_subject(0, demo.CohortSpec(seed=1, skull=True)), tmp_path_factory.mktemp("head"))
+    t = demo.template()
+    mask = demo.warp_from_template(nib.Nifti1Image(t.brain.astype(np.uint8), t.affine), folder / "truth", order=0)
+    paths = {"t1": folder / "pre" / "T1.nii.gz", "flair": folder / "pre" / "FLAIR.nii.gz", "brain": folder / "brain.nii.gz"}
+    nib.save(mask, paths["brain"])
+    return paths, np.asanyarray(mask.dataobj) > 0
+
+
+def test_nothing_is_predicted_outside_the_brain_mask(head):
+    paths, brain = head
+    seg = inference.Segmenter(FlairThreshold(), _config(), torch.device("cpu"), Path("stub.pt"))
+    unmasked = np.asanyarray(inference.segment(seg, paths["t1"], paths["flair"])["mask"].dataobj) > 0
+    assert unmasked[~brain].sum() > 100, "the bright scalp fools an unmasked threshold"
+    out = inference.segment(seg, paths["t1"], paths["flair"], brain_mask=paths["brain"])
+    mask, prob = (np.asanyarray(out[k].dataobj) for k in ("mask", "prob"))
+    assert not mask[~brain].any() and not prob[~brain].any()
+    assert mask[brain].any(), "lesions inside the brain are still found"
+    regions = inference.Segmenter(FlairClasses(), _config(task="regions", inputs="flair"), torch.device("cpu"), Path("r.pt"))
+    labels = np.asanyarray(inference.segment(regions, flair_path=paths["flair"], brain_mask=nib.load(paths["brain"]))["labels"].dataobj)
+    assert not labels[~brain].any() and labels[brain].any()
+
+
+def test_brain_masked_network_needs_a_mask_on_the_flair_grid(tmp_path):
+    paths, _, aff = _subject(tmp_path, (2.0, 2.0, 2.0), "RAS", (24, 28, 22))
+    config = _config()
+    config["training"]["brain_masked"] = True
+    seg = inference.Segmenter(FlairThreshold(), config, torch.device("cpu"), Path("masked.pt"))
+    with pytest.raises(InputError, match="masked.pt: this network was trained on brain-masked images"):
+        inference.segment(seg, paths["t1"], paths["flair"])
+    nib.save(nib.Nifti1Image(np.ones((24, 28, 20), np.uint8), aff), tmp_path / "small.nii.gz")
+    with pytest.raises(InputError, match="brain mask is not on the grid of FLAIR"):
+        inference.segment(seg, paths["t1"], paths["flair"], brain_mask=tmp_path / "small.nii.gz")
+
+
+def test_min_lesion_size_removes_small_components(tmp_path):
+    paths, lesion, aff = _subject(tmp_path, (2.0, 2.0, 2.0), "RAS", (24, 28, 22))
+    flair = nib.load(paths["flair"])
+    data = np.asanyarray(flair.dataobj).copy()
+    data[18:20, 20:22, 16:18] += 2.0  # a second, tiny lesion of 8 voxels (0.064 mL)
+    nib.save(nib.Nifti1Image(data, aff), paths["flair"])
+    seg = inference.Segmenter(FlairThreshold(), _config(), torch.device("cpu"), Path("stub.pt"))
+    n = [_n_lesions(inference.segment(seg, paths["t1"], paths["flair"], min_lesion_ml=ml)["mask"])
+         for ml in (0.0, 0.2)]
+    assert n == [2, 1], n
+    kept = np.asanyarray(inference.segment(seg, paths["t1"], paths["flair"], min_lesion_ml=0.2)["mask"].dataobj)
+    assert 2 * (kept & lesion).sum() / (kept.sum() + lesion.sum()) > 0.8
+
+
+def _n_lesions(img):
+    """Number of 26-connected lesions of a predicted mask."""
+    from wmloc_utils.metrics import lesions
+
+    return lesions(np.asanyarray(img.dataobj) > 0)[1]

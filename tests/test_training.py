@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import ndimage
 
 from wmloc_utils import training
 from wmloc_utils.images import InputError
@@ -143,3 +144,83 @@ def test_training_without_masks_says_how_to_apply_instead():
     with pytest.raises(InputError, match=r"2 of 4 subjects have a lesion mask.*lesion_checkpoint"):
         training.labelled_subjects(table)
     assert training.labelled_subjects(table, minimum=2)["subject"].tolist() == ["a", "d"]
+
+
+# ----------------------------------------------------------------------------- robustness: brain masks, augmentation
+
+@pytest.fixture(scope="module")
+def headed(cohort, tmp_path_factory):
+    """The tiny cohort with a bright 'scalp' shell around each brain, and each subject's brain mask."""
+    folder = tmp_path_factory.mktemp("heads")
+    rows = []
+    for row in cohort.itertuples(index=False):
+        flair = nib.load(row.flair)
+        brain = np.asanyarray(flair.dataobj) > 0
+        shell = ndimage.binary_dilation(brain, iterations=3) & ~ndimage.binary_dilation(brain, iterations=1)
+        new = {"subject": row.subject, "lesion": row.lesion, "group": row.group}
+        for key in ("t1", "flair"):
+            img = nib.load(getattr(row, key))
+            new[key] = str(folder / f"{row.subject}_{key}.nii.gz")
+            nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj) + 5.0 * shell, img.affine), new[key])
+        new["brain"] = str(folder / f"{row.subject}_brain.nii.gz")
+        nib.save(nib.Nifti1Image(brain.astype(np.uint8), flair.affine), new["brain"])
+        rows.append(new)
+    return pd.DataFrame(rows)
+
+
+def test_brain_masked_preprocessing_ignores_the_scalp(headed):
+    rec = training.make_records(headed, "t1+flair", "lesion", brain_col="brain")[0]
+    assert rec["brain"] == headed["brain"][0]
+    masked = training.preprocessing((2.0, 2.0, 2.0), with_label=True, brain=True)(rec)
+    plain = training.preprocessing((2.0, 2.0, 2.0), with_label=True)(rec)
+    inside = masked["brain"][0] > 0
+    assert not masked["image"][:, ~inside].any(), "nothing outside the brain mask"
+    flair = masked["image"][1][inside]
+    assert abs(float(flair.mean())) < 0.05 and abs(float(flair.std()) - 1) < 0.05, "z-scored over brain voxels"
+    assert plain["image"][:, ~inside].abs().max() > 1, "without the mask the scalp stays in"
+
+
+def test_brain_masked_pipeline_needs_masks(headed, tmp_path):
+    recs = training.make_records(headed, "t1+flair", "lesion")
+    with pytest.raises(RuntimeError) as err:  # MONAI wraps a transform's error; the cause is ours
+        training.training_transforms(tiny_cfg(brain_masked=True))(recs[0])
+    assert isinstance(err.value.__cause__, InputError) and "subject s0: no brain mask" in str(err.value.__cause__)
+    bad = headed.copy()
+    other = tmp_path / "odd_brain.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((30, 32, 32), np.uint8), np.eye(4)), other)
+    bad.loc[0, "brain"] = str(other)
+    with pytest.raises(InputError, match="subject s0: brain is not on the grid of FLAIR"):
+        training.make_records(bad, "t1+flair", "lesion", brain_col="brain")
+
+
+def test_augment_sets(cohort):
+    names = {aug: [type(t).__name__ for t in training.training_transforms(tiny_cfg(augment=aug)).transforms]
+             for aug in training.AUGMENTATIONS}
+    scanner = {"RandBiasFieldd", "RandAdjustContrastd", "RandHistogramShiftd", "RandGaussianNoised",
+               "RandGaussianSmoothd", "RandSimulateLowResolutiond"}
+    assert scanner <= set(names["scanner"]) and not scanner & set(names["basic"])
+    assert names["basic"][-3:] == ["RandAffined", "RandScaleIntensityd", "RandShiftIntensityd"]
+    assert training.TrainConfig().augment == "scanner"
+    with pytest.raises(ValueError, match="augment must be one of"):
+        tiny_cfg(augment="heavy")
+
+
+def test_scanner_augmentation_keeps_background_zero_and_labels(cohort):
+    rec = training.make_records(cohort, "t1+flair", "lesion")[0]
+    cfg = tiny_cfg(augment="scanner", spacing=(2.0, 2.0, 2.0), samples_per_volume=4)
+    transforms = training.training_transforms(cfg)
+    transforms.set_random_state(0)
+    for _ in range(3):
+        for patch in transforms(rec):
+            assert set(patch) >= {"image", "label", "skeleton"} and "foreground" not in patch
+            assert patch["image"].shape == (2, 16, 16, 16)
+            assert set(np.unique(patch["label"].numpy())) <= {0, 1, 2}
+            background = patch["image"][0] == 0
+            assert background.any() and not patch["image"][1][background].any(), "augmented noise off the brain"
+
+
+def test_brain_masked_training_records_it_in_the_checkpoint(headed, tmp_path):
+    recs = training.make_records(headed, "t1+flair", "lesion", brain_col="brain")
+    out = training.train(tiny_cfg(brain_masked=True), recs[:3], recs[3:], tmp_path, progress=False)
+    _, config = training.load_checkpoint(out["last"], "cpu")
+    assert config["training"]["brain_masked"] is True and config["training"]["augment"] == "scanner"

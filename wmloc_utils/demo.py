@@ -2,15 +2,18 @@
 
 No WMH data set can be downloaded offline, so wmloc makes one with real structure to find:
 
-- each subject is the MNI152 template under a random affine (rotation up to 10 degrees, scale
-  0.9-1.1, translation up to 10 mm) plus a smooth random deformation, sampled on the subject's
-  own grid (2 mm isotropic by default, 1 mm, or a challenge-like 1x1x3 mm), stored RAS or LAS;
+- each subject is the MNI152 template (or, ``brain="eve"``, another brain: the JHU Eve subject) under
+  a random affine (rotation up to 10 degrees, scale 0.9-1.1, translation up to 10 mm) plus a smooth
+  random deformation, sampled on the subject's own grid (2 mm isotropic by default, 1 mm, 1x1x3 mm,
+  or ``grid="challenge"``: the MICCAI sites' voxel sizes, stored LPS and oblique), stored RAS or LAS;
 - T1 and FLAIR are synthesised from the tissue maps with subject-specific intensities, partial
   volume, a smooth bias field and noise; WMH are hypointense on T1 and hyperintense on FLAIR;
 - WMH follow spatial priors (periventricular caps and bands, deep punctate and confluent lesions),
   always inside WM, 0.5-50 mL; some subjects carry a lacune-like hole labelled 2 ("other pathology");
 - four groups have distinct regional patterns (frontal periventricular, posterior periventricular,
-  deep subcortical, low load) and covariates (age, sex) in ``participants.tsv``.
+  deep subcortical, low load) and covariates (age, sex) in ``participants.tsv``;
+- options for testing generalisation: a skull and scalp on all or some sites (``skull="mixed"``),
+  stronger scanner contrast jitter (``contrast``) and lesion-free subjects (``lesion_free_every``).
 
 The cohort is written in the MICCAI 2017 WMH challenge layout, with the truth kept beside each
 subject in ``truth/``: the true tissue classes and the true template-to-subject transform, which
@@ -39,6 +42,12 @@ from .images import atomic_path, save_nifti, write_table_atomic
 GROUPS = ("frontal_pv", "posterior_pv", "deep", "low_load")
 SITES = {"siteA": "RAS", "siteB": "LAS", "siteC": "RAS"}
 GRIDS = {"2mm": (2.0, 2.0, 2.0), "1mm": (1.0, 1.0, 1.0), "aniso": (1.0, 1.0, 3.0)}
+# grid="challenge": per-site voxel sizes (mm) like the MICCAI 2017 WMH scanners, stored LPS on an oblique grid
+# (GE3T: a 3D acquisition with 1.2 mm sagittal slices).
+CHALLENGE_SITES = {"Utrecht": (0.96, 0.95, 3.0), "Singapore": (1.0, 1.0, 3.0), "GE3T": (1.2, 0.98, 0.98)}
+GRID_CHOICES = (*GRIDS, "challenge")
+BRAINS = ("mni152", "eve")
+MAX_OBLIQUE_DEG = 8.0  # challenge grids: rotation of the voxel axes relative to the scanner's world axes
 FOV_MM = np.array([188.0, 224.0, 188.0])
 FORMAT_VERSION = 1
 
@@ -61,8 +70,11 @@ class CohortSpec:
     n_subjects: int = 24
     seed: int = 0
     grid: str = "2mm"
-    skull: bool = False
+    skull: bool | str = False        # True, False or "mixed" (on the first and third site, not the second)
     lacune_every: int = 5
+    brain: str = "mni152"            # "mni152" (nilearn's template) or "eve" (the JHU Eve subject; needs WMLOC_DATA)
+    contrast: float = 0.0            # extra scanner jitter: tissue intensities, gamma, bias and noise (0: none)
+    lesion_free_every: int = 0       # every k-th subject has no lesions at all (0: none)
 
 
 # ---------------------------------------------------------------- template space
@@ -79,15 +91,45 @@ class Template:
     out_dist: np.ndarray   # mm outside the brain mask (0 inside)
 
 
-@lru_cache(maxsize=1)
-def template() -> Template:
-    """Load nilearn's MNI152 maps (shipped in its wheel, no download) and derive CSF and ventricle distance."""
+@lru_cache(maxsize=2)
+def template(brain: str = "mni152") -> Template:
+    """Template maps of a brain: nilearn's MNI152 (shipped in its wheel) or the JHU Eve subject (``brain="eve"``).
+
+    Eve's header has no origin, so its world is shifted to put its brain's centre of mass on MNI152's:
+    the lesion priors (template coordinates in mm) then mean the same places in both brains.
+    """
     from nilearn import datasets
 
-    gm_img = datasets.load_mni152_gm_template(resolution=1)
-    gm = gm_img.get_fdata().astype(np.float32)
-    wm = datasets.load_mni152_wm_template(resolution=1).get_fdata().astype(np.float32)
-    brain = datasets.load_mni152_brain_mask(resolution=1).get_fdata() > 0.5
+    if brain not in BRAINS:
+        raise ValueError(f"brain must be one of {list(BRAINS)}, got {brain!r}")
+    mni_mask = datasets.load_mni152_brain_mask(resolution=1)
+    if brain == "mni152":
+        gm = datasets.load_mni152_gm_template(resolution=1).get_fdata().astype(np.float32)
+        wm = datasets.load_mni152_wm_template(resolution=1).get_fdata().astype(np.float32)
+        return _derive_template(mni_mask.affine, gm, wm, mni_mask.get_fdata() > 0.5)
+    from .atlas import load_eve
+
+    eve = load_eve()
+    classes = np.asanyarray(eve["tissue"].dataobj)
+    mask = (np.asanyarray(eve["mask"].dataobj) > 0) | (classes > 0)
+    # Fractions from Eve's own T1 (a fuzzy linear model between the tissue means), which keeps its partial
+    # volume: Eve's class 1 is a CSF/GM mix (T1 between CSF and GM); its pure CSF is class 0 inside the mask.
+    t1 = eve["t1"].get_fdata(dtype=np.float32)
+    m_csf, m_gm, m_wm = (np.median(t1[sel & mask]) for sel in (classes == 0, classes == 2, classes == 3))
+    gm_up = np.clip((t1 - m_csf) / (m_gm - m_csf), 0, 1)
+    wm = np.where(mask, np.clip((t1 - m_gm) / (m_wm - m_gm), 0, 1), 0).astype(np.float32)
+    gm = np.where(mask & (wm == 0), gm_up, np.where(mask, 1 - wm, 0)).astype(np.float32)
+    affine = eve["tissue"].affine.copy()
+
+    def centre(m, aff):
+        return aff[:3, :3] @ np.array(ndimage.center_of_mass(m)) + aff[:3, 3]
+
+    affine[:3, 3] += centre(mni_mask.get_fdata() > 0.5, mni_mask.affine) - centre(mask, affine)
+    return _derive_template(affine, gm, wm, mask)
+
+
+def _derive_template(affine: np.ndarray, gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> Template:
+    """CSF (brain minus GM and WM), lateral-ventricle and outside-brain distances: the same for every brain."""
     total = gm + wm
     scale = np.where(total > 1, 1 / np.maximum(total, 1e-6), 1.0)
     gm, wm = gm * scale, wm * scale
@@ -99,7 +141,7 @@ def template() -> Template:
     keep = np.isin(lab, 1 + np.flatnonzero(sizes >= 0.1 * sizes.max()))
     vent_dist = ndimage.distance_transform_edt(~keep).astype(np.float32)
     out_dist = ndimage.distance_transform_edt(~brain).astype(np.float32)
-    return Template(gm_img.affine.copy(), csf, gm, wm, brain, vent_dist, out_dist)
+    return Template(affine, csf, gm, wm, brain, vent_dist, out_dist)
 
 
 def _sample(volume: np.ndarray, tmpl_affine: np.ndarray, coords_mm: np.ndarray, order: int = 1,
@@ -116,14 +158,9 @@ def _sample(volume: np.ndarray, tmpl_affine: np.ndarray, coords_mm: np.ndarray, 
 def _random_transform(rng: np.random.Generator) -> dict:
     """A random subject->template pull-back: affine M then a smooth displacement on a coarse grid."""
     ang = np.deg2rad(rng.uniform(-10, 10, 3))
-    cx, cy, cz = np.cos(ang)
-    sx, sy, sz = np.sin(ang)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
     scale = rng.uniform(0.9, 1.1, 3)  # subject size relative to the template
     fwd = np.eye(4)
-    fwd[:3, :3] = rz @ ry @ rx @ np.diag(scale)
+    fwd[:3, :3] = _rotation(ang) @ np.diag(scale)
     fwd[:3, 3] = rng.uniform(-10, 10, 3)
     control = rng.normal(0.0, 2.5, size=(3, 5, 6, 5))  # mm, smooth after cubic interpolation
     return {"template_to_subject": fwd.tolist(), "control_mm": control.tolist(),
@@ -142,15 +179,30 @@ def _pullback(transform: dict, world_mm: np.ndarray) -> np.ndarray:
     return x + disp.reshape(x.shape)
 
 
-def _subject_grid(transform: dict, voxel: tuple[float, float, float], orientation: str) -> tuple[tuple, np.ndarray]:
-    """Shape and affine of a subject grid centred on the subject's brain, stored RAS or LAS."""
+def _rotation(angles_rad: np.ndarray) -> np.ndarray:
+    """Rotation matrix Rz @ Ry @ Rx for angles (x, y, z) in radians."""
+    cx, cy, cz = np.cos(angles_rad)
+    sx, sy, sz = np.sin(angles_rad)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _subject_grid(transform: dict, voxel: tuple[float, float, float], orientation: str,
+                  oblique_deg: np.ndarray | None = None) -> tuple[tuple, np.ndarray]:
+    """Shape and affine of a subject grid centred on the subject's brain, stored RAS, LAS or LPS.
+
+    ``oblique_deg`` (x, y, z angles) rotates the voxel axes, as an oblique acquisition's header does.
+    """
     fwd = np.asarray(transform["template_to_subject"])
     centre = fwd[:3, :3] @ np.array([0.0, -18.0, 18.0]) + fwd[:3, 3]
     vox = np.asarray(voxel)
     shape = tuple(int(s) for s in np.ceil(FOV_MM / vox).astype(int))
-    aff = np.diag([*vox, 1.0])
-    if orientation == "LAS":
-        aff[0, 0] = -vox[0]
+    signs = {"RAS": (1, 1, 1), "LAS": (-1, 1, 1), "LPS": (-1, -1, 1)}[orientation]
+    aff = np.diag([*(vox * signs), 1.0])
+    if oblique_deg is not None:
+        aff[:3, :3] = _rotation(np.deg2rad(oblique_deg)) @ aff[:3, :3]
     aff[:3, 3] = centre - aff[:3, :3] @ ((np.array(shape) - 1) / 2)
     return shape, aff
 
@@ -247,16 +299,42 @@ def _contrast(pv: np.ndarray, means: np.ndarray, rng: np.random.Generator, bias:
     return np.sqrt(real ** 2 + imag ** 2).astype(np.float32)  # Rician magnitude noise
 
 
+def _site_grid(index: int, spec: CohortSpec, extra: np.random.Generator) -> tuple[str, tuple, str, np.ndarray | None]:
+    """Site name, voxel size, stored orientation and header obliquity (degrees) of subject ``index``."""
+    if spec.grid == "challenge":
+        site = list(CHALLENGE_SITES)[index % len(CHALLENGE_SITES)]
+        return site, CHALLENGE_SITES[site], "LPS", extra.uniform(-MAX_OBLIQUE_DEG, MAX_OBLIQUE_DEG, 3)
+    site = list(SITES)[index % len(SITES)]
+    return site, GRIDS[spec.grid], SITES[site], None
+
+
+def _has_skull(index: int, spec: CohortSpec) -> bool:
+    """Whether subject ``index`` keeps a skull and scalp (``skull="mixed"``: all but the second site)."""
+    if spec.skull == "mixed":
+        return index % 3 != 1
+    return bool(spec.skull)
+
+
+def _scanner(extra: np.random.Generator, strength: float) -> dict:
+    """Scanner-specific changes drawn for ``contrast=strength``: tissue intensity factors, gamma, bias, noise, scale."""
+    if strength <= 0:
+        return {"t1": 1.0, "flair": 1.0, "gamma": (1.0, 1.0), "bias": 1.0, "noise": 1.0, "scale": 1.0}
+    return {"t1": extra.uniform(1 - strength, 1 + strength, 4), "flair": extra.uniform(1 - strength, 1 + strength, 4),
+            "gamma": tuple(np.exp(extra.uniform(-strength, strength, 2))), "bias": 1 + strength * extra.uniform(0, 3),
+            "noise": 1 + strength * extra.uniform(0, 4), "scale": float(np.exp(extra.uniform(-1, 1)))}
+
+
 def make_subject(index: int, spec: CohortSpec) -> dict:
     """Synthesise one subject: images, lesion mask, true tissues and transform, and its covariates."""
     rng = np.random.default_rng([spec.seed, index])
-    t = template()
+    extra = np.random.default_rng([spec.seed, index, 1])  # options' draws: the default cohort's stream is unchanged
+    t = template(spec.brain)
+    lesion_free = bool(spec.lesion_free_every) and index % spec.lesion_free_every == spec.lesion_free_every - 1
     group = GROUPS[index % len(GROUPS)]
-    site = list(SITES)[index % len(SITES)]
     prior = GROUP_PRIORS[group]
     transform = _random_transform(rng)
-    voxel = GRIDS[spec.grid]
-    shape, affine = _subject_grid(transform, voxel, SITES[site])
+    site, voxel, orientation, oblique = _site_grid(index, spec, extra)
+    shape, affine = _subject_grid(transform, voxel, orientation, oblique)
     coords = _pullback(transform, _world_coords(shape, affine))
     # partial volume: blur the template maps to the subject's voxel size before sampling
     sigma = tuple(max(v / 2.355 - 0.3, 0.0) for v in voxel)
@@ -267,10 +345,13 @@ def make_subject(index: int, spec: CohortSpec) -> dict:
     tissue = np.argmax(np.stack([np.full(shape, 0.2, np.float32), csf, gm, wm], -1), -1).astype(np.uint8)
     tissue[(csf + gm + wm) < 0.35] = 0
     voxel_ml = float(np.prod(voxel)) / 1000
-    lesion = _make_lesions(rng, prior, coords, vent, tissue == 3, voxel)
+    if lesion_free:
+        lesion = np.zeros(shape, bool)
+    else:
+        lesion = _make_lesions(rng, prior, coords, vent, tissue == 3, voxel)
     wmh = lesion.astype(np.uint8)
     lacune = np.zeros(shape, bool)
-    if spec.lacune_every and index % spec.lacune_every == spec.lacune_every - 1:
+    if spec.lacune_every and index % spec.lacune_every == spec.lacune_every - 1 and not lesion_free:
         cand = np.flatnonzero(((tissue == 3) & ~lesion & (vent > 6) & (vent < 20)).ravel())
         centre = coords.reshape(-1, 3)[rng.choice(cand)]
         lacune = (np.linalg.norm(coords - centre, axis=-1) < rng.uniform(2.5, 4.5)) & (tissue == 3) & ~lesion
@@ -284,18 +365,24 @@ def make_subject(index: int, spec: CohortSpec) -> dict:
     wm_eff = np.where(lacune, 0, wm_eff)
     pv = np.stack([csf_eff, gm, wm_eff, wm * les_pv], -1)
     t1_extra = flair_extra = None
-    if spec.skull:
+    if _has_skull(index, spec):
         skull = ((out > 3) & (out < 8)).astype(np.float32)
         scalp = ((out >= 8) & (out < 14)).astype(np.float32)
         t1_extra = 0.05 * skull + 0.9 * scalp
         flair_extra = 0.04 * skull + 0.55 * scalp
-    bias = _smooth_field(rng, shape, 0.25)
-    t1 = _contrast(pv, T1_MEANS, rng, bias, 0.02, t1_extra)
-    flair = _contrast(pv, FLAIR_MEANS, rng, bias * _smooth_field(rng, shape, 0.1), 0.025, flair_extra)
+    sc = _scanner(extra, spec.contrast)
+    bias = _smooth_field(rng, shape, 0.25 * sc["bias"])
+    t1 = _contrast(pv, T1_MEANS * sc["t1"], rng, bias, 0.02 * sc["noise"], t1_extra)
+    flair = _contrast(pv, FLAIR_MEANS * sc["flair"], rng, bias * _smooth_field(rng, shape, 0.1 * sc["bias"]),
+                      0.025 * sc["noise"], flair_extra)
+    if spec.contrast > 0:  # a scanner-specific non-linear intensity response
+        t1, flair = (np.power(np.maximum(img, 0), g) for img, g in zip((t1, flair), sc["gamma"]))
     tissue[lesion] = 3
+    scale = 1000 * sc["scale"]
     return {
-        "id": f"{index + 1:03d}", "site": site, "group": group, "affine": affine, "transform": transform,
-        "t1": np.clip(t1 * 1000, 0, 32767).astype(np.int16), "flair": np.clip(flair * 1000, 0, 32767).astype(np.int16),
+        "id": f"{index + 1:03d}", "site": site, "group": "none" if lesion_free else group, "affine": affine,
+        "transform": dict(transform, template=spec.brain) if spec.brain != "mni152" else transform,
+        "t1": np.clip(t1 * scale, 0, 32767).astype(np.int16), "flair": np.clip(flair * scale, 0, 32767).astype(np.int16),
         "wmh": wmh, "tissue": tissue,
         "age": int(round(rng.normal(*prior["age"]))), "sex": str(rng.choice(["F", "M"])),
         "lesion_ml": float(lesion.sum() * voxel_ml),
@@ -329,17 +416,28 @@ def write_subject(subj: dict, root: Path) -> Path:
 
 
 def generate(root: str | os.PathLike, n_subjects: int = 24, seed: int = 0, grid: str = "2mm",
-             skull: bool = False, progress: bool = True) -> pd.DataFrame:
+             skull: bool | str = False, progress: bool = True, brain: str = "mni152", contrast: float = 0.0,
+             lesion_free_every: int = 0, lacune_every: int = 5) -> pd.DataFrame:
     """Generate (or reuse, when the same spec is already there) the demo cohort; return participants.
+
+    ``grid``: "2mm", "1mm", "aniso" (1x1x3 mm) or "challenge" (per-site MICCAI-like voxels, LPS, oblique);
+    ``skull``: True, False or "mixed"; ``brain``: "mni152" or "eve"; see :class:`CohortSpec` for the rest.
 
     Files: ``<root>/<site>/<id>/pre/{T1,FLAIR}.nii.gz``, ``<root>/<site>/<id>/wmh.nii.gz``,
     ``<root>/<site>/<id>/truth/{tissue.nii.gz,transform.json}``, ``<root>/participants.tsv``, ``<root>/cohort.json``.
     """
-    if grid not in GRIDS:
-        raise ValueError(f"grid must be one of {sorted(GRIDS)}, got {grid!r}")
+    if grid not in GRID_CHOICES:
+        raise ValueError(f"grid must be one of {sorted(GRID_CHOICES)}, got {grid!r}")
+    if brain not in BRAINS:
+        raise ValueError(f"brain must be one of {list(BRAINS)}, got {brain!r}")
+    if skull not in (True, False, "mixed"):
+        raise ValueError(f"skull must be True, False or 'mixed', got {skull!r}")
     if n_subjects < 1:
         raise ValueError(f"n_subjects must be at least 1, got {n_subjects}")
-    spec = CohortSpec(n_subjects=n_subjects, seed=seed, grid=grid, skull=skull)
+    if contrast < 0 or lesion_free_every < 0:
+        raise ValueError(f"contrast ({contrast}) and lesion_free_every ({lesion_free_every}) must not be negative")
+    spec = CohortSpec(n_subjects=n_subjects, seed=seed, grid=grid, skull=skull, lacune_every=lacune_every,
+                      brain=brain, contrast=float(contrast), lesion_free_every=int(lesion_free_every))
     root = Path(root)
     stamp = root / "cohort.json"
     want = dict(asdict(spec), format=FORMAT_VERSION)
@@ -376,15 +474,20 @@ def withhold_masks(root: str | os.PathLike, dest: str | os.PathLike) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``wmloc-demo OUT [--n-subjects N] [--seed S] [--grid 2mm|1mm|aniso] [--skull]``."""
+    """Command line: ``wmloc-demo OUT [--n-subjects N] [--seed S] [--grid G] [--skull | --mixed-skull] [--brain B] ...``."""
     parser = argparse.ArgumentParser(description="Generate the wmloc synthetic demo cohort (WMH challenge layout).")
     parser.add_argument("out", help="output folder")
     parser.add_argument("--n-subjects", type=int, default=CohortSpec.n_subjects)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grid", choices=sorted(GRIDS), default="2mm")
+    parser.add_argument("--grid", choices=sorted(GRID_CHOICES), default="2mm")
     parser.add_argument("--skull", action="store_true", help="add a synthetic skull and scalp (not skull-stripped)")
+    parser.add_argument("--mixed-skull", action="store_true", help="skull and scalp on the first and third site only")
+    parser.add_argument("--brain", choices=BRAINS, default="mni152", help="template brain (eve needs WMLOC_DATA)")
+    parser.add_argument("--contrast", type=float, default=0.0, help="extra scanner contrast jitter (e.g. 0.3)")
+    parser.add_argument("--lesion-free-every", type=int, default=0, help="every k-th subject has no lesions")
     args = parser.parse_args(argv)
-    table = generate(args.out, args.n_subjects, args.seed, args.grid, args.skull)
+    table = generate(args.out, args.n_subjects, args.seed, args.grid, "mixed" if args.mixed_skull else args.skull,
+                     brain=args.brain, contrast=args.contrast, lesion_free_every=args.lesion_free_every)
     print(table.to_string(index=False))
 
 

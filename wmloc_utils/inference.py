@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import runtime
 from .images import InputError, check_same_grid, like, load_nifti, save_nifti
+from .metrics import lesions
 from .training import INPUTS, check_inputs, load_checkpoint, preprocessing
 
 OUTPUT_NAMES = {"lesion": {"mask": "lesion_pred.nii.gz", "prob": "lesion_prob.nii.gz"},
@@ -55,16 +57,36 @@ def _tta_flips(config: dict, tta: bool) -> list[tuple[int, ...]]:
     return [()] + [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
+def is_brain_masked(config: dict) -> bool:
+    """Whether a checkpoint's network was trained on brain-masked images (and so needs a mask at inference)."""
+    return bool(config.get("brain_masked", config.get("training", {}).get("brain_masked", False)))
+
+
+def remove_small_lesions(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Drop 26-connected components of a binary mask with fewer than ``min_voxels`` voxels."""
+    labels, n = lesions(mask)
+    if n == 0 or min_voxels <= 1:
+        return np.asarray(mask, bool)
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[labels]
+
+
 def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike | None = None,
             flair_path: str | os.PathLike | None = None, tta: bool = False, inputs: str | None = None,
             sw_batch_size: int = 4, overlap: float = 0.25, roi_size: int | None = None,
-            chunk: int = 8) -> dict[str, nib.Nifti1Image]:
+            chunk: int = 8, brain_mask: str | os.PathLike | nib.spatialimages.SpatialImage | None = None,
+            min_lesion_ml: float = 0.0) -> dict[str, nib.Nifti1Image]:
     """Segment one subject; return images on the FLAIR grid ({"mask", "prob"} or {"labels"}).
 
     ``roi_size`` (default: the training patch) sets the sliding window; a larger window means fewer
     windows, i.e. faster on a CPU. ``inputs`` (default: the checkpoint's) must match the mode the network was trained on; every
     modality it needs must be given, on the same grid. ``chunk`` region classes are resampled onto the
     FLAIR grid at a time (memory: ``chunk`` float32 copies of the FLAIR volume).
+    ``brain_mask`` (path or image on the FLAIR grid, e.g. notebook 03's brain_mask.nii.gz) multiplies the
+    images before normalisation, and nothing is predicted outside it; networks trained brain-masked
+    require it. ``min_lesion_ml`` removes predicted lesions (26-connected) smaller than that volume.
     """
     seg = segmenter if isinstance(segmenter, Segmenter) else load_segmenter(segmenter)
     cfg = seg.config
@@ -79,9 +101,23 @@ def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike
     for m in cfg["modalities"]:
         if m != ref_name:
             check_same_grid(ref, load_nifti(given[m], what=m.upper()), ref_name.upper(), m.upper())
+    if brain_mask is None and is_brain_masked(cfg):
+        raise InputError(f"{seg.path}: this network was trained on brain-masked images and needs brain_mask= "
+                         f"(a brain mask on the {ref_name.upper()} grid, e.g. notebook 03's brain_mask.nii.gz)")
+    brain = None
+    if brain_mask is not None:
+        brain_img = brain_mask if isinstance(brain_mask, nib.spatialimages.SpatialImage) else load_nifti(brain_mask, what="brain mask")
+        check_same_grid(ref, brain_img, ref_name.upper(), "brain mask")
+        brain = np.asanyarray(brain_img.dataobj) > 0
+        if not brain.any():
+            raise InputError(f"{getattr(brain_img, 'get_filename', lambda: None)() or 'brain mask'}: brain mask is empty")
 
-    pre = preprocessing(cfg["spacing"], with_label=False)
-    data = pre({"image": [str(given[m]) for m in cfg["modalities"]]})
+    pre = preprocessing(cfg["spacing"], with_label=False, brain=brain is not None)
+    record = {"image": [str(given[m]) for m in cfg["modalities"]]}
+    with tempfile.TemporaryDirectory(prefix="wmloc-brain-") as tmp:
+        if brain is not None:  # the preprocessing reads the mask from a file, on the reference grid
+            record["brain"] = str(save_nifti(like(ref, brain.astype(np.uint8)), Path(tmp) / "brain.nii.gz"))
+        data = pre(record)
     image = data["image"]
     x = image.as_tensor()[None].to(seg.device)
     flips = _tta_flips(cfg, tta)
@@ -102,7 +138,13 @@ def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike
 
     if cfg["task"] == "lesion":
         prob = np.clip(_invert(probs[1:2], image, pre, ref.shape[:3])[0], 0, 1).astype(np.float32)
-        return {"mask": like(ref, (prob >= 0.5).astype(np.uint8)), "prob": like(ref, prob)}
+        if brain is not None:
+            prob[~brain] = 0
+        mask = prob >= 0.5
+        if min_lesion_ml > 0:
+            voxel_ml = abs(np.linalg.det(ref.affine[:3, :3])) / 1000
+            mask = remove_small_lesions(mask, int(np.ceil(min_lesion_ml / voxel_ml - 1e-9)))
+        return {"mask": like(ref, mask.astype(np.uint8)), "prob": like(ref, prob)}
     # Regions: resample the class probabilities (not the labels) onto the FLAIR grid and take the most
     # probable class there, so that boundaries are placed at native resolution rather than in
     # blocks of the training spacing. Classes go a few at a time to bound memory at 1 mm.
@@ -111,7 +153,10 @@ def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike
         value, index = torch.as_tensor(_invert(probs[start:start + chunk], image, pre, ref.shape[:3])).max(0)
         better = value > best
         best, labels = torch.where(better, value, best), torch.where(better, index + start, labels)
-    return {"labels": like(ref, labels.numpy().astype(np.int16))}
+    labels = labels.numpy().astype(np.int16)
+    if brain is not None:
+        labels[~brain] = 0
+    return {"labels": like(ref, labels)}
 
 
 def _invert(channels: torch.Tensor, image: MetaTensor, pre, shape: tuple[int, ...]) -> np.ndarray:
@@ -163,13 +208,15 @@ def _stamp(paths: dict[str, str | os.PathLike | None], **settings) -> dict:
 
 def predict_cohort(table: pd.DataFrame, out_root: str | os.PathLike, lesion_checkpoint: str | os.PathLike | None = None,
                    region_checkpoint: str | os.PathLike | None = None, split: pd.DataFrame | None = None,
-                   tta: bool = False, device: str = "auto", progress: bool = True) -> pd.DataFrame:
+                   tta: bool = False, device: str = "auto", progress: bool = True,
+                   brain_col: str | None = None, **kwargs) -> pd.DataFrame:
     """Predict every subject of ``table`` into ``out_root/<subject>/`` with each given checkpoint.
 
     A subject whose outputs exist and whose inputs, checkpoints and settings are unchanged (same
-    ``prediction.json``) is not predicted again. Returns one row per subject: subject, split,
-    lesion_pred, lesion_prob, regions_pred. The split comes from ``split`` when given, else from the
-    lesion checkpoint: "train"/"val" for subjects it was trained on, "test" for all others.
+    ``<task>_prediction.json``) is not predicted again. ``brain_col`` names a column of brain masks
+    (FLAIR grid) passed to :func:`segment`, as are ``kwargs``. Returns one row per subject: subject,
+    split, lesion_pred, lesion_prob, regions_pred. The split comes from ``split`` when given, else from
+    the lesion checkpoint: "train"/"val" for subjects it was trained on, "test" for all others.
     """
     import json
 
@@ -188,12 +235,14 @@ def predict_cohort(table: pd.DataFrame, out_root: str | os.PathLike, lesion_chec
         out_dir = Path(out_root) / subject
         t1, flair = getattr(row, "t1", None), getattr(row, "flair", None)
         for task, seg in models.items():
+            brain = getattr(row, brain_col) if brain_col else None
             paths = {k: out_dir / name for k, name in OUTPUT_NAMES[task].items()}
-            stamp = _stamp({"t1": t1, "flair": flair, "checkpoint": seg.path}, tta=tta)
+            stamp = _stamp({"t1": t1, "flair": flair, "brain": brain, "checkpoint": seg.path}, tta=tta,
+                           **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))})
             done = out_dir / f"{task}_prediction.json"
             fresh = done.exists() and json.loads(done.read_text()) == stamp and all(p.exists() for p in paths.values())
             if not fresh:
-                predict(seg, t1, flair, out_paths=paths, tta=tta)
+                predict(seg, t1, flair, out_paths=paths, tta=tta, brain_mask=brain, **kwargs)
                 with atomic_path(done) as tmp:
                     tmp.write_text(json.dumps(stamp, indent=1))
             out.update({names[k]: str(p) for k, p in paths.items()})

@@ -23,10 +23,11 @@ import torch
 from monai.data import CacheDataset, DataLoader, list_data_collate
 from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric
-from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, Flip, LoadImaged, MapTransform,
-                              NormalizeIntensityd, Orientationd, RandAffined, RandCropByPosNegLabeld,
-                              RandFlipd, RandomizableTransform, RandScaleIntensityd, RandShiftIntensityd, Spacingd,
-                              SpatialPadd)
+from monai.transforms import (Compose, DeleteItemsd, EnsureChannelFirstd, EnsureTyped, Flip, LoadImaged, MapTransform,
+                              MaskIntensityd, NormalizeIntensityd, Orientationd, RandAdjustContrastd, RandAffined,
+                              RandBiasFieldd, RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised,
+                              RandGaussianSmoothd, RandHistogramShiftd, RandomizableTransform, RandScaleIntensityd,
+                              RandShiftIntensityd, RandSimulateLowResolutiond, Spacingd, SpatialPadd)
 from tqdm.auto import tqdm
 
 from . import __version__, atlas, runtime
@@ -44,6 +45,9 @@ TASKS: dict[str, dict[str, Any]] = {
 # Input modes -> channels, in this order.
 INPUTS: dict[str, tuple[str, ...]] = {"t1+flair": ("t1", "flair"), "flair": ("flair",), "t1": ("t1",)}
 NORMALISATION = "z-score per modality over non-zero (brain) voxels: NormalizeIntensityd(nonzero=True, channel_wise=True)"
+# Augmentation sets: "basic" (flips, small affine, intensity scale/shift: the original set) and "scanner" (also
+# what changes between scanners: orientation, bias field, gamma, histogram, noise, blur, resolution).
+AUGMENTATIONS = ("scanner", "basic")
 
 
 @dataclass
@@ -70,8 +74,12 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     model_overrides: dict = field(default_factory=dict)
+    augment: str = "scanner"                  # "scanner" (scanner-variation augmentation) or "basic" (the old set)
+    brain_masked: bool = False                # images multiplied by a brain mask (records' "brain") before normalising
 
     def __post_init__(self) -> None:
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {list(AUGMENTATIONS)}, got {self.augment!r}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {list(TASKS)}, got {self.task!r}")
         if self.inputs not in INPUTS:
@@ -139,10 +147,12 @@ def labelled_subjects(subjects: pd.DataFrame, label_col: str = "lesion", minimum
 
 
 def make_records(table: pd.DataFrame, inputs: str, label_col: str | None = None,
-                 subjects: Sequence[str] | None = None) -> list[dict]:
-    """One pipeline record per subject: {"subject", "image": [channel paths], "label": path}.
+                 subjects: Sequence[str] | None = None, brain_col: str | None = None) -> list[dict]:
+    """One pipeline record per subject: {"subject", "image": [channel paths], "label": path, "brain": path}.
 
-    Checks that every channel (and the label) lies on the FLAIR grid and names the subject otherwise.
+    ``brain_col`` names a column of brain masks (e.g. notebook 03's brain_mask.nii.gz) for brain-masked
+    training (``TrainConfig(brain_masked=True)``). Checks that every channel (label, mask) lies on the
+    FLAIR grid and names the subject otherwise.
     """
     if inputs not in INPUTS:
         raise ValueError(f"inputs must be one of {list(INPUTS)}, got {inputs!r}")
@@ -155,6 +165,8 @@ def make_records(table: pd.DataFrame, inputs: str, label_col: str | None = None,
         paths = {m: row.get(m) for m in INPUTS[inputs]}
         if label_col:
             paths[label_col] = row.get(label_col)
+        if brain_col:
+            paths[brain_col] = row.get(brain_col)
         for what, p in paths.items():
             if not isinstance(p, str) or not p or not Path(p).exists():
                 raise InputError(f"subject {subject}: {what} image missing ({p!r})")
@@ -164,6 +176,8 @@ def make_records(table: pd.DataFrame, inputs: str, label_col: str | None = None,
         rec = {"subject": subject, "image": [paths[m] for m in INPUTS[inputs]]}
         if label_col:
             rec["label"] = paths[label_col]
+        if brain_col:
+            rec["brain"] = paths[brain_col]
         records.append(rec)
     return records
 
@@ -206,40 +220,106 @@ class RandMirrord(RandomizableTransform, MapTransform):
         return d
 
 
-def preprocessing(spacing: Sequence[float], with_label: bool) -> Compose:
-    """Deterministic preprocessing shared by training, validation and inference (inverted at inference)."""
+class RequireBraind(MapTransform):
+    """Raise :class:`InputError` naming the subject when a brain-masked pipeline gets a record without a mask."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
+        if not data.get(self.keys[0]):
+            who = f"subject {data['subject']}: " if data.get("subject") else ""
+            raise InputError(f"{who}no brain mask: this pipeline is brain-masked (brain_masked=True); give each record "
+                             f"a '{self.keys[0]}' path (make_records(..., brain_col=...), e.g. notebook 03's brain_mask.nii.gz)")
+        return data
+
+
+class ForegroundMaskd(MapTransform):
+    """Store where any channel of ``keys`` is non-zero (the brain of a masked or skull-stripped image) as ``mask_key``."""
+
+    def __init__(self, keys: str, mask_key: str = "foreground") -> None:
+        super().__init__(keys)
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        img = d[self.keys[0]]
+        d[self.mask_key] = (img != 0).any(0, keepdim=True).to(img.dtype)
+        return d
+
+
+def preprocessing(spacing: Sequence[float], with_label: bool, brain: bool = False) -> Compose:
+    """Deterministic preprocessing shared by training, validation and inference (inverted at inference).
+
+    ``brain=True``: the record's "brain" mask (on the FLAIR grid) multiplies the image before the
+    z-scoring, so skull, scalp and neck never enter the statistics or the network.
+    """
     keys = ["image", "label"] if with_label else ["image"]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
+    if brain:
+        keys, modes = [*keys, "brain"], [*modes, "nearest"]
     return Compose([
+        *([RequireBraind("brain")] if brain else []),
         LoadImaged(keys, image_only=True),
         EnsureChannelFirstd(keys),
         Orientationd(keys, axcodes="RAS", labels=None),
         Spacingd(keys, pixdim=tuple(spacing), mode=modes),
+        *([MaskIntensityd("image", mask_key="brain")] if brain else []),
         NormalizeIntensityd("image", nonzero=True, channel_wise=True),
         EnsureTyped(keys, dtype=torch.float32, track_meta=True),
     ])
 
 
+def scanner_augmentations(keys: Sequence[str], fg_key: str) -> list:
+    """Random changes of what differs between scanners, on z-scored patches; the background stays zero.
+
+    Orientation (rotations up to ~20 degrees, scale), bias field, gamma, histogram warping, noise, blur
+    (thicker along z, like 3 mm slices) and lower resolution; ``fg_key`` holds the patch's brain voxels.
+    """
+    img = "image"
+    return [
+        RandAffined(keys, prob=0.5, rotate_range=(0.35,) * 3, scale_range=(0.15,) * 3,
+                    mode=("bilinear", *["nearest"] * (len(keys) - 1)), padding_mode="zeros"),
+        RandBiasFieldd(img, degree=3, coeff_range=(0.0, 0.3), prob=0.4),
+        RandAdjustContrastd(img, gamma=(0.6, 1.6), retain_stats=True, prob=0.4),
+        RandHistogramShiftd(img, num_control_points=(5, 10), prob=0.3),
+        RandGaussianSmoothd(img, sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), sigma_z=(0.25, 1.5), prob=0.2),
+        RandSimulateLowResolutiond(img, zoom_range=(0.5, 1.0), prob=0.2),
+        RandGaussianNoised(img, std=0.1, prob=0.3),
+        RandScaleIntensityd(img, factors=0.15, prob=0.5),
+        RandShiftIntensityd(img, offsets=0.15, prob=0.5),
+        MaskIntensityd(img, mask_key=fg_key),
+    ]
+
+
 def training_transforms(cfg: TrainConfig) -> Compose:
-    """Preprocessing + skeleton (cached), then lesion-weighted patch sampling and augmentation (random)."""
+    """Preprocessing + skeleton (cached), then lesion-weighted patch sampling and augmentation (random).
+
+    ``cfg.augment="basic"`` reproduces the original augmentation exactly; "scanner" adds
+    :func:`scanner_augmentations`. ``cfg.brain_masked`` masks the images with the records' "brain".
+    """
     task = TASKS[cfg.task]
-    keys = ["image", "label", "skeleton"]
+    scanner = cfg.augment == "scanner"
+    keys = ["image", "label", "skeleton", *(["foreground"] if scanner else [])]
     if task["mirror"]:
         flips = [RandMirrord(keys, ["label", "skeleton"], atlas.mirror_labels())]
     else:
         flips = [RandFlipd(keys, prob=0.5, spatial_axis=a) for a in task["flip_axes"]]
+    if scanner:
+        augment = scanner_augmentations(keys, "foreground") + [DeleteItemsd("foreground")]
+    else:
+        augment = [RandAffined(keys, prob=0.3, rotate_range=(0.15,) * 3, scale_range=(0.1,) * 3,
+                               mode=("bilinear", "nearest", "nearest"), padding_mode="zeros"),
+                   RandScaleIntensityd("image", factors=0.1, prob=0.5),
+                   RandShiftIntensityd("image", offsets=0.1, prob=0.5)]
     return Compose([
-        *preprocessing(cfg.spacing, with_label=True).transforms,
+        *preprocessing(cfg.spacing, with_label=True, brain=cfg.brain_masked).transforms,
+        *([DeleteItemsd("brain")] if cfg.brain_masked else []),  # whole-volume mask: not cropped, not batched
+        *([ForegroundMaskd("image")] if scanner else []),
         SkeletonizeLabeld("label", task["n_classes"], task["ignore_label"]),
         SpatialPadd(keys, spatial_size=cfg.patch_size),
         RandCropByPosNegLabeld(keys, label_key="label", spatial_size=cfg.patch_size, pos=cfg.pos_neg[0],
                                neg=cfg.pos_neg[1], num_samples=cfg.samples_per_volume, image_key="image",
                                image_threshold=0.0),
         *flips,
-        RandAffined(keys, prob=0.3, rotate_range=(0.15,) * 3, scale_range=(0.1,) * 3,
-                    mode=("bilinear", "nearest", "nearest"), padding_mode="zeros"),
-        RandScaleIntensityd("image", factors=0.1, prob=0.5),
-        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        *augment,
     ])
 
 
@@ -374,7 +454,8 @@ def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence
         runtime.set_seed(cfg.seed + start)
 
     train_ds = CacheDataset(list(train_records), training_transforms(cfg), num_workers=cfg.num_workers, progress=False)
-    val_ds = CacheDataset(list(val_records), preprocessing(cfg.spacing, with_label=True), num_workers=cfg.num_workers,
+    val_ds = CacheDataset(list(val_records), preprocessing(cfg.spacing, with_label=True, brain=cfg.brain_masked),
+                          num_workers=cfg.num_workers,
                           progress=False)
     loader = DataLoader(train_ds, batch_size=max(1, cfg.batch_size // cfg.samples_per_volume), shuffle=True,
                         num_workers=cfg.num_workers, collate_fn=list_data_collate,
