@@ -164,6 +164,8 @@ def test_checkpoints_are_plain_data_and_load_weights_only(trained):
         assert type(ckpt["config"]["versions"]["torch"]) is str and ckpt["config"]["patch_size"] == [16, 16, 16]
     last = torch.load(trained / "last.pt", map_location="cpu", weights_only=True)
     assert {"optimizer", "scheduler", "scaler", "rng"} <= set(last) and last["optimizer"]["state"]
+    plain = training.plain_data({"x": (np.float32(0.5), np.int64(3), torch.__version__)})
+    assert plain == {"x": [0.5, 3, torch.__version__]} and [type(v) for v in plain["x"]] == [float, int, str]
     with pytest.raises(TypeError, match=r"config\['a'\]\[1\]: object is not plain data"):
         training.plain_data({"a": [1, object()]})
 
