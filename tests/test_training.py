@@ -315,3 +315,11 @@ def test_stale_temp_files_of_a_killed_run_are_removed(cohort, tmp_path):
     training.train(tiny_cfg(), recs[:3], recs[3:], tmp_path, progress=False)
     assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
     assert {"best.pt", "last.pt", "history.csv"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    config = training.model_config(tiny_cfg())
+    other = training.build_model("unet", 2, 2, channels=(4, 8, 16, 64))
+    torch.save({"config": config, "model": other.state_dict()}, tmp_path / "best.pt")
+    with pytest.raises(InputError, match=r"best\.pt: its weights do not fit the unet network its config describes"):
+        training.load_checkpoint(tmp_path / "best.pt", device="cpu")

@@ -5,6 +5,11 @@ One pipeline serves both tasks of the paper's part B: WMH segmentation (labels 0
 A checkpoint carries its full configuration (architecture, inputs, classes, spacing, patch size,
 normalisation, training parameters, versions), so that inference rebuilds exactly the same
 preprocessing and refuses inputs the network was not trained on.
+
+Checkpoints hold only tensors and plain data and are loaded with ``weights_only=True``: a file
+holding Python objects (which could run code) is refused. ``last.pt`` also holds the random states,
+and every epoch re-seeds its sampling and augmentation from (seed, epoch), so a resumed run gives
+exactly the weights and history of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -311,8 +316,8 @@ def _writing(path: Path) -> Iterator[None]:
         yield
     except OSError as err:
         problem = os.strerror(err.errno) if err.errno else str(err)
-        hint = _WRITE_HINTS.get(err.errno, "check the folder")
-        raise OSError(err.errno, f"cannot write {path}: {problem.lower()} ({err}); {hint}") from err
+        hint = _WRITE_HINTS.get(err.errno, "check the folder and the disk")
+        raise OSError(err.errno, f"cannot write {path}: {problem.lower()}; {hint}") from err
 
 
 def _save(obj: dict, path: Path) -> None:
@@ -347,12 +352,13 @@ def read_checkpoint(path: str | os.PathLike, needs: Sequence[str] = ("config", "
             raise InputError(f"{path}: not loaded: the file holds Python objects beyond tensors and plain data "
                              f"({found.group(1)}), which could run code when loaded; use checkpoints written by "
                              f"wmloc's train(), from a source you trust") from None
-        raise InputError(f"{path}: not loaded: corrupt, truncated or not a torch checkpoint "
-                         f"(the safe loader refused it: {str(err).splitlines()[-1].strip()[:200]}); "
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+        raise InputError(f"{path}: not loaded: corrupt, truncated or not a torch checkpoint (the safe loader "
+                         f"refused it: {detail.group(1).strip()[:200] if detail else type(err).__name__}); "
                          f"write it again (train again, or resume=False)") from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
         raise InputError(f"{path}: not loaded: corrupt or truncated checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:200] if str(err) else 'empty or cut short'}); "
+                         f"{str(err).split(". ")[0][:200] if str(err) else "empty or cut short"}); "
                          f"write it again (train again, or resume=False)") from None
     missing = [k for k in needs if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
@@ -365,7 +371,11 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "auto"
     ckpt = read_checkpoint(path)
     config = ckpt["config"]
     model = build_model(config["architecture"], config["in_channels"], config["n_classes"], **config["model_kwargs"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise InputError(f"{path}: its weights do not fit the {config['architecture']} network its config describes "
+                         f"({str(err).splitlines()[0][:200]})") from None
     dev = device if isinstance(device, torch.device) else runtime.resolve_device(device)
     return model.to(dev).eval(), config
 
