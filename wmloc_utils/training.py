@@ -358,7 +358,7 @@ def read_checkpoint(path: str | os.PathLike, needs: Sequence[str] = ("config", "
                          f"write it again (train again, or resume=False)") from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
         raise InputError(f"{path}: not loaded: corrupt or truncated checkpoint ({type(err).__name__}: "
-                         f"{str(err).split(". ")[0][:200] if str(err) else "empty or cut short"}); "
+                         f"{str(err).split('. ')[0][:200] if str(err) else 'empty or cut short'}); "
                          f"write it again (train again, or resume=False)") from None
     missing = [k for k in needs if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
