@@ -323,3 +323,11 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     torch.save({"config": config, "model": other.state_dict()}, tmp_path / "best.pt")
     with pytest.raises(InputError, match=r"best\.pt: its weights do not fit the unet network its config describes"):
         training.load_checkpoint(tmp_path / "best.pt", device="cpu")
+
+
+def test_cached_images_keep_every_channel_with_workers(cohort):
+    """Caching used to run in cfg.num_workers threads, where LoadImaged now and then dropped a channel."""
+    recs = training.make_records(cohort, "t1+flair", "lesion")
+    for _ in range(5):
+        train_ds, val_ds = training.cached_datasets(tiny_cfg(num_workers=2), recs[:3], recs[3:])
+        assert [item["image"].shape[0] for item in [*train_ds._cache, *val_ds._cache]] == [2] * 4

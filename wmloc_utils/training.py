@@ -472,6 +472,19 @@ def validate(model: torch.nn.Module, dataset: Sequence[dict], cfg: TrainConfig, 
     return float(value) if np.isfinite(value) else 0.0
 
 
+def cached_datasets(cfg: TrainConfig, train_records: Sequence[dict],
+                    val_records: Sequence[dict]) -> tuple[CacheDataset, CacheDataset]:
+    """Training and validation datasets with their deterministic preprocessing cached in memory.
+
+    Caching runs in one thread: MONAI's ``LoadImaged`` is not thread-safe, and caching threads gave
+    records of two files (T1 + FLAIR) a single channel now and then. ``cfg.num_workers`` is for the
+    DataLoader's worker processes, which each have their own copy of the transforms.
+    """
+    train_ds = CacheDataset(list(train_records), training_transforms(cfg), num_workers=1, progress=False)
+    val_ds = CacheDataset(list(val_records), preprocessing(cfg.spacing, with_label=True), num_workers=1, progress=False)
+    return train_ds, val_ds
+
+
 def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence[dict], out_dir: str | os.PathLike,
           resume: bool = False, progress: bool = True) -> dict:
     """Train with validation each epoch; write ``best.pt``, ``last.pt`` and ``history.csv`` in ``out_dir``.
@@ -509,9 +522,7 @@ def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence
         scaler.load_state_dict(ckpt["scaler"])
         start, best, history, rng = ckpt["epoch"] + 1, ckpt["best_dice"], ckpt["history"], ckpt.get("rng")
 
-    train_ds = CacheDataset(list(train_records), training_transforms(cfg), num_workers=cfg.num_workers, progress=False)
-    val_ds = CacheDataset(list(val_records), preprocessing(cfg.spacing, with_label=True), num_workers=cfg.num_workers,
-                          progress=False)
+    train_ds, val_ds = cached_datasets(cfg, train_records, val_records)
     loader = DataLoader(train_ds, batch_size=max(1, cfg.batch_size // cfg.samples_per_volume), shuffle=True,
                         num_workers=cfg.num_workers, collate_fn=list_data_collate, generator=torch.Generator())
     if rng is not None:  # the global random states at the end of the saved epoch (older last.pt files have none)
