@@ -253,7 +253,7 @@ def test_non_finite_weights_are_never_saved(cohort, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- resume
 
 def test_resume_after_interruption_equals_a_straight_run(cohort, tmp_path, monkeypatch):
-    """Killed during epoch 1, resumed: same weights and history as without the interruption (dropout uses torch's RNG)."""
+    """Killed in epoch 1, then resumed: the weights and history of a straight run (dropout uses torch's RNG)."""
     recs = training.make_records(cohort, "t1+flair", "lesion")
     cfg = tiny_cfg(epochs=3, iters_per_epoch=2, model_overrides={"channels": (4, 8, 16, 32), "dropout": 0.2})
     straight = training.train(cfg, recs[:3], recs[3:], tmp_path / "straight", progress=False)

@@ -302,9 +302,8 @@ def plain_data(value: Any, where: str = "config") -> Any:
 
 # Checkpoints written before configs were plain data stored ``torch.__version__``, a str subclass.
 _LEGACY_SAFE_GLOBALS = [torch.torch_version.TorchVersion]
-_WRITE_HINTS = {errno.EROFS: "choose a writable out_dir", errno.EACCES: "choose a writable out_dir",
-                errno.EPERM: "choose a writable out_dir", errno.ENOSPC: "free some space or choose an out_dir on another disk",
-                errno.EDQUOT: "free some space or choose an out_dir on another disk"}
+_WRITE_HINTS = {**dict.fromkeys((errno.EROFS, errno.EACCES, errno.EPERM), "choose a writable out_dir"),
+                **dict.fromkeys((errno.ENOSPC, errno.EDQUOT), "free some space or choose an out_dir on another disk")}
 # What train() writes in out_dir; atomic_path's temporary copies of them are named ".<stem>-*<suffix>".
 _OUTPUTS = ("best.pt", "last.pt", "history.csv")
 
@@ -317,7 +316,8 @@ def _writing(path: Path) -> Iterator[None]:
     except OSError as err:
         problem = os.strerror(err.errno) if err.errno else str(err)
         hint = _WRITE_HINTS.get(err.errno, "check the folder and the disk")
-        raise OSError(err.errno, f"cannot write {path}: {problem.lower()}; {hint}") from err
+        message = f"cannot write {path}: {problem.lower()}; {hint}"
+        raise (OSError(err.errno, message) if err.errno else OSError(message)) from err
 
 
 def _save(obj: dict, path: Path) -> None:
@@ -418,7 +418,8 @@ def _set_rng_state(state: dict) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
 
