@@ -4,6 +4,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -136,6 +137,7 @@ def test_refuses_wrong_or_missing_inputs(tmp_path):
         inference.segment(seg, t1_path=odd, flair_path=paths["flair"])
 
 
+<<<<<<< HEAD
 # ---------------------------------------------------------------- brain masks and minimum lesion size
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
@@ -195,3 +197,20 @@ def _n_lesions(img):
     from wmloc_utils.metrics import lesions
 
     return lesions(np.asanyarray(img.dataobj) > 0)[1]
+=======
+def test_unsafe_or_damaged_checkpoints_are_refused_before_any_subject(tmp_path):
+    """predict_cohort loads each checkpoint with weights_only: a file holding code or cut short names itself."""
+    config = _config(task="regions", inputs="flair")
+    good = tmp_path / "regions.pt"
+    torch.save({"config": config, "model": build_model("unet", 1, 37, **config["model_kwargs"]).state_dict()}, good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:-100])
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"config": config, "model": {}, "hook": Path}, unsafe)  # a class: a Python object, not data
+    table = pd.DataFrame({"subject": ["s1"], "flair": [str(tmp_path / "missing.nii.gz")]})
+    with pytest.raises(InputError, match=rf"{cut}: not loaded: corrupt or truncated"):
+        inference.predict_cohort(table, tmp_path / "out", region_checkpoint=cut, progress=False)
+    with pytest.raises(InputError, match=rf"{unsafe}: not loaded: the file holds Python objects"):
+        inference.predict_cohort(table, tmp_path / "out", region_checkpoint=unsafe, progress=False)
+    assert inference.load_segmenter(good, "cpu").config == config
+>>>>>>> ckpt

@@ -1,5 +1,8 @@
 """Split, MONAI pipeline, one-step training on a tiny synthetic cohort, checkpoint round-trip and resume."""
 
+import errno
+import os
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -99,12 +102,12 @@ def test_one_step_training_checkpoint_roundtrip_and_resume(cohort, tmp_path):
     model, config = training.load_checkpoint(out["best"], device="cpu")
     assert config["inputs"] == "t1+flair" and config["spacing"] == [4.0, 4.0, 4.0] and config["n_classes"] == 2
     assert config["training"]["epochs"] == 1 and config["versions"]["monai"] and config["val_subjects"] == ["s3"]
-    saved = torch.load(out["best"], weights_only=False)["model"]
+    saved = torch.load(out["best"], weights_only=True)["model"]
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     # resume: one more epoch continues from epoch 1 with the optimizer state
     out2 = training.train(tiny_cfg(epochs=2), recs[:3], recs[3:], tmp_path, resume=True, progress=False)
     assert list(out2["history"]["epoch"]) == [0, 1]
-    assert torch.load(out2["last"], weights_only=False)["epoch"] == 1
+    assert torch.load(out2["last"], weights_only=True)["epoch"] == 1
     with pytest.raises(InputError, match="cannot resume"):
         training.train(tiny_cfg(epochs=3, inputs="flair"), recs[:3], recs[3:], tmp_path, resume=True, progress=False)
 
@@ -224,3 +227,199 @@ def test_brain_masked_training_records_it_in_the_checkpoint(headed, tmp_path):
     out = training.train(tiny_cfg(brain_masked=True), recs[:3], recs[3:], tmp_path, progress=False)
     _, config = training.load_checkpoint(out["last"], "cpu")
     assert config["training"]["brain_masked"] is True and config["training"]["augment"] == "scanner"
+
+
+# ----------------------------------------------------------------------------- safe checkpoints
+
+def _types(obj):
+    """Every container/scalar type in a nested structure (tensors excluded)."""
+    if isinstance(obj, dict):
+        return {dict}.union(*(_types(v) for v in obj.values()))
+    if isinstance(obj, (list, tuple)):
+        return {type(obj)}.union(*(_types(v) for v in obj))
+    return set() if isinstance(obj, torch.Tensor) else {type(obj)}
+
+
+@pytest.fixture(scope="module")
+def trained(cohort, tmp_path_factory):
+    """A one-epoch run: its folder holds best.pt, last.pt and history.csv."""
+    out = tmp_path_factory.mktemp("trained")
+    recs = training.make_records(cohort, "t1+flair", "lesion")
+    training.train(tiny_cfg(), recs[:3], recs[3:], out, progress=False)
+    return out
+
+
+def test_checkpoints_are_plain_data_and_load_weights_only(trained):
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(trained / name, map_location="cpu", weights_only=True)  # no allow-listed globals
+        assert _types(ckpt["config"]) <= {dict, list, str, int, float, bool, type(None)}, name
+        assert type(ckpt["config"]["versions"]["torch"]) is str and ckpt["config"]["patch_size"] == [16, 16, 16]
+    last = torch.load(trained / "last.pt", map_location="cpu", weights_only=True)
+    assert {"optimizer", "scheduler", "scaler", "rng"} <= set(last) and last["optimizer"]["state"]
+    plain = training.plain_data({"x": (np.float32(0.5), np.int64(3), torch.__version__)})
+    assert plain == {"x": [0.5, 3, torch.__version__]} and [type(v) for v in plain["x"]] == [float, int, str]
+    with pytest.raises(TypeError, match=r"config\['a'\]\[1\]: object is not plain data"):
+        training.plain_data({"a": [1, object()]})
+
+
+def test_crafted_checkpoint_is_refused_without_running_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
+
+    path = tmp_path / "best.pt"
+    torch.save({"config": {"architecture": "unet"}, "model": {}, "extra": Payload()}, path)
+    with pytest.raises(InputError, match=r"best\.pt: not loaded: the file holds Python objects beyond tensors and "
+                                         r"plain data \(GLOBAL .*exec\)"):
+        training.load_checkpoint(path, device="cpu")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "zeroed"])
+def test_corrupt_checkpoint_names_the_file(trained, tmp_path, damage):
+    data = (trained / "last.pt").read_bytes()
+    bad = {"truncated": data[:len(data) // 2], "garbage": b"not a checkpoint" * 8, "empty": b"",
+           "zeroed": data[:200] + b"\0" * 60 + data[260:]}[damage]
+    path = tmp_path / "last.pt"
+    path.write_bytes(bad)
+    with pytest.raises(InputError, match=rf"{path}: not loaded: corrupt"):
+        training.load_checkpoint(path, device="cpu")
+    with pytest.raises(InputError, match=rf"{path}: not loaded: corrupt"):
+        training.train(tiny_cfg(), [{"subject": "s"}], [], tmp_path, resume=True, progress=False)
+
+
+def test_checkpoint_of_older_versions_still_loads(tmp_path):
+    """Before configs were plain data they held tuples and torch's TorchVersion string."""
+    config = training.model_config(tiny_cfg())
+    config["model_kwargs"]["channels"] = tuple(config["model_kwargs"]["channels"])
+    config["versions"]["torch"] = torch.__version__
+    assert type(config["versions"]["torch"]) is not str
+    model = training.build_model("unet", 2, 2, **config["model_kwargs"])
+    torch.save({"config": config, "model": model.state_dict()}, tmp_path / "old.pt")
+    loaded, cfg = training.load_checkpoint(tmp_path / "old.pt", device="cpu")
+    assert cfg["model_kwargs"]["channels"] == (4, 8, 16, 32)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- training that goes wrong
+
+def test_nan_voxels_stop_training_naming_epoch_step_and_subject(cohort, tmp_path):
+    rows = cohort.copy()
+    img = nib.load(rows.loc[1, "flair"])
+    data = np.asanyarray(img.dataobj).copy()
+    data[16, 16, 16] = np.nan
+    rows.loc[1, "flair"] = str(tmp_path / "nan_flair.nii.gz")
+    nib.save(nib.Nifti1Image(data, img.affine), rows.loc[1, "flair"])
+    recs = training.make_records(rows, "t1+flair", "lesion")
+    with pytest.raises(InputError, match=r"epoch 0, step 1 of 1: the loss is nan .*subject\(s\) s1 hold non-finite"):
+        training.train(tiny_cfg(), recs[1:2], [], tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_infinite_loss_blames_learning_rate(cohort, tmp_path, monkeypatch):
+    recs = training.make_records(cohort, "t1+flair", "lesion")
+    terms = training.SegLoss.terms
+    monkeypatch.setattr(training.SegLoss, "terms", lambda self, *a: {**terms(self, *a), "dice": torch.tensor(np.inf)})
+    with pytest.raises(InputError, match=r"epoch 0, step 1 of 1: the loss is inf .*lr=0.003 is likely too high"):
+        training.train(tiny_cfg(), recs[:1], [], tmp_path, progress=False)
+    assert not list(tmp_path.glob("*.pt"))
+
+
+def test_non_finite_weights_are_never_saved(cohort, tmp_path, monkeypatch):
+    recs = training.make_records(cohort, "t1+flair", "lesion")
+    step = torch.optim.AdamW.step
+
+    def poisoned_step(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        self.param_groups[0]["params"][0].data.fill_(np.nan)
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
+    with pytest.raises(InputError, match=r"end of epoch 0: the weights hold non-finite values \(.*weight"):
+        training.train(tiny_cfg(), recs[:2], recs[3:], tmp_path, progress=False)
+    assert not list(tmp_path.glob("*.pt"))
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_resume_after_interruption_equals_a_straight_run(cohort, tmp_path, monkeypatch):
+    """Killed in epoch 1, then resumed: the weights and history of a straight run (dropout uses torch's RNG)."""
+    recs = training.make_records(cohort, "t1+flair", "lesion")
+    cfg = tiny_cfg(epochs=3, iters_per_epoch=2, model_overrides={"channels": (4, 8, 16, 32), "dropout": 0.2})
+    straight = training.train(cfg, recs[:3], recs[3:], tmp_path / "straight", progress=False)
+
+    validate, calls = training.validate, []
+
+    def killed_in_epoch_1(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return validate(*args)
+
+    monkeypatch.setattr(training, "validate", killed_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(cfg, recs[:3], recs[3:], tmp_path / "resumed", progress=False)
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["epoch"] == 0
+    monkeypatch.setattr(training, "validate", validate)
+    resumed = training.train(cfg, recs[:3], recs[3:], tmp_path / "resumed", resume=True, progress=False)
+
+    a, b = (torch.load(out["last"], weights_only=True) for out in (straight, resumed))
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    cols = ["epoch", "loss", "ce", "dice", "skeleton", "val_dice", "lr"]
+    pd.testing.assert_frame_equal(straight["history"][cols], resumed["history"][cols], check_exact=True)
+    assert a["best_dice"] == b["best_dice"]
+
+
+# ----------------------------------------------------------------------------- disk errors
+
+@pytest.mark.parametrize("code, problem", [(errno.EROFS, "read-only file system"),
+                                           (errno.ENOSPC, "no space left on device")])
+def test_disk_errors_name_the_path_and_leave_no_temp_files(cohort, tmp_path, monkeypatch, code, problem):
+    recs = training.make_records(cohort, "t1+flair", "lesion")
+    save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        save(obj, f, *args, **kwargs)  # half the work done, then the disk fails
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'best.pt'}: {problem}"):
+        training.train(tiny_cfg(), recs[:3], recs[3:], tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())  # no half-written checkpoint, no temporary file
+    monkeypatch.setattr(torch, "save", save)
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(code, os.strerror(code)))
+                        if str(dst).endswith("history.csv") else replace(src, dst))
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'history.csv'}: {problem}"):
+        training.train(tiny_cfg(), recs[:3], recs[3:], tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_stale_temp_files_of_a_killed_run_are_removed(cohort, tmp_path):
+    stale = [tmp_path / n for n in (".last-abc123.pt", ".best-x_1.pt", ".history-q9.csv")]
+    keep = [tmp_path / n for n in (".other-abc.pt", "last-notes.txt", ".lastly.pt")]
+    for p in stale + keep:
+        p.write_bytes(b"half a checkpoint")
+    recs = training.make_records(cohort, "t1+flair", "lesion")
+    training.train(tiny_cfg(), recs[:3], recs[3:], tmp_path, progress=False)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
+    assert {"best.pt", "last.pt", "history.csv"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    config = training.model_config(tiny_cfg())
+    other = training.build_model("unet", 2, 2, channels=(4, 8, 16, 64))
+    torch.save({"config": config, "model": other.state_dict()}, tmp_path / "best.pt")
+    with pytest.raises(InputError, match=r"best\.pt: its weights do not fit the unet network its config describes"):
+        training.load_checkpoint(tmp_path / "best.pt", device="cpu")
+
+
+def test_cached_images_keep_every_channel_with_workers(cohort):
+    """Caching used to run in cfg.num_workers threads, where LoadImaged now and then dropped a channel."""
+    recs = training.make_records(cohort, "t1+flair", "lesion")
+    for _ in range(5):
+        train_ds, val_ds = training.cached_datasets(tiny_cfg(num_workers=2), recs[:3], recs[3:])
+        assert [item["image"].shape[0] for item in [*train_ds._cache, *val_ds._cache]] == [2] * 4

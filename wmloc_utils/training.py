@@ -5,13 +5,26 @@ One pipeline serves both tasks of the paper's part B: WMH segmentation (labels 0
 A checkpoint carries its full configuration (architecture, inputs, classes, spacing, patch size,
 normalisation, training parameters, versions), so that inference rebuilds exactly the same
 preprocessing and refuses inputs the network was not trained on.
+
+Checkpoints hold only tensors and plain data and are loaded with ``weights_only=True``: a file
+holding Python objects (which could run code) is refused. ``last.pt`` also holds the random states,
+and every epoch re-seeds its sampling and augmentation from (seed, epoch), so a resumed run gives
+exactly the weights and history of an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
+import math
 import os
+import pickle
 import platform
+import random
+import re
 import time
+import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Hashable, Iterator, Mapping, Sequence
@@ -326,14 +339,14 @@ def training_transforms(cfg: TrainConfig) -> Compose:
 # ----------------------------------------------------------------------------- checkpoints
 
 def model_config(cfg: TrainConfig, train_subjects: Sequence[str] = (), val_subjects: Sequence[str] = ()) -> dict:
-    """The full configuration stored in a checkpoint."""
+    """The full configuration stored in a checkpoint, as plain data (loads with ``weights_only=True``)."""
     import monai
 
     task = TASKS[cfg.task]
     overrides = dict(cfg.model_overrides)
     if cfg.architecture == "unetr":
         overrides.setdefault("img_size", cfg.patch_size)
-    return {
+    return plain_data({
         "task": cfg.task,
         "architecture": cfg.architecture,
         "model_kwargs": model_kwargs(cfg.architecture, **overrides),
@@ -353,25 +366,106 @@ def model_config(cfg: TrainConfig, train_subjects: Sequence[str] = (), val_subje
         "val_subjects": list(val_subjects),
         "versions": {"wmloc": __version__, "torch": torch.__version__, "monai": monai.__version__,
                      "python": platform.python_version()},
-    }
+    })
+
+
+def plain_data(value: Any, where: str = "config") -> Any:
+    """``value`` as plain data (dict/list/str/int/float/bool/None, tuples as lists), which loads with ``weights_only``.
+
+    Raises TypeError naming the entry (``where``) that holds anything else.
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    for base in (str, int, float):  # subclasses (TorchVersion, IntEnum, np.float64) become the base type
+        if isinstance(value, base):
+            return base(value)
+    if isinstance(value, np.generic):
+        return plain_data(value.item(), where)
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError(f"{where}: dictionary keys must be strings, got {sorted(map(repr, value))[:5]}")
+        return {k: plain_data(v, f"{where}[{k!r}]") for k, v in value.items()}
+    raise TypeError(f"{where}: {type(value).__name__} is not plain data (dict/list/str/int/float/bool/None)")
+
+
+# Checkpoints written before configs were plain data stored ``torch.__version__``, a str subclass.
+_LEGACY_SAFE_GLOBALS = [torch.torch_version.TorchVersion]
+_WRITE_HINTS = {**dict.fromkeys((errno.EROFS, errno.EACCES, errno.EPERM), "choose a writable out_dir"),
+                **dict.fromkeys((errno.ENOSPC, errno.EDQUOT), "free some space or choose an out_dir on another disk")}
+# What train() writes in out_dir; atomic_path's temporary copies of them are named ".<stem>-*<suffix>".
+_OUTPUTS = ("best.pt", "last.pt", "history.csv")
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Re-raise an OSError while writing ``path`` with a message naming the path, the problem and the fix."""
+    try:
+        yield
+    except OSError as err:
+        problem = os.strerror(err.errno) if err.errno else str(err)
+        hint = _WRITE_HINTS.get(err.errno, "check the folder and the disk")
+        message = f"cannot write {path}: {problem.lower()}; {hint}"
+        raise (OSError(err.errno, message) if err.errno else OSError(message)) from err
 
 
 def _save(obj: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """Write a checkpoint atomically; through a Python file so that a full disk raises OSError (ENOSPC)."""
+    with _writing(path), atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
+def _remove_stale_temps(out_dir: Path) -> list[Path]:
+    """Delete the temporary files of train()'s outputs that a killed run left in ``out_dir``; return them."""
+    stale = [p for name in _OUTPUTS for p in out_dir.glob(f".{name.split('.')[0]}-*.{name.split('.', 1)[1]}")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def read_checkpoint(path: str | os.PathLike, needs: Sequence[str] = ("config", "model")) -> dict:
+    """Load a checkpoint file with ``weights_only=True`` (tensors and plain data only: no code can run).
+
+    Raises :class:`InputError` naming the file if it is missing, corrupt or truncated, holds Python
+    objects beyond tensors and plain data, or lacks the entries ``needs``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: checkpoint does not exist")
+    try:
+        with torch.serialization.safe_globals(_LEGACY_SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: (GLOBAL \S+)", str(err))
+        if found:
+            raise InputError(f"{path}: not loaded: the file holds Python objects beyond tensors and plain data "
+                             f"({found.group(1)}), which could run code when loaded; use checkpoints written by "
+                             f"wmloc's train(), from a source you trust") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+        raise InputError(f"{path}: not loaded: corrupt, truncated or not a torch checkpoint (the safe loader "
+                         f"refused it: {detail.group(1).strip()[:200] if detail else type(err).__name__}); "
+                         f"write it again (train again, or resume=False)") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path}: not loaded: corrupt or truncated checkpoint ({type(err).__name__}: "
+                         f"{str(err).split('. ')[0][:200] if str(err) else 'empty or cut short'}); "
+                         f"write it again (train again, or resume=False)") from None
+    missing = [k for k in needs if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise InputError(f"{path}: not a wmloc checkpoint (no {'/'.join(missing)} entries)")
+    return ckpt
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "auto") -> tuple[torch.nn.Module, dict]:
     """Rebuild the network of a checkpoint (eval mode, on ``device``) and return it with its config."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: checkpoint does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise InputError(f"{path}: not a wmloc checkpoint (no config/model entries)")
+    ckpt = read_checkpoint(path)
     config = ckpt["config"]
     model = build_model(config["architecture"], config["in_channels"], config["n_classes"], **config["model_kwargs"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise InputError(f"{path}: its weights do not fit the {config['architecture']} network its config describes "
+                         f"({str(err).splitlines()[0][:200]})") from None
     dev = device if isinstance(device, torch.device) else runtime.resolve_device(device)
     return model.to(dev).eval(), config
 
@@ -387,9 +481,61 @@ def check_inputs(config: dict, inputs: str, checkpoint: str | os.PathLike = "che
 
 # ----------------------------------------------------------------------------- training loop
 
-def _batches(loader: DataLoader) -> Iterator[dict]:
-    while True:
-        yield from loader
+def _epoch_batches(loader: DataLoader, dataset: CacheDataset, seed: int, n: int) -> Iterator[dict]:
+    """The ``n`` batches of one epoch, passing through ``loader`` as often as needed.
+
+    Patch sampling, augmentation and shuffling are re-seeded from ``seed`` (the run's seed + epoch), so
+    that an epoch's batches depend only on (seed, epoch): a resumed run repeats them exactly.
+    """
+    dataset.transform.set_random_state(seed=seed)
+    loader.generator.manual_seed(seed)
+    return itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), n)
+
+
+def _rng_state() -> dict:
+    """The global random states (torch CPU and CUDA, NumPy, Python) as tensors and plain data, for ``last.pt``."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+            "python": {"version": version, "internal": list(internal), "gauss": py_gauss}}
+
+
+def _set_rng_state(state: dict) -> None:
+    """Restore the global random states saved by :func:`_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+
+
+def _non_finite_loss(value: float, epoch: int, step: int, batch: dict, x: torch.Tensor, cfg: TrainConfig) -> InputError:
+    """The error that stops training at a NaN/Inf loss, naming the epoch, the step and the likely cause."""
+    bad = sorted({str(s) for s, xi in zip(batch.get("subject", []), x) if not torch.isfinite(xi).all()})
+    if bad or not torch.isfinite(x).all():
+        cause = (f"the input patches of subject(s) {', '.join(bad) or '?'} hold non-finite (NaN/Inf) voxels: "
+                 f"fix or leave out those images")
+    else:
+        cause = (f"the inputs are finite, so the learning rate lr={cfg.lr:g} is likely too high "
+                 f"(try lr={cfg.lr / 10:g})")
+    return InputError(f"training stopped at epoch {epoch}, step {step + 1} of {cfg.iters_per_epoch}: the loss is "
+                      f"{value} (non-finite); {cause}. Nothing was saved for this epoch: last.pt still holds the "
+                      f"last finite state")
+
+
+def _check_finite_weights(model: torch.nn.Module, epoch: int, cfg: TrainConfig) -> None:
+    """Refuse to go on (and to save) once any weight is NaN/Inf, naming the first bad tensors."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise InputError(f"training stopped at the end of epoch {epoch}: the weights hold non-finite values "
+                         f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) although every loss was finite; "
+                         f"the learning rate lr={cfg.lr:g} is likely too high (try lr={cfg.lr / 10:g}). Nothing was "
+                         f"saved for this epoch: last.pt still holds the last finite state")
 
 
 def _onehot(labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -417,6 +563,20 @@ def validate(model: torch.nn.Module, dataset: Sequence[dict], cfg: TrainConfig, 
     return float(value) if np.isfinite(value) else 0.0
 
 
+def cached_datasets(cfg: TrainConfig, train_records: Sequence[dict],
+                    val_records: Sequence[dict]) -> tuple[CacheDataset, CacheDataset]:
+    """Training and validation datasets with their deterministic preprocessing cached in memory.
+
+    Caching runs in one thread: MONAI's ``LoadImaged`` is not thread-safe, and caching threads gave
+    records of two files (T1 + FLAIR) a single channel now and then. ``cfg.num_workers`` is for the
+    DataLoader's worker processes, which each have their own copy of the transforms.
+    """
+    train_ds = CacheDataset(list(train_records), training_transforms(cfg), num_workers=1, progress=False)
+    val_ds = CacheDataset(list(val_records), preprocessing(cfg.spacing, with_label=True, brain=cfg.brain_masked),
+                          num_workers=1, progress=False)
+    return train_ds, val_ds
+
+
 def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence[dict], out_dir: str | os.PathLike,
           resume: bool = False, progress: bool = True) -> dict:
     """Train with validation each epoch; write ``best.pt``, ``last.pt`` and ``history.csv`` in ``out_dir``.
@@ -425,7 +585,9 @@ def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence
     Returns {"best": path, "last": path, "history": DataFrame, "best_dice": float}.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with _writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out_dir)
     if not train_records:
         raise InputError("no training subjects")
     runtime.set_seed(cfg.seed)
@@ -438,10 +600,10 @@ def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     loss_fn = SegLoss(cfg.ce_weight, cfg.dice_weight, cfg.skeleton_weight, ignore_label=TASKS[cfg.task]["ignore_label"])
 
-    start, best, history = 0, -1.0, []
+    start, best, history, rng = 0, -1.0, [], None
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if resume and last_path.exists():
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(last_path, needs=("config", "model", "optimizer", "scheduler", "scaler", "epoch"))
         old = ckpt["config"]
         for key in ("task", "architecture", "inputs", "spacing", "patch_size"):
             if old[key] != config[key]:
@@ -450,38 +612,37 @@ def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        start, best, history = ckpt["epoch"] + 1, ckpt["best_dice"], ckpt["history"]
-        runtime.set_seed(cfg.seed + start)
+        start, best, history, rng = ckpt["epoch"] + 1, ckpt["best_dice"], ckpt["history"], ckpt.get("rng")
 
-    train_ds = CacheDataset(list(train_records), training_transforms(cfg), num_workers=cfg.num_workers, progress=False)
-    val_ds = CacheDataset(list(val_records), preprocessing(cfg.spacing, with_label=True, brain=cfg.brain_masked),
-                          num_workers=cfg.num_workers,
-                          progress=False)
+    train_ds, val_ds = cached_datasets(cfg, train_records, val_records)
     loader = DataLoader(train_ds, batch_size=max(1, cfg.batch_size // cfg.samples_per_volume), shuffle=True,
-                        num_workers=cfg.num_workers, collate_fn=list_data_collate,
-                        generator=torch.Generator().manual_seed(cfg.seed + start))
-    batches = _batches(loader)
+                        num_workers=cfg.num_workers, collate_fn=list_data_collate, generator=torch.Generator())
+    if rng is not None:  # the global random states at the end of the saved epoch (older last.pt files have none)
+        _set_rng_state(rng)
     model.train()
     bar = tqdm(range(start, cfg.epochs), desc=f"{cfg.task} {cfg.architecture} {cfg.inputs}", disable=not progress,
                initial=start, total=cfg.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "ce": 0.0, "dice": 0.0, "skeleton": 0.0}
-        for _ in range(cfg.iters_per_epoch):
-            batch = next(batches)
+        for step, batch in enumerate(_epoch_batches(loader, train_ds, cfg.seed + epoch, cfg.iters_per_epoch)):
             x, y, s = (batch[k].to(device) for k in ("image", "label", "skeleton"))
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, enabled=use_amp):
                 terms = loss_fn.terms(model(x), y, s)
                 loss = (cfg.ce_weight * terms["ce"] + cfg.dice_weight * terms["dice"]
                         + cfg.skeleton_weight * terms["skeleton"])
+            value = loss.item()
+            if not math.isfinite(value):
+                raise _non_finite_loss(value, epoch, step, batch, x, cfg)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            sums["loss"] += loss.item()
+            sums["loss"] += value
             for k in ("ce", "dice", "skeleton"):
                 sums[k] += terms[k].item()
+        _check_finite_weights(model, epoch, cfg)
         val_dice = validate(model, val_ds, cfg, device) if len(val_ds) else float("nan")
         row = {"epoch": epoch, **{k: v / cfg.iters_per_epoch for k, v in sums.items()}, "val_dice": val_dice,
                "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
@@ -494,7 +655,8 @@ def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence
         if improved:
             _save(state, best_path)
         _save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-               "scaler": scaler.state_dict()}, last_path)
-        write_table_atomic(pd.DataFrame(history), out_dir / "history.csv", index=False)
+               "scaler": scaler.state_dict(), "rng": _rng_state()}, last_path)
+        with _writing(out_dir / "history.csv"):
+            write_table_atomic(pd.DataFrame(history), out_dir / "history.csv", index=False)
         bar.set_postfix(loss=f"{row['loss']:.3f}", val_dice=f"{val_dice:.3f}")
     return {"best": best_path, "last": last_path, "history": pd.DataFrame(history), "best_dice": best}
