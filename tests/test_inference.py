@@ -137,7 +137,6 @@ def test_refuses_wrong_or_missing_inputs(tmp_path):
         inference.segment(seg, t1_path=odd, flair_path=paths["flair"])
 
 
-<<<<<<< HEAD
 # ---------------------------------------------------------------- brain masks and minimum lesion size
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
@@ -197,7 +196,8 @@ def _n_lesions(img):
     from wmloc_utils.metrics import lesions
 
     return lesions(np.asanyarray(img.dataobj) > 0)[1]
-=======
+
+
 def test_unsafe_or_damaged_checkpoints_are_refused_before_any_subject(tmp_path):
     """predict_cohort loads each checkpoint with weights_only: a file holding code or cut short names itself."""
     config = _config(task="regions", inputs="flair")
@@ -213,4 +213,3 @@ def test_unsafe_or_damaged_checkpoints_are_refused_before_any_subject(tmp_path):
     with pytest.raises(InputError, match=rf"{unsafe}: not loaded: the file holds Python objects"):
         inference.predict_cohort(table, tmp_path / "out", region_checkpoint=unsafe, progress=False)
     assert inference.load_segmenter(good, "cpu").config == config
->>>>>>> ckpt
