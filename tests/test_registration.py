@@ -143,7 +143,7 @@ def test_run_cohort_skips_finished_subjects(tmp_path, monkeypatch):
     def fake(subject, t1, flair, outdir, atlas, **kw):
         calls.append(subject)
         outdir.mkdir(parents=True, exist_ok=True)
-        qc = {"subject": subject, "metric": -0.5, "wm_dice": 0.7, "seconds": 0.1}
+        qc = {"subject": subject, "metric": -0.5, "wm_dice": 0.7, "seconds": 0.1, "fingerprint": kw["fingerprint"]}
         (outdir / reg.DONE).write_text(json.dumps(qc))
         return qc
 
