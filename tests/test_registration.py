@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import ants
 import nibabel as nib
@@ -188,3 +190,127 @@ def test_propagation_matches_full_grid_resampling(atlas_small, recovered):
     keep = recovered["wm"] & (full > 0)
     assert keep.sum() > 1000
     assert np.array_equal(labels[keep], np.rint(full[keep]).astype(labels.dtype))
+
+
+# ================================================================ run_cohort: fingerprints, read-only reruns, T1 on its
+# own grid (helper H5). Fake process_subject for the skip logic; real registration on a 2-subject 2 mm demo cohort.
+def _manifest(root, workdir, source=None):
+    """Discover, validate and write ``workdir/01_data/subjects.csv`` for a demo cohort (or a CSV manifest)."""
+    from wmloc_utils import subjects
+
+    found = subjects.discover(source or root)
+    table = subjects.validate(found, progress=False)
+    return subjects.write_manifest(table, subjects.read_participants(root, table["subject"].tolist()),
+                                   workdir / "01_data")["subjects"]
+
+
+def _tree(folder):
+    """Every file under ``folder`` with its mtime_ns."""
+    return {str(p): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def demo_csv(tmp_path_factory):
+    """subjects.csv of a 2-subject demo cohort at 2 mm (RAS and LAS sites)."""
+    from wmloc_utils import demo
+
+    root = tmp_path_factory.mktemp("demo2mm")
+    demo.generate(root, n_subjects=2, grid="2mm", progress=False)
+    return _manifest(root, root)
+
+
+@pytest.fixture
+def fake_process(monkeypatch):
+    """process_subject replaced by one that only writes qc.json with its fingerprint; records the subjects it ran."""
+    calls = []
+
+    def fake(subject, t1, flair, outdir, atlas, fingerprint=None, **kw):
+        calls.append(subject)
+        qc = {"subject": subject, "method": kw["method"], "t1_on_flair": "", "fingerprint": fingerprint}
+        outdir.mkdir(parents=True, exist_ok=True)
+        (outdir / reg.DONE).write_text(json.dumps(qc))
+        return qc
+
+    monkeypatch.setattr(reg, "process_subject", fake)
+    monkeypatch.setattr(reg, "atlas_inputs", lambda workdir=None, data_dir=None: {})
+    return calls
+
+
+def _touch(path, seconds=1):
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
+
+
+def test_run_cohort_recomputes_only_what_changed(demo_csv, tmp_path, fake_process, capsys):
+    work = tmp_path / "work"
+    reg.run_cohort(demo_csv, work, progress=False)
+    assert fake_process == ["001", "002"]
+    reg.run_cohort(demo_csv, work, progress=False)
+    assert fake_process == ["001", "002"], "unchanged subjects must be reused"
+    flair = pd.read_csv(demo_csv, dtype={"subject": str}).set_index("subject").loc["002", "flair"]
+    capsys.readouterr()
+    _touch(Path(flair))
+    reg.run_cohort(demo_csv, work, progress=False)
+    assert fake_process[2:] == ["002"]
+    assert "subject 002: FLAIR changed (mtime), recomputing" in capsys.readouterr().out
+    reg.run_cohort(demo_csv, work, method="AffineFast", progress=False)
+    assert fake_process[3:] == ["001", "002"]
+    assert "method changed ('Affine' -> 'AffineFast')" in capsys.readouterr().out
+    reg.run_cohort(demo_csv, work, method="AffineFast", reg_spacing=4.0, progress=False)
+    assert fake_process[5:] == ["001", "002"]
+
+
+def test_run_cohort_follows_notebook_02_atlas(demo_csv, tmp_path, fake_process, capsys):
+    """The refined atlas of notebook 02 appearing in, or changing in, the work directory redoes every subject."""
+    work = tmp_path / "work"
+    reg.run_cohort(demo_csv, work, progress=False)
+    refined = work / "02_atlas" / "refined_atlas.nii.gz"
+    refined.parent.mkdir(parents=True)
+    nib.save(like(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), np.ones((4, 4, 4), np.int16)), refined)
+    reg.run_cohort(demo_csv, work, progress=False)
+    assert fake_process == ["001", "002", "001", "002"]
+    assert "refined atlas is another file" in capsys.readouterr().out
+    _touch(refined)
+    reg.run_cohort(demo_csv, work, progress=False)
+    assert fake_process[4:] == ["001", "002"]
+    assert "subject 001: refined atlas changed (mtime), recomputing" in capsys.readouterr().out
+
+
+def test_run_cohort_full_hash_ignores_a_touch(demo_csv, tmp_path, fake_process):
+    work = tmp_path / "work"
+    reg.run_cohort(demo_csv, work, progress=False, full_hash=True)
+    _touch(Path(pd.read_csv(demo_csv).loc[0, "t1"]))
+    reg.run_cohort(demo_csv, work, progress=False, full_hash=True)
+    assert fake_process == ["001", "002"], "same bytes: nothing to recompute"
+
+
+def test_run_cohort_real_rerun_writes_nothing_even_read_only(demo_csv, tmp_path, monkeypatch):
+    """Real regions for 2 demo subjects; an unchanged rerun writes no file (not even regions.csv) and, with every
+    write function made to fail (a read-only work directory), still returns the same table."""
+    from wmloc_utils import provenance
+
+    work = tmp_path / "work"
+    first = reg.run_cohort(demo_csv, work, reg_spacing=4.0, progress=False)
+    assert "t1_on_flair" in first and (first["t1_on_flair"] == "").all(), "2 mm demo T1s are on the FLAIR grid"
+    qc = json.loads((work / reg.STEP / "001" / reg.DONE).read_text())
+    assert qc["fingerprint"]["params"] == {"method": "Affine", "reg_spacing": 4.0}
+    assert {"regions.nii.gz", "wm_mask.nii.gz", "brain_mask.nii.gz"} <= set(qc["outputs"])
+    before = _tree(work)
+    again = reg.run_cohort(demo_csv, work, reg_spacing=4.0, progress=False)
+    assert _tree(work) == before, "an unchanged rerun must not write (or add) any file"
+    pd.testing.assert_frame_equal(again, first)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only work directory")
+
+    for module, name in ((reg, "save_nifti"), (reg, "atomic_path"), (reg, "write_table_atomic"),
+                         (reg, "process_subject"), (provenance, "atomic_path")):
+        monkeypatch.setattr(module, name, refuse)
+    pd.testing.assert_frame_equal(reg.run_cohort(demo_csv, work, reg_spacing=4.0, progress=False), first)
+    monkeypatch.undo()
+    # a deleted output is not a finished result
+    (work / reg.STEP / "002" / "regions.nii.gz").unlink()
+    calls = []
+    monkeypatch.setattr(reg, "process_subject", lambda subject, *a, **k: calls.append(subject) or dict(qc, subject=subject))
+    reg.run_cohort(demo_csv, work, reg_spacing=4.0, progress=False)
+    assert calls == ["002"]
