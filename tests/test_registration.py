@@ -16,6 +16,7 @@ from nilearn.image import resample_img
 from wmloc_utils import registration as reg
 from wmloc_utils.fetch import DataError
 from wmloc_utils.images import InputError, like
+from wmloc_utils.metrics import dice
 from wmloc_utils.tissue import to_ants, to_nibabel
 
 SPACING = 2.0  # mm: small grids keep the file fast
@@ -314,3 +315,78 @@ def test_run_cohort_real_rerun_writes_nothing_even_read_only(demo_csv, tmp_path,
     monkeypatch.setattr(reg, "process_subject", lambda subject, *a, **k: calls.append(subject) or dict(qc, subject=subject))
     reg.run_cohort(demo_csv, work, reg_spacing=4.0, progress=False)
     assert calls == ["002"]
+
+
+def _moved(img, degrees=6.0, shift=(5.0, -4.0, 6.0)):
+    """The same voxels under a header moved by a rigid transform (rotation about z at the FOV centre, then shift):
+    a T1 acquired in another session, its world position no longer that of the FLAIR."""
+    a = np.deg2rad(degrees)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    centre = img.affine[:3, :3] @ ((np.array(img.shape[:3]) - 1) / 2) + img.affine[:3, 3]
+    world = np.eye(4)
+    world[:3, :3] = rot
+    world[:3, 3] = centre - rot @ centre + np.asarray(shift)
+    data = np.asanyarray(img.dataobj)
+    return like(nib.Nifti1Image(data, world @ img.affine), data)
+
+
+def _corr(a, b, mask):
+    return float(np.corrcoef(np.asarray(a)[mask], np.asarray(b)[mask])[0, 1])
+
+
+def test_t1_on_its_own_grid_is_registered_once_and_used_downstream(tmp_path):
+    """A 1 mm T1 (header moved 6 degrees / 9 mm) with the 1x1x3 mm FLAIR of the same demo subject: run_cohort writes
+    t1_on_flair on the FLAIR grid, aligned with the subject's anatomy, records it, and training accepts it."""
+    from wmloc_utils import demo, training
+
+    for grid in ("1mm", "aniso"):
+        demo.generate(tmp_path / grid, n_subjects=1, grid=grid, progress=False)
+    iso, aniso = tmp_path / "1mm" / "siteA" / "001", tmp_path / "aniso" / "siteA" / "001"
+    t1_iso = nib.load(iso / "pre" / "T1.nii.gz")
+    nib.save(_moved(t1_iso), tmp_path / "T1_moved.nii.gz")
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame({"subject": ["001"], "t1": ["T1_moved.nii.gz"], "flair": [str(aniso / "pre" / "FLAIR.nii.gz")],
+                  "lesion": [str(aniso / "wmh.nii.gz")]}).to_csv(manifest, index=False)
+    work = tmp_path / "work"
+    subjects_csv = _manifest(tmp_path, work, source=manifest)
+    qc = reg.run_cohort(subjects_csv, work, progress=False)
+
+    path = work / reg.STEP / "001" / reg.T1_ON_FLAIR
+    assert qc.loc[0, "t1_on_flair"] == str(path)
+    flair, on_flair = nib.load(aniso / "pre" / "FLAIR.nii.gz"), nib.load(path)
+    assert on_flair.shape == flair.shape and np.allclose(on_flair.affine, flair.affine, atol=1e-3)
+    brain = np.asanyarray(nib.load(aniso / "truth" / "tissue.nii.gz").dataobj) > 0
+    t1_aniso = nib.load(aniso / "pre" / "T1.nii.gz").get_fdata()
+    # the unmoved 1 mm T1 through the headers: where a perfect registration puts it (the demo grids share world space)
+    ideal = ants.resample_image_to_target(to_ants(t1_iso), to_ants(flair), "linear").numpy()
+    header_only = ants.resample_image_to_target(to_ants(nib.load(tmp_path / "T1_moved.nii.gz")), to_ants(flair),
+                                                "linear").numpy()
+    scores = {"ideal": _corr(on_flair.get_fdata(), ideal, brain), "aniso_t1": _corr(on_flair.get_fdata(), t1_aniso, brain),
+              "ideal_vs_aniso_t1": _corr(ideal, t1_aniso, brain), "header_only": _corr(header_only, t1_aniso, brain),
+              "brain_mask_dice": dice(np.asanyarray(nib.load(qc.loc[0, "brain_mask"]).dataobj) > 0, brain)}
+    print("T1 on its own grid:", {k: round(v, 3) for k, v in scores.items()})
+    assert scores["ideal"] > 0.95, scores
+    # vs the aniso T1 (own noise, bias field and lesions) as close as the perfectly placed 1 mm T1 is
+    assert scores["aniso_t1"] > scores["ideal_vs_aniso_t1"] - 0.02 and scores["header_only"] < 0.7, scores
+    assert scores["brain_mask_dice"] > 0.9, scores
+
+    table = reg.subjects_on_flair_grid(work)
+    assert table.loc[0, "t1"] == str(path) and table.loc[0, "t1_native"].endswith("T1_moved.nii.gz")
+    with pytest.raises(InputError, match="subject 001.*not on the grid"):
+        training.make_records(pd.read_csv(subjects_csv, dtype={"subject": str}), "t1+flair", "lesion")
+    records = training.make_records(table, "t1+flair", "lesion")
+    assert records[0]["image"] == [str(path), str(aniso / "pre" / "FLAIR.nii.gz")]
+
+
+def test_subjects_on_flair_grid_refuses_an_unregistered_off_grid_t1(tmp_path):
+    (tmp_path / "01_data").mkdir()
+    pd.DataFrame({"subject": ["001", "002"], "t1": ["a.nii.gz", "b.nii.gz"], "flair": ["c.nii.gz", "d.nii.gz"],
+                  "t1_on_flair_grid": [True, False]}).to_csv(tmp_path / "01_data" / "subjects.csv", index=False)
+    with pytest.raises(InputError, match="subject.s. 002: the T1 is not on the FLAIR grid.*03_regions"):
+        reg.subjects_on_flair_grid(tmp_path)
+    (tmp_path / reg.STEP).mkdir()
+    pd.DataFrame({"subject": ["001", "002"], "t1_on_flair": ["", "/w/002/t1_on_flair.nii.gz"]}).to_csv(
+        tmp_path / reg.STEP / "regions.csv", index=False)
+    table = reg.subjects_on_flair_grid(tmp_path)
+    assert table["t1"].tolist() == ["a.nii.gz", "/w/002/t1_on_flair.nii.gz"]
+    assert table["t1_native"].tolist() == ["a.nii.gz", "b.nii.gz"]

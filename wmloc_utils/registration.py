@@ -34,6 +34,7 @@ LABEL_IDS = tuple(range(1, 37))
 STEP = "03_regions"
 DONE = "qc.json"
 T1_ON_FLAIR = "t1_on_flair.nii.gz"
+T1_REG_SPACING = 2.0  # mm: grid of the rigid T1-to-FLAIR registration (the transform resamples the full T1)
 
 
 # ---------------------------------------------------------------- registration
@@ -210,7 +211,7 @@ def _t1_on_flair(subject: str, t1_img: nib.Nifti1Image, flair_img: nib.Nifti1Ima
     if same_grid(t1_img, flair_img):
         path.unlink(missing_ok=True)  # left by an earlier run on another T1
         return t1_img, ""
-    moved = register_t1_to_flair(t1_img, flair_img, out, subject)
+    moved = register_t1_to_flair(t1_img, flair_img, out, subject, reg_spacing=T1_REG_SPACING)
     t1_img = like(flair_img, np.asanyarray(moved.dataobj), np.float32)
     save_nifti(t1_img, path)
     return t1_img, str(path)
