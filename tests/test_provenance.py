@@ -34,8 +34,7 @@ def test_unchanged_file_has_no_change(image):
 
 def test_touch_is_a_change_unless_contents_are_hashed(image):
     before, before_full = _fp(image), provenance.fingerprint({"FLAIR": image}, {}, full_hash=True)
-    st = image.stat()
-    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    _touch(image)
     assert provenance.changes(before, _fp(image)) == ["FLAIR changed (mtime)"]
     assert provenance.changes(before_full, provenance.fingerprint({"FLAIR": image}, {}, full_hash=True)) == []
 
@@ -69,12 +68,28 @@ def test_replaced_file_and_other_path_and_params_and_version(image, tmp_path):
 
 def test_upstream_artefacts_and_missing_files(image, tmp_path):
     atlas = tmp_path / "refined_atlas.nii.gz"
-    before = provenance.fingerprint({"FLAIR": image}, {}, {"refined atlas": atlas})
+
+    def fp():
+        return provenance.fingerprint({"FLAIR": image}, {}, provenance.upstream_fingerprints({"refined atlas": atlas}))
+
+    before = fp()
     assert before["upstream"]["refined atlas"]["missing"]
     atlas.write_bytes(image.read_bytes())
-    after = provenance.fingerprint({"FLAIR": image}, {}, {"refined atlas": atlas})
+    after = fp()
     assert provenance.changes(before, after) == ["refined atlas appeared"]
     assert provenance.changes(after, provenance.fingerprint({"FLAIR": image}, {})) == ["refined atlas no longer used"]
+    # upstream artefacts are compared by content: rewritten with the same bytes, they change nothing
+    atlas.unlink()
+    atlas.write_bytes(image.read_bytes())
+    _touch(atlas)
+    assert provenance.changes(after, fp()) == []
+    atlas.write_bytes(image.read_bytes() + b"\0")
+    assert provenance.changes(after, fp()) == ["refined atlas changed (content)"]
+
+
+def _touch(path):
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
 
 
 def test_outputs_changed(image):

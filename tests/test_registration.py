@@ -262,7 +262,7 @@ def test_run_cohort_recomputes_only_what_changed(demo_csv, tmp_path, fake_proces
 
 
 def test_run_cohort_follows_notebook_02_atlas(demo_csv, tmp_path, fake_process, capsys):
-    """The refined atlas of notebook 02 appearing in, or changing in, the work directory redoes every subject."""
+    """The refined atlas of notebook 02 appearing in, or changing (content) in, the work directory redoes every subject."""
     work = tmp_path / "work"
     reg.run_cohort(demo_csv, work, progress=False)
     refined = work / "02_atlas" / "refined_atlas.nii.gz"
@@ -271,10 +271,15 @@ def test_run_cohort_follows_notebook_02_atlas(demo_csv, tmp_path, fake_process, 
     reg.run_cohort(demo_csv, work, progress=False)
     assert fake_process == ["001", "002", "001", "002"]
     assert "refined atlas is another file" in capsys.readouterr().out
+    # notebook 02 rerun: the same bytes written again reuse every subject; new labels redo them
+    refined.write_bytes(refined.read_bytes())
     _touch(refined)
     reg.run_cohort(demo_csv, work, progress=False)
+    assert fake_process == ["001", "002", "001", "002"]
+    nib.save(like(nib.load(refined), np.full((4, 4, 4), 2, np.int16)), refined)
+    reg.run_cohort(demo_csv, work, progress=False)
     assert fake_process[4:] == ["001", "002"]
-    assert "subject 001: refined atlas changed (mtime), recomputing" in capsys.readouterr().out
+    assert "subject 001: refined atlas changed (content), recomputing" in capsys.readouterr().out
 
 
 def test_run_cohort_full_hash_ignores_a_touch(demo_csv, tmp_path, fake_process):

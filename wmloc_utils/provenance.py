@@ -52,14 +52,27 @@ def file_fingerprint(path: str | os.PathLike, full_hash: bool = False) -> dict:
     return fp
 
 
-def fingerprint(inputs: dict[str, str | os.PathLike], params: dict, upstream: dict[str, str | os.PathLike] | None = None,
+def upstream_fingerprints(paths: dict[str, str | os.PathLike]) -> dict[str, dict]:
+    """Fingerprints of upstream artefacts, always with the full SHA-256.
+
+    They are few and shared by every subject, so they are hashed once per run; a notebook that rewrites
+    the same bytes (02 rewrites its refined atlas on each run; nibabel's gzip output is reproducible)
+    then leaves the results of later steps current.
+    """
+    return {name: file_fingerprint(p, full_hash=True) for name, p in paths.items()}
+
+
+def fingerprint(inputs: dict[str, str | os.PathLike], params: dict, upstream: dict[str, dict] | None = None,
                 full_hash: bool = False) -> dict:
-    """Fingerprint of one result: its input files, parameters, package version and upstream artefacts."""
+    """Fingerprint of one result: its input files, parameters, package version and upstream artefacts.
+
+    ``upstream`` holds :func:`upstream_fingerprints` (computed once for all the results of a step).
+    """
     from . import __version__
 
     return {"version": __version__, "params": dict(params),
             "inputs": {k: file_fingerprint(p, full_hash) for k, p in inputs.items()},
-            "upstream": {k: file_fingerprint(p, full_hash) for k, p in (upstream or {}).items()}}
+            "upstream": dict(upstream or {})}
 
 
 def _file_change(name: str, old: dict, new: dict) -> str | None:

@@ -265,7 +265,8 @@ def atlas_sources(workdir: str | os.PathLike | None = None, data_dir=None) -> di
 
 def subject_fingerprint(row: dict, method: str, reg_spacing: float | None, upstream: dict,
                         full_hash: bool = False) -> dict:
-    """What one subject's regions are made of: its files, the step parameters and the atlas files."""
+    """What one subject's regions are made of: its files, the step parameters and the atlas files (``upstream``:
+    :func:`provenance.upstream_fingerprints` of :func:`atlas_sources`)."""
     inputs = {"T1": row["t1"], "FLAIR": row["flair"]}
     if _given(row.get("lesion")):
         inputs["lesion"] = row["lesion"]
@@ -299,14 +300,14 @@ def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, meth
     A finished subject is reused while its fingerprint (input files, ``method``/``reg_spacing``, version,
     atlas files; :mod:`wmloc_utils.provenance`) and its outputs are unchanged, else recomputed with the
     reason printed; ``overwrite`` redoes all, ``full_hash`` compares file contents (SHA-256) rather than
-    mtimes. ``n_jobs`` > 1 runs subjects in worker processes. Returns ``03_regions/regions.csv`` (one QC
+    mtimes (the atlas files are always compared by content). ``n_jobs`` > 1 runs subjects in worker processes. Returns ``03_regions/regions.csv`` (one QC
     row each), rewritten only when its content changes: an unchanged rerun writes nothing.
     """
     table = pd.read_csv(subjects_csv, dtype={"subject": str}, keep_default_na=False)
     if n_subjects:
         table = table.head(int(n_subjects))
     step = Path(workdir) / STEP
-    upstream = atlas_sources(workdir)
+    upstream = provenance.upstream_fingerprints(atlas_sources(workdir))
     rows, todo = {}, []
     for row in table.to_dict("records"):
         fp = subject_fingerprint(row, method, reg_spacing, upstream, full_hash)
