@@ -276,14 +276,14 @@ def subject_fingerprint(row: dict, method: str, reg_spacing: float | None, upstr
 
 
 def _stale(subject_dir: Path, fp: dict) -> tuple[list[str], dict | None]:
-    """Why a subject's finished result is stale ([] when it is current) and that result (None when there is none)."""
+    """Why a subject's result is stale ([] when current) and that result (None when there is none, {} unreadable)."""
     done = subject_dir / DONE
     if not done.exists():
         return ["not processed yet"], None
     try:
         qc = json.loads(done.read_text())
     except (OSError, ValueError) as err:
-        return [f"{done} is unreadable ({type(err).__name__})"], None
+        return [f"{done} is unreadable ({type(err).__name__})"], {}
     return provenance.changes(qc.get("fingerprint"), fp) + provenance.outputs_changed(qc.get("outputs", {})), qc
 
 
