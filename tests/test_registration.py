@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import ants
 import nibabel as nib
@@ -14,6 +16,7 @@ from nilearn.image import resample_img
 from wmloc_utils import registration as reg
 from wmloc_utils.fetch import DataError
 from wmloc_utils.images import InputError, like
+from wmloc_utils.metrics import dice
 from wmloc_utils.tissue import to_ants, to_nibabel
 
 SPACING = 2.0  # mm: small grids keep the file fast
@@ -143,7 +146,7 @@ def test_run_cohort_skips_finished_subjects(tmp_path, monkeypatch):
     def fake(subject, t1, flair, outdir, atlas, **kw):
         calls.append(subject)
         outdir.mkdir(parents=True, exist_ok=True)
-        qc = {"subject": subject, "metric": -0.5, "wm_dice": 0.7, "seconds": 0.1}
+        qc = {"subject": subject, "metric": -0.5, "wm_dice": 0.7, "seconds": 0.1, "fingerprint": kw["fingerprint"]}
         (outdir / reg.DONE).write_text(json.dumps(qc))
         return qc
 
@@ -188,3 +191,207 @@ def test_propagation_matches_full_grid_resampling(atlas_small, recovered):
     keep = recovered["wm"] & (full > 0)
     assert keep.sum() > 1000
     assert np.array_equal(labels[keep], np.rint(full[keep]).astype(labels.dtype))
+
+
+# ================================================================ run_cohort: fingerprints, read-only reruns, T1 on its
+# own grid (helper H5). Fake process_subject for the skip logic; real registration on a 2-subject 2 mm demo cohort.
+def _manifest(root, workdir, source=None):
+    """Discover, validate and write ``workdir/01_data/subjects.csv`` for a demo cohort (or a CSV manifest)."""
+    from wmloc_utils import subjects
+
+    found = subjects.discover(source or root)
+    table = subjects.validate(found, progress=False)
+    return subjects.write_manifest(table, subjects.read_participants(root, table["subject"].tolist()),
+                                   workdir / "01_data")["subjects"]
+
+
+def _tree(folder):
+    """Every file under ``folder`` with its mtime_ns."""
+    return {str(p): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def demo_csv(tmp_path_factory):
+    """subjects.csv of a 2-subject demo cohort at 2 mm (RAS and LAS sites)."""
+    from wmloc_utils import demo
+
+    root = tmp_path_factory.mktemp("demo2mm")
+    demo.generate(root, n_subjects=2, grid="2mm", progress=False)
+    return _manifest(root, root)
+
+
+@pytest.fixture
+def fake_process(monkeypatch):
+    """process_subject replaced by one that only writes qc.json with its fingerprint; records the subjects it ran."""
+    calls = []
+
+    def fake(subject, t1, flair, outdir, atlas, fingerprint=None, **kw):
+        calls.append(subject)
+        qc = {"subject": subject, "method": kw["method"], "t1_on_flair": "", "fingerprint": fingerprint}
+        outdir.mkdir(parents=True, exist_ok=True)
+        (outdir / reg.DONE).write_text(json.dumps(qc))
+        return qc
+
+    monkeypatch.setattr(reg, "process_subject", fake)
+    monkeypatch.setattr(reg, "atlas_inputs", lambda workdir=None, data_dir=None: {})
+    return calls
+
+
+def _touch(path, seconds=1):
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
+
+
+def test_run_cohort_recomputes_only_what_changed(demo_csv, tmp_path, fake_process, capsys):
+    work = tmp_path / "work"
+    reg.run_cohort(demo_csv, work, progress=False)
+    assert fake_process == ["001", "002"]
+    reg.run_cohort(demo_csv, work, progress=False)
+    assert fake_process == ["001", "002"], "unchanged subjects must be reused"
+    flair = pd.read_csv(demo_csv, dtype={"subject": str}).set_index("subject").loc["002", "flair"]
+    capsys.readouterr()
+    _touch(Path(flair))
+    reg.run_cohort(demo_csv, work, progress=False)
+    assert fake_process[2:] == ["002"]
+    assert "subject 002: FLAIR changed (mtime), recomputing" in capsys.readouterr().out
+    reg.run_cohort(demo_csv, work, method="AffineFast", progress=False)
+    assert fake_process[3:] == ["001", "002"]
+    assert "method changed ('Affine' -> 'AffineFast')" in capsys.readouterr().out
+    reg.run_cohort(demo_csv, work, method="AffineFast", reg_spacing=4.0, progress=False)
+    assert fake_process[5:] == ["001", "002"]
+
+
+def test_run_cohort_follows_notebook_02_atlas(demo_csv, tmp_path, fake_process, capsys):
+    """The refined atlas of notebook 02 appearing in, or changing (content) in, the work directory redoes every subject."""
+    work = tmp_path / "work"
+    reg.run_cohort(demo_csv, work, progress=False)
+    refined = work / "02_atlas" / "refined_atlas.nii.gz"
+    refined.parent.mkdir(parents=True)
+    nib.save(like(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), np.ones((4, 4, 4), np.int16)), refined)
+    reg.run_cohort(demo_csv, work, progress=False)
+    assert fake_process == ["001", "002", "001", "002"]
+    assert "refined atlas is another file" in capsys.readouterr().out
+    # notebook 02 rerun: the same bytes written again reuse every subject; new labels redo them
+    refined.write_bytes(refined.read_bytes())
+    _touch(refined)
+    reg.run_cohort(demo_csv, work, progress=False)
+    assert fake_process == ["001", "002", "001", "002"]
+    nib.save(like(nib.load(refined), np.full((4, 4, 4), 2, np.int16)), refined)
+    reg.run_cohort(demo_csv, work, progress=False)
+    assert fake_process[4:] == ["001", "002"]
+    assert "subject 001: refined atlas changed (content), recomputing" in capsys.readouterr().out
+
+
+def test_run_cohort_full_hash_ignores_a_touch(demo_csv, tmp_path, fake_process):
+    work = tmp_path / "work"
+    reg.run_cohort(demo_csv, work, progress=False, full_hash=True)
+    _touch(Path(pd.read_csv(demo_csv).loc[0, "t1"]))
+    reg.run_cohort(demo_csv, work, progress=False, full_hash=True)
+    assert fake_process == ["001", "002"], "same bytes: nothing to recompute"
+
+
+def test_run_cohort_real_rerun_writes_nothing_even_read_only(demo_csv, tmp_path, monkeypatch):
+    """Real regions for 2 demo subjects; an unchanged rerun writes no file (not even regions.csv) and, with every
+    write function made to fail (a read-only work directory), still returns the same table."""
+    from wmloc_utils import provenance
+
+    work = tmp_path / "work"
+    first = reg.run_cohort(demo_csv, work, reg_spacing=4.0, progress=False)
+    assert "t1_on_flair" in first and (first["t1_on_flair"] == "").all(), "2 mm demo T1s are on the FLAIR grid"
+    qc = json.loads((work / reg.STEP / "001" / reg.DONE).read_text())
+    assert qc["fingerprint"]["params"] == {"method": "Affine", "reg_spacing": 4.0}
+    assert {"regions.nii.gz", "wm_mask.nii.gz", "brain_mask.nii.gz"} <= set(qc["outputs"])
+    before = _tree(work)
+    again = reg.run_cohort(demo_csv, work, reg_spacing=4.0, progress=False)
+    assert _tree(work) == before, "an unchanged rerun must not write (or add) any file"
+    pd.testing.assert_frame_equal(again, first)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only work directory")
+
+    for module, name in ((reg, "save_nifti"), (reg, "atomic_path"), (reg, "write_table_atomic"),
+                         (reg, "process_subject"), (provenance, "atomic_path")):
+        monkeypatch.setattr(module, name, refuse)
+    pd.testing.assert_frame_equal(reg.run_cohort(demo_csv, work, reg_spacing=4.0, progress=False), first)
+    monkeypatch.undo()
+    # a deleted output is not a finished result
+    (work / reg.STEP / "002" / "regions.nii.gz").unlink()
+    calls = []
+    monkeypatch.setattr(reg, "process_subject", lambda subject, *a, **k: calls.append(subject) or dict(qc, subject=subject))
+    reg.run_cohort(demo_csv, work, reg_spacing=4.0, progress=False)
+    assert calls == ["002"]
+
+
+def _moved(img, degrees=6.0, shift=(5.0, -4.0, 6.0)):
+    """The same voxels under a header moved by a rigid transform (rotation about z at the FOV centre, then shift):
+    a T1 acquired in another session, its world position no longer that of the FLAIR."""
+    a = np.deg2rad(degrees)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    centre = img.affine[:3, :3] @ ((np.array(img.shape[:3]) - 1) / 2) + img.affine[:3, 3]
+    world = np.eye(4)
+    world[:3, :3] = rot
+    world[:3, 3] = centre - rot @ centre + np.asarray(shift)
+    data = np.asanyarray(img.dataobj)
+    return like(nib.Nifti1Image(data, world @ img.affine), data)
+
+
+def _corr(a, b, mask):
+    return float(np.corrcoef(np.asarray(a)[mask], np.asarray(b)[mask])[0, 1])
+
+
+def test_t1_on_its_own_grid_is_registered_once_and_used_downstream(tmp_path):
+    """A 1 mm T1 (header moved 6 degrees / 9 mm) with the 1x1x3 mm FLAIR of the same demo subject: run_cohort writes
+    t1_on_flair on the FLAIR grid, aligned with the subject's anatomy, records it, and training accepts it."""
+    from wmloc_utils import demo, training
+
+    for grid in ("1mm", "aniso"):
+        demo.generate(tmp_path / grid, n_subjects=1, grid=grid, progress=False)
+    iso, aniso = tmp_path / "1mm" / "siteA" / "001", tmp_path / "aniso" / "siteA" / "001"
+    t1_iso = nib.load(iso / "pre" / "T1.nii.gz")
+    nib.save(_moved(t1_iso), tmp_path / "T1_moved.nii.gz")
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame({"subject": ["001"], "t1": ["T1_moved.nii.gz"], "flair": [str(aniso / "pre" / "FLAIR.nii.gz")],
+                  "lesion": [str(aniso / "wmh.nii.gz")]}).to_csv(manifest, index=False)
+    work = tmp_path / "work"
+    subjects_csv = _manifest(tmp_path, work, source=manifest)
+    qc = reg.run_cohort(subjects_csv, work, progress=False)
+
+    path = work / reg.STEP / "001" / reg.T1_ON_FLAIR
+    assert qc.loc[0, "t1_on_flair"] == str(path)
+    flair, on_flair = nib.load(aniso / "pre" / "FLAIR.nii.gz"), nib.load(path)
+    assert on_flair.shape == flair.shape and np.allclose(on_flair.affine, flair.affine, atol=1e-3)
+    brain = np.asanyarray(nib.load(aniso / "truth" / "tissue.nii.gz").dataobj) > 0
+    t1_aniso = nib.load(aniso / "pre" / "T1.nii.gz").get_fdata()
+    # the unmoved 1 mm T1 through the headers: where a perfect registration puts it (the demo grids share world space)
+    ideal = ants.resample_image_to_target(to_ants(t1_iso), to_ants(flair), "linear").numpy()
+    header_only = ants.resample_image_to_target(to_ants(nib.load(tmp_path / "T1_moved.nii.gz")), to_ants(flair),
+                                                "linear").numpy()
+    scores = {"ideal": _corr(on_flair.get_fdata(), ideal, brain), "aniso_t1": _corr(on_flair.get_fdata(), t1_aniso, brain),
+              "ideal_vs_aniso_t1": _corr(ideal, t1_aniso, brain), "header_only": _corr(header_only, t1_aniso, brain),
+              "brain_mask_dice": dice(np.asanyarray(nib.load(qc.loc[0, "brain_mask"]).dataobj) > 0, brain)}
+    print("T1 on its own grid:", {k: round(v, 3) for k, v in scores.items()})
+    assert scores["ideal"] > 0.95, scores
+    # vs the aniso T1 (own noise, bias field and lesions) as close as the perfectly placed 1 mm T1 is
+    assert scores["aniso_t1"] > scores["ideal_vs_aniso_t1"] - 0.02 and scores["header_only"] < 0.7, scores
+    assert scores["brain_mask_dice"] > 0.9, scores
+
+    table = reg.subjects_on_flair_grid(work)
+    assert table.loc[0, "t1"] == str(path) and table.loc[0, "t1_native"].endswith("T1_moved.nii.gz")
+    with pytest.raises(InputError, match="subject 001.*not on the grid"):
+        training.make_records(pd.read_csv(subjects_csv, dtype={"subject": str}), "t1+flair", "lesion")
+    records = training.make_records(table, "t1+flair", "lesion")
+    assert records[0]["image"] == [str(path), str(aniso / "pre" / "FLAIR.nii.gz")]
+
+
+def test_subjects_on_flair_grid_refuses_an_unregistered_off_grid_t1(tmp_path):
+    (tmp_path / "01_data").mkdir()
+    pd.DataFrame({"subject": ["001", "002"], "t1": ["a.nii.gz", "b.nii.gz"], "flair": ["c.nii.gz", "d.nii.gz"],
+                  "t1_on_flair_grid": [True, False]}).to_csv(tmp_path / "01_data" / "subjects.csv", index=False)
+    with pytest.raises(InputError, match="subject.s. 002: the T1 is not on the FLAIR grid.*03_regions"):
+        reg.subjects_on_flair_grid(tmp_path)
+    (tmp_path / reg.STEP).mkdir()
+    pd.DataFrame({"subject": ["001", "002"], "t1_on_flair": ["", "/w/002/t1_on_flair.nii.gz"]}).to_csv(
+        tmp_path / reg.STEP / "regions.csv", index=False)
+    table = reg.subjects_on_flair_grid(tmp_path)
+    assert table["t1"].tolist() == ["a.nii.gz", "/w/002/t1_on_flair.nii.gz"]
+    assert table["t1_native"].tolist() == ["a.nii.gz", "b.nii.gz"]

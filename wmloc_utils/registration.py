@@ -21,16 +21,20 @@ import pandas as pd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .images import InputError, atomic_path, check_same_grid, like, load_nifti, save_nifti, write_table_atomic
+from . import provenance
+from .images import InputError, atomic_path, check_same_grid, like, load_nifti, same_grid, save_nifti, write_table_atomic
 from .metrics import dice, region_dice  # noqa: F401  (region_dice re-exported for the notebook)
+from .subjects import register_t1_to_flair
 from .tissue import brain_mask as make_brain_mask
-from .tissue import _remove, segment_tissues, to_ants, to_nibabel
+from .tissue import _remove, segment_tissues, to_ants
 
 METHODS = ("Affine", "AffineFast", "SyN")
 REGION_IDS = tuple(range(1, 35))
 LABEL_IDS = tuple(range(1, 37))
 STEP = "03_regions"
 DONE = "qc.json"
+T1_ON_FLAIR = "t1_on_flair.nii.gz"
+T1_REG_SPACING = 2.0  # mm: grid of the rigid T1-to-FLAIR registration (the transform resamples the full T1)
 
 
 # ---------------------------------------------------------------- registration
@@ -151,21 +155,22 @@ def atlas_inputs(workdir: str | os.PathLike | None = None, data_dir=None) -> dic
 
 
 def process_subject(subject: str, t1, flair, outdir: str | os.PathLike, atlas: dict, lesion=None,
-                    method: str = "Affine", reg_spacing: float | None = 3.0, truth_dir=None) -> dict:
+                    method: str = "Affine", reg_spacing: float | None = 3.0, truth_dir=None,
+                    fingerprint: dict | None = None) -> dict:
     """Brain mask, tissues, WM mask, registration and region labels of one subject, written to ``outdir``.
 
     Files: brain_mask, tissue, prob_{csf,gm,wm}, wm_mask, regions (.nii.gz, FLAIR grid), the
-    transform(s) ``atlas_to_subject_*`` and ``qc.json`` (written last: the done marker).
+    transform(s) ``atlas_to_subject_*``, for a T1 on another grid ``t1_on_flair.nii.gz`` (registered
+    rigidly once, used for mask and tissues) and ``qc.json`` (written last: the done marker, holding
+    ``fingerprint`` and the fingerprints of the written ``outputs`` for :func:`run_cohort`).
     """
     start = time.perf_counter()
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     flair_img = load_nifti(flair, subject=subject, what="FLAIR")
-    t1_img = load_nifti(t1, subject=subject, what="T1")
-    if not (t1_img.shape == flair_img.shape and np.allclose(t1_img.affine, flair_img.affine, atol=1e-3)):
-        t1_img = to_nibabel(ants.resample_image_to_target(to_ants(t1_img), to_ants(flair_img), "linear"))
+    t1_img, t1_on_flair = _t1_on_flair(subject, load_nifti(t1, subject=subject, what="T1"), flair_img, out)
     les_img = None
-    if lesion is not None and str(lesion) not in ("", "nan"):
+    if _given(lesion):
         les_img = load_nifti(lesion, subject=subject, what="lesion mask")
         check_same_grid(flair_img, les_img, "FLAIR", "lesion mask", subject)
     mask = make_brain_mask(t1_img, flair_img, subject=subject, outprefix=out / "brainmask_")
@@ -177,15 +182,39 @@ def process_subject(subject: str, t1, flair, outdir: str | os.PathLike, atlas: d
         raise InputError(f"subject {subject}: the tissue segmentation found no white matter (WM mask is empty)")
     save_nifti(seg["wm_mask"], out / "wm_mask.nii.gz")
     qc = {"subject": subject, "brain_mask": str(out / "brain_mask.nii.gz"), "tissue": str(out / "tissue.nii.gz"),
-          "wm_mask": str(out / "wm_mask.nii.gz"),
+          "wm_mask": str(out / "wm_mask.nii.gz"), "t1_on_flair": t1_on_flair,
           **label_subject(subject, seg["wm"], wm, flair_img, out, atlas, method, reg_spacing)}
-    if truth_dir is not None and str(truth_dir) not in ("", "nan") and Path(truth_dir, "tissue.nii.gz").exists():
+    if _given(truth_dir) and Path(truth_dir, "tissue.nii.gz").exists():
         true_wm = np.asanyarray(load_nifti(Path(truth_dir) / "tissue.nii.gz", subject, "true tissue").dataobj) == 3
         qc["true_wm_dice"] = dice(wm, true_wm)
     qc["seconds"] = time.perf_counter() - start
+    written = [qc["brain_mask"], qc["tissue"], qc["wm_mask"], qc["regions"], t1_on_flair, *qc["transform"].split(";")]
+    qc["fingerprint"] = fingerprint
+    qc["outputs"] = {Path(p).name: provenance.file_fingerprint(p) for p in written if p}
     with atomic_path(out / DONE) as tmp:
         tmp.write_text(json.dumps(qc, indent=1))
     return qc
+
+
+def _given(value) -> bool:
+    """A path cell of the subjects table that is filled (not None, empty or NaN)."""
+    return value is not None and str(value) not in ("", "nan")
+
+
+def _t1_on_flair(subject: str, t1_img: nib.Nifti1Image, flair_img: nib.Nifti1Image, out: Path) -> tuple:
+    """The T1 on the FLAIR grid and the path it was written to ("" when the T1 already is on that grid).
+
+    A T1 on its own grid is registered rigidly (ANTs, Mattes MI) to the FLAIR once, here, and written
+    to ``t1_on_flair.nii.gz`` so that training and inference use the same aligned image.
+    """
+    path = out / T1_ON_FLAIR
+    if same_grid(t1_img, flair_img):
+        path.unlink(missing_ok=True)  # left by an earlier run on another T1
+        return t1_img, ""
+    moved = register_t1_to_flair(t1_img, flair_img, out, subject, reg_spacing=T1_REG_SPACING)
+    t1_img = like(flair_img, np.asanyarray(moved.dataobj), np.float32)
+    save_nifti(t1_img, path)
+    return t1_img, str(path)
 
 
 def label_subject(subject: str, wm_prob, wm: np.ndarray, grid, outdir: str | os.PathLike, atlas: dict,
@@ -217,52 +246,130 @@ def relabel(subject_dir: str | os.PathLike, flair, atlas: dict, method: str, out
 def _worker(args: tuple) -> dict:
     """Process-pool entry: one ITK thread per worker, atlas loaded once per call."""
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
-    row, outdir, workdir, method, reg_spacing = args
+    row, outdir, workdir, method, reg_spacing, fp = args
     return process_subject(row["subject"], row["t1"], row["flair"], outdir, atlas_inputs(workdir),
                            lesion=row.get("lesion"), method=method, reg_spacing=reg_spacing,
-                           truth_dir=row.get("truth_dir"))
+                           truth_dir=row.get("truth_dir"), fingerprint=fp)
+
+
+def atlas_sources(workdir: str | os.PathLike | None = None, data_dir=None) -> dict[str, Path]:
+    """The atlas files every subject's regions depend on (as :func:`atlas_inputs` picks them), for fingerprints."""
+    from .atlas import EVE_FILES
+    from .fetch import data_dir as eve_dir
+
+    folder = eve_dir(data_dir)
+    refined = Path(workdir) / "02_atlas" / "refined_atlas.nii.gz" if workdir else None
+    return {"Eve tissue": folder / EVE_FILES["tissue"],
+            "refined atlas": refined if refined is not None and refined.exists() else folder / EVE_FILES["type2"]}
+
+
+def subject_fingerprint(row: dict, method: str, reg_spacing: float | None, upstream: dict,
+                        full_hash: bool = False) -> dict:
+    """What one subject's regions are made of: its files, the step parameters and the atlas files (``upstream``:
+    :func:`provenance.upstream_fingerprints` of :func:`atlas_sources`)."""
+    inputs = {"T1": row["t1"], "FLAIR": row["flair"]}
+    if _given(row.get("lesion")):
+        inputs["lesion"] = row["lesion"]
+    if _given(row.get("truth_dir")):
+        inputs["true tissue"] = Path(row["truth_dir"]) / "tissue.nii.gz"
+    return provenance.fingerprint(inputs, {"method": method, "reg_spacing": reg_spacing}, upstream, full_hash)
+
+
+def _stale(subject_dir: Path, fp: dict) -> tuple[list[str], dict | None]:
+    """Why a subject's result is stale ([] when current) and that result (None when there is none, {} unreadable)."""
+    done = subject_dir / DONE
+    if not done.exists():
+        return ["not processed yet"], None
+    try:
+        qc = json.loads(done.read_text())
+    except (OSError, ValueError) as err:
+        return [f"{done} is unreadable ({type(err).__name__})"], {}
+    return provenance.changes(qc.get("fingerprint"), fp) + provenance.outputs_changed(qc.get("outputs", {})), qc
+
+
+def _qc_row(qc: dict) -> dict:
+    """One regions.csv row: the QC dict without its provenance records."""
+    return {k: v for k, v in qc.items() if k not in ("fingerprint", "outputs")}
 
 
 def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, method: str = "Affine",
                n_jobs: int = 1, overwrite: bool = False, n_subjects: int | None = None,
-               reg_spacing: float | None = 3.0, progress: bool = True) -> pd.DataFrame:
+               reg_spacing: float | None = 3.0, progress: bool = True, full_hash: bool = False) -> pd.DataFrame:
     """Regions for every subject of ``subjects.csv`` into ``workdir/03_regions/<subject>/``; re-runnable.
 
-    Subjects with a ``qc.json`` are skipped unless ``overwrite``; ``n_jobs`` > 1 runs subjects
-    in worker processes. Writes and returns ``workdir/03_regions/regions.csv`` (one QC row each).
+    A finished subject is reused while its fingerprint (input files, ``method``/``reg_spacing``, version,
+    atlas files; :mod:`wmloc_utils.provenance`) and its outputs are unchanged, else recomputed with the
+    reason printed; ``overwrite`` redoes all, ``full_hash`` compares file contents (SHA-256) rather than
+    mtimes (the atlas files are always compared by content). ``n_jobs`` > 1 runs subjects in worker processes. Returns ``03_regions/regions.csv`` (one QC
+    row each), rewritten only when its content changes: an unchanged rerun writes nothing.
     """
     table = pd.read_csv(subjects_csv, dtype={"subject": str}, keep_default_na=False)
     if n_subjects:
         table = table.head(int(n_subjects))
     step = Path(workdir) / STEP
-    step.mkdir(parents=True, exist_ok=True)
+    upstream = provenance.upstream_fingerprints(atlas_sources(workdir))
     rows, todo = {}, []
     for row in table.to_dict("records"):
-        done = step / row["subject"] / DONE
-        if done.exists() and not overwrite:
-            rows[row["subject"]] = json.loads(done.read_text())
-        else:
-            todo.append(row)
-    bar = tqdm(total=len(todo), desc=f"regions ({method})", disable=not progress)
-    if n_jobs <= 1:
+        fp = subject_fingerprint(row, method, reg_spacing, upstream, full_hash)
+        why, qc = (["overwrite=True"], None) if overwrite else _stale(step / row["subject"], fp)
+        if not why:
+            rows[row["subject"]] = qc
+            continue
+        if qc is not None:
+            print(f"subject {row['subject']}: {'; '.join(why)}, recomputing")
+        todo.append((row, fp))
+    bar = tqdm(total=len(todo), desc=f"regions ({method})", disable=not progress or not todo)
+    if todo and n_jobs <= 1:
         atlas = atlas_inputs(workdir)
-        for row in todo:
+        for row, fp in todo:
             rows[row["subject"]] = process_subject(row["subject"], row["t1"], row["flair"], step / row["subject"],
                                                    atlas, lesion=row.get("lesion"), method=method,
-                                                   reg_spacing=reg_spacing, truth_dir=row.get("truth_dir"))
+                                                   reg_spacing=reg_spacing, truth_dir=row.get("truth_dir"),
+                                                   fingerprint=fp)
             bar.update()
-    else:
+    elif todo:
         with ProcessPoolExecutor(max_workers=n_jobs) as pool:
-            futures = [pool.submit(_worker, (row, step / row["subject"], str(workdir), method, reg_spacing))
-                       for row in todo]
+            futures = [pool.submit(_worker, (row, step / row["subject"], str(workdir), method, reg_spacing, fp))
+                       for row, fp in todo]
             for fut in as_completed(futures):
                 qc = fut.result()
                 rows[qc["subject"]] = qc
                 bar.update()
     bar.close()
-    qc = pd.DataFrame([rows[s] for s in table["subject"]])
-    write_table_atomic(qc, step / "regions.csv", index=False)
+    qc = pd.DataFrame([_qc_row(rows[s]) for s in table["subject"]])
+    provenance.write_table_if_changed(qc, step / "regions.csv", index=False)
     return qc
+
+
+def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The subjects table with ``t1`` replaced by notebook 03's ``t1_on_flair`` where it registered one.
+
+    Training (notebooks 04/05) and inference (06) need every channel on the FLAIR grid; the original
+    path is kept as ``t1_native``. ``subjects`` defaults to ``workdir/01_data/subjects.csv`` (read as
+    the notebooks read it). A T1 flagged off-grid by notebook 01 without a registered copy is an error.
+    """
+    from .runtime import require  # (runtime imports torch: only here)
+
+    workdir = Path(workdir)
+    if subjects is None:
+        subjects = pd.read_csv(require(workdir / "01_data" / "subjects.csv", "notebooks/01_data.ipynb"),
+                               dtype={"subject": str})
+    table = subjects.copy()
+    table["t1_native"] = table["t1"]
+    regions_csv = workdir / STEP / "regions.csv"
+    if regions_csv.exists():
+        regions = pd.read_csv(regions_csv, dtype={"subject": str}, keep_default_na=False)
+        if "t1_on_flair" in regions:
+            moved = regions.set_index("subject")["t1_on_flair"]
+            moved = table["subject"].map(moved[moved != ""])
+            table["t1"] = moved.where(moved.notna(), table["t1"])
+    if "t1_on_flair_grid" in table:
+        off = table["t1_on_flair_grid"].astype(str).str.lower().eq("false") & table["t1"].eq(table["t1_native"])
+        if off.any():
+            raise InputError(f"subject(s) {', '.join(table.loc[off, 'subject'])}: the T1 is not on the FLAIR grid and "
+                             f"notebook 03 has not registered it ({regions_csv} has no t1_on_flair for them): run "
+                             f"notebooks/03_regions.ipynb on these subjects first (same workdir)")
+    return table
 
 
 # ---------------------------------------------------------------- demo truth and scores

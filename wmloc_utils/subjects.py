@@ -115,19 +115,26 @@ def _check_overlap(t1: nib.Nifti1Image, flair: nib.Nifti1Image, subj: Subject) -
 
 
 def register_t1_to_flair(t1: nib.Nifti1Image, flair: nib.Nifti1Image, workdir: str | os.PathLike | None,
-                         subject: str) -> nib.Nifti1Image:
-    """Rigidly register T1 to FLAIR (ANTsPy, mutual information) and resample it on the FLAIR grid."""
+                         subject: str, reg_spacing: float | None = None) -> nib.Nifti1Image:
+    """Rigidly register T1 to FLAIR (ANTsPy, mutual information) and resample it on the FLAIR grid.
+
+    ``reg_spacing`` (mm) runs the registration on coarser copies (2 mm: ~3x faster than 1 mm, same
+    alignment to a fraction of a voxel); the transform is physical and resamples the full-resolution T1.
+    """
     import tempfile
 
     import ants
+
+    from .registration import _coarsen
 
     base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="wmloc-t1reg-"))
     prefix = base / f"{subject}_t1_to_flair_"
     prefix.parent.mkdir(parents=True, exist_ok=True)
     fixed, moving = ants.from_nibabel_nifti(flair), ants.from_nibabel_nifti(t1)
-    reg = ants.registration(fixed, moving, type_of_transform="Rigid", aff_metric="mattes",
-                            outprefix=str(prefix))
-    out = ants.to_nibabel_nifti(reg["warpedmovout"])
+    reg = ants.registration(_coarsen(fixed, reg_spacing), _coarsen(moving, reg_spacing), type_of_transform="Rigid",
+                            aff_metric="mattes", outprefix=str(prefix))
+    warped = reg["warpedmovout"] if not reg_spacing else ants.apply_transforms(fixed, moving, reg["fwdtransforms"])
+    out = ants.to_nibabel_nifti(warped)
     return nib.Nifti1Image(np.asanyarray(out.dataobj).astype(np.float32), flair.affine)
 
 
