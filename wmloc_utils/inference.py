@@ -252,19 +252,24 @@ def predict_cohort(table: pd.DataFrame, out_root: str | os.PathLike, lesion_chec
 
 def predict_step(workdir: str | os.PathLike, lesion_checkpoint: str | os.PathLike | None = None,
                  region_checkpoint: str | os.PathLike | None = None, tta: bool = False, device: str = "auto",
-                 progress: bool = True) -> pd.DataFrame:
+                 min_lesion_ml: float = 0.0, progress: bool = True) -> pd.DataFrame:
     """Notebook 06's step: predict the subjects of ``01_data/subjects.csv`` into ``06_evaluation/``.
+
+    The T1 on the FLAIR grid and the brain mask of notebook 03 are used when it made them: the
+    networks see only the brain and predict nothing outside it.
 
     Writes ``06_evaluation/predictions.csv`` (only when its content changes) and returns it.
     """
     from .images import write_table_atomic
 
     workdir = Path(workdir)
-    table = pd.read_csv(runtime.require(workdir / "01_data" / "subjects.csv", "notebook 01"), dtype={"subject": str},
-                        keep_default_na=False)
+    from .registration import subjects_on_flair_grid
+
+    table = subjects_on_flair_grid(workdir).fillna({"t1": "", "flair": ""})
     out = workdir / "06_evaluation"
     predictions = predict_cohort(table, out, lesion_checkpoint, region_checkpoint, tta=tta, device=device,
-                                 progress=progress)
+                                 progress=progress, brain_col="brain_mask" if "brain_mask" in table else None,
+                                 min_lesion_ml=min_lesion_ml)
     path = out / "predictions.csv"
     if not path.exists() or not pd.read_csv(path, dtype=str, keep_default_na=False).equals(predictions.astype(str)):
         write_table_atomic(predictions, path, index=False)

@@ -344,6 +344,8 @@ def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, meth
 def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | None = None) -> pd.DataFrame:
     """The subjects table with ``t1`` replaced by notebook 03's ``t1_on_flair`` where it registered one.
 
+    With notebook 03's results, a ``brain_mask`` column gives each subject's brain mask (FLAIR grid).
+
     Training (notebooks 04/05) and inference (06) need every channel on the FLAIR grid; the original
     path is kept as ``t1_native``. ``subjects`` defaults to ``workdir/01_data/subjects.csv`` (read as
     the notebooks read it). A T1 flagged off-grid by notebook 01 without a registered copy is an error.
@@ -363,6 +365,8 @@ def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | 
             moved = regions.set_index("subject")["t1_on_flair"]
             moved = table["subject"].map(moved[moved != ""])
             table["t1"] = moved.where(moved.notna(), table["t1"])
+        if "brain_mask" in regions:  # networks see only the brain (heads with skull: the challenge's pre/ images)
+            table["brain_mask"] = table["subject"].map(regions.set_index("subject")["brain_mask"]).fillna("")
     if "t1_on_flair_grid" in table:
         off = table["t1_on_flair_grid"].astype(str).str.lower().eq("false") & table["t1"].eq(table["t1_native"])
         if off.any():
