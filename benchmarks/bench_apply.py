@@ -26,6 +26,11 @@ import pandas as pd
 from wmloc_utils import apply, demo, localization, registration
 
 
+#: A demo setting the book's networks never trained on: another brain, the challenge's scanner grids (LPS,
+#: oblique, 3 mm slices), skull on some sites, shifted contrasts, and lesion-free subjects.
+UNSEEN = {"brain": "eve", "grid": "challenge", "skull": "mixed", "contrast": 0.3, "lesion_free_every": 3}
+
+
 def book_numbers(workdir: Path) -> None:
     """Agreement of the automatic loads with the reference loads on the book's test subjects."""
     loads = pd.read_csv(workdir / "07_localization" / "regional_loads.csv", dtype={"subject": str})
@@ -52,7 +57,7 @@ def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta
     start = time.perf_counter()
     apply.run(data, out / "work", lesion_ckpt, region_ckpt if region_ckpt.exists() else None, tta=tta, progress=False)
     seconds = (time.perf_counter() - start) / n_subjects
-    truth = registration.truth_regions_in_template(workdir / "03_regions" / "template_truth")
+    truth = registration.demo_template_regions(options.get("brain", "mni152"), workdir / "03_regions" / "template_truth")
     scores = apply.evaluate(out / "work", withheld, lesion_ckpt, truth_regions=truth, progress=False)
     les = scores["lesions"]
     free = les[les["reference_ml"] == 0]
@@ -79,7 +84,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="work")
     parser.add_argument("--n-subjects", type=int, default=6)
     parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--demo", default='{"grid": "aniso", "skull": true}', help="demo.generate options (JSON)")
+    parser.add_argument("--demo", default=json.dumps(UNSEEN), help="demo.generate options (JSON)")
     parser.add_argument("--no-tta", action="store_true")
     args = parser.parse_args()
     workdir = Path(args.workdir)

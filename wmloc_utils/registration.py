@@ -407,6 +407,20 @@ def truth_regions_in_template(cache_dir: str | os.PathLike, data_dir=None, spaci
     return out
 
 
+def demo_template_regions(brain: str, cache_dir: str | os.PathLike, data_dir=None) -> nib.Nifti1Image:
+    """The true refined regions in a demo brain's template world (``demo.generate(brain=...)``).
+
+    For ``"eve"`` they are Eve's own refined labels (on the demo's shifted Eve world); for
+    ``"mni152"`` the labels placed in MNI152 by :func:`truth_regions_in_template` (SyN, cached).
+    """
+    if brain == "eve":
+        from .atlas import refined_atlas
+        from .demo import template
+
+        return nib.Nifti1Image(np.asanyarray(refined_atlas(data_dir).dataobj), template("eve").affine)
+    return truth_regions_in_template(cache_dir, data_dir)
+
+
 def truth_regions(template_regions: nib.spatialimages.SpatialImage, truth_dir: str | os.PathLike) -> nib.Nifti1Image:
     """True region labels of a demo subject: template labels through the true transform, inside true WM."""
     from .demo import warp_from_template
