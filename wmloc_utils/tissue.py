@@ -186,6 +186,7 @@ def segment_tissues(t1, flair, brain_mask, lesion=None, use_flair: bool = False,
     Eve at 2 mm from 0.95 to 0.97 and on demo subjects by 0.03); other argmax-WM voxels become GM. Lesions (``lesion`` mask, else a FLAIR
     hyperintensity estimate when ``estimate_lesions``) are filled into WM. With
     ``outprefix``, ``{outprefix}tissue.nii.gz`` and ``{outprefix}prob_{csf,gm,wm}.nii.gz`` are written.
+    Atropos runs with a constant seed: the same input gives the same maps on every run.
     Returns dict(labels, csf, gm, wm, wm_mask, lesion) of nibabel images on the T1 grid.
     """
     t1 = _as_img(t1, "T1", subject)
@@ -209,9 +210,10 @@ def segment_tissues(t1, flair, brain_mask, lesion=None, use_flair: bool = False,
                 fl = _n4(fl, mask)
             channels.append(ants.iMath(fl, "Normalize"))
     mrf_r = "x".join("1" for _ in range(3))
+    # r=0: Atropos seeds its sampler with a constant instead of the clock, so re-runs give the same classes
     with _private_tempdir():
         seg = ants.atropos(a=channels if len(channels) > 1 else channels[0], x=mask, i="Kmeans[3]",
-                           m=f"[{mrf},{mrf_r}]", c="[5,0]", v=0)
+                           m=f"[{mrf},{mrf_r}]", c="[5,0]", v=0, r=0)
     labels = seg["segmentation"].numpy().astype(np.int16)
     probs = [p.numpy().astype(np.float32) for p in seg["probabilityimages"]]
     # order classes by mean T1 (CSF darkest, WM brightest), whatever order Atropos used
