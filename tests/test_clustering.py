@@ -128,3 +128,18 @@ def test_figures_and_profiles():
     assert len(cl.k_curve(table).data) == 1
     fig = cl.embedding_figure(cl.embedding(X), labels)
     assert sum(len(t.x) for t in fig.data) == len(wide)
+
+
+def test_infinite_loads_and_identical_subjects_are_errors_not_fewer_columns_or_clusters():
+    import numpy as np
+    import pandas as pd
+
+    from wmloc_utils import clustering
+    from wmloc_utils.images import InputError
+
+    wide = pd.DataFrame({"A": [1.0, 2.0, 3.0], "B": [0.5, np.inf, 1.0]}, index=["s1", "s2", "s3"])
+    with pytest.raises(InputError, match=r"infinite values \(subject 's2', region 'B'"):
+        clustering.features(wide, "raw")
+    same = np.ones((4, 3))
+    with pytest.raises(InputError, match="only 1 distinct feature rows"):
+        clustering.cluster(same, "kmeans", 2)

@@ -190,3 +190,11 @@ def test_generate_checks_new_options(tmp_path):
         demo.generate(tmp_path / "x", skull="some")
     with pytest.raises(ValueError, match="must not be negative"):
         demo.generate(tmp_path / "x", contrast=-1)
+
+
+def test_regenerating_with_fewer_subjects_leaves_no_extra_subject(tmp_path):
+    from wmloc_utils import demo, subjects
+
+    demo.generate(tmp_path, n_subjects=3, progress=False)
+    demo.generate(tmp_path, n_subjects=2, progress=False)
+    assert len(subjects.discover(tmp_path)) == 2

@@ -168,3 +168,27 @@ def test_lesion_volume_limits():
     small[:10] = 1  # 4000 voxels of 1 mL: 4 L
     with pytest.raises(InputError, match="lesion mask covers 4000 mL"):
         check_lesion_volume(small, np.ones_like(flair), 1.0, "m.nii", "s1")
+
+
+def test_write_errors_name_the_file_and_killed_runs_leave_no_temp_files(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from wmloc_utils import images
+
+    target = tmp_path / "regions.nii.gz"
+    stale = tmp_path / ".regions-abc123.nii.gz"  # what a run killed during a write leaves behind
+    stale.write_bytes(b"half")
+    os.utime(stale, (images._STARTED - 3600, images._STARTED - 3600))
+    img = images.like(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), np.ones((4, 4, 4), np.uint8))
+    images.save_nifti(img, target)
+    assert target.exists() and not stale.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(images.os, "replace", full_disk)
+    with pytest.raises(OSError, match=rf"cannot write {target}: no space left on device; free some space"):
+        images.save_nifti(img, target)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary copy is gone too

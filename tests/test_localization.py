@@ -197,5 +197,13 @@ def test_nearest_region_is_measured_in_mm_on_anisotropic_voxels():
 
 def test_region_map_without_regions_is_an_error_not_an_unlabelled_load():
     lesion, regions = maps()
-    with pytest.raises(InputError, match=r"holds none of the regions \[5\].*24 lesion voxels"):
-        loc.regional_loads(lesion, np.zeros_like(regions), ZOOMS, TABLE, fill_from=[5])
+    with pytest.raises(InputError, match=r"holds none of the regions \[5\].*3 lesion voxels"):
+        loc.regional_loads(lesion, regions, ZOOMS, TABLE, fill_from=[5])
+
+
+def test_a_region_map_without_any_region_is_an_error():
+    lesion, regions = maps()
+    with pytest.raises(InputError, match="holds no region at all"):
+        loc.regional_loads(lesion, np.zeros_like(regions), ZOOMS, TABLE)
+    empty = loc.regional_loads(np.zeros_like(lesion), np.zeros_like(regions), ZOOMS, TABLE)  # no lesion: nothing lost
+    assert empty["lesion_ml"].sum() == 0

@@ -179,3 +179,13 @@ def test_hd95_matches_brute_force_in_world_coordinates():
     d = cdist(edge_points(ref), edge_points(pred))
     expect = max(np.percentile(d.min(axis=0), 95), np.percentile(d.min(axis=1), 95))
     assert metrics.hd95(ref, pred, zooms) == pytest.approx(expect)
+
+
+def test_zero_voxel_sizes_and_negative_region_labels_are_refused():
+    from wmloc_utils.images import InputError
+
+    ref = block()
+    with pytest.raises(InputError, match="voxel sizes must be three positive numbers"):
+        metrics.wmh_metrics(ref, ref, (1.0, 0.0, 1.0))
+    with pytest.raises(InputError, match=r"labels >= 0, found \[-1\]"):
+        metrics.region_dice(ref.astype(int) - 1, ref, [1])

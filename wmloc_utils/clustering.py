@@ -41,6 +41,11 @@ def features(wide: pd.DataFrame, transform: str = "log", standardise: bool = Tru
     values = wide.astype(float)
     if values.isna().any().any():
         raise InputError(f"load matrix has missing values for subjects {values.index[values.isna().any(axis=1)].tolist()[:10]}")
+    bad = ~np.isfinite(values.to_numpy())
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        raise InputError(f"load matrix has infinite values (subject {values.index[rows[0]]!r}, region "
+                         f"{values.columns[cols[0]]!r}, {int(bad.sum())} cells): fix the loads instead of dropping the region")
     if (values < 0).any().any():
         raise InputError("load matrix has negative values")
     if transform == "log":
@@ -80,7 +85,14 @@ def cluster(X: pd.DataFrame | np.ndarray, method: str = "kmeans", k: int = 3, se
     X = np.asarray(X, float)
     if not 2 <= k < len(X):
         raise InputError(f"k={k} needs 2 <= k < number of subjects ({len(X)})")
-    return _relabel(_model(method, k, seed).fit_predict(X))
+    distinct = len(np.unique(X, axis=0))
+    if distinct < k:
+        raise InputError(f"k={k} clusters asked for, but the {len(X)} subjects have only {distinct} distinct "
+                         f"feature rows: there are at most {distinct} clusters to find")
+    labels = _relabel(_model(method, k, seed).fit_predict(X))
+    if len(np.unique(labels)) < k:
+        raise InputError(f"{method} found only {len(np.unique(labels))} of the k={k} clusters asked for")
+    return labels
 
 
 def choose_k(X: pd.DataFrame | np.ndarray, method: str = "kmeans", k_range: Iterable[int] = range(2, 7),

@@ -445,6 +445,8 @@ def generate(root: str | os.PathLike, n_subjects: int = 24, seed: int = 0, grid:
         return pd.read_csv(root / "participants.tsv", sep="\t", dtype={"participant_id": str})
     stamp.unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob("*/*/truth/transform.json"):  # subjects of an earlier demo spec (fewer subjects next time)
+        shutil.rmtree(old.parent.parent)
     rows, seconds = [], []
     for i in tqdm(range(n_subjects), desc="demo subjects", disable=not progress):
         start = time.perf_counter()

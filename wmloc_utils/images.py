@@ -8,8 +8,10 @@ interrupted run never leaves a half-written image behind.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
+import time
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Iterable, Iterator
@@ -233,22 +235,52 @@ def check_nonempty(mask: np.ndarray, path: str | os.PathLike, subject: str | Non
         raise InputError(f"{_who(path, subject)}: {what} is empty (no foreground voxel)")
 
 
+_WRITE_HINTS = {**dict.fromkeys((errno.EROFS, errno.EACCES, errno.EPERM), "choose a writable folder"),
+                **dict.fromkeys((errno.ENOSPC, errno.EDQUOT), "free some space or choose a folder on another disk")}
+
+
+@contextmanager
+def write_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an OSError while writing ``path`` with a message naming the path, the problem and the fix."""
+    try:
+        yield
+    except OSError as err:
+        if str(err).startswith(f"cannot write {path}:"):
+            raise
+        problem = os.strerror(err.errno) if err.errno else str(err)
+        hint = _WRITE_HINTS.get(err.errno, "check the folder and the disk")
+        message = f"cannot write {path}: {problem.lower()}; {hint}"
+        raise (OSError(err.errno, message) if err.errno else OSError(message)) from err
+
+
+#: Temporary files older than this process are left over from a run that was killed (see :func:`atomic_path`).
+_STARTED = time.time()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file beside ``path`` to write to; rename it onto ``path`` only on success.
 
     The temporary name keeps the suffix (nibabel needs ``.nii.gz``) and is unique, so parallel
-    workers never collide; an interrupted write leaves no half-written output behind.
+    workers never collide; an interrupted write leaves no half-written output behind, and the
+    temporary files of a run that was killed before are removed by the next write of the same file.
+    Write errors (read-only folder, full disk) name the file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
+    prefix = f".{path.name.split('.')[0]}-"
+    with write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f"{prefix}*{suffix}"):
+            if stale.stat().st_mtime < _STARTED - 1:
+                stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
-        os.replace(tmp, path)
+        with write_errors(path):
+            yield Path(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -146,6 +146,9 @@ def regional_loads(lesion: np.ndarray, regions: np.ndarray, zooms: Sequence[floa
     regions, _ = _region_ids(regions, table, who)
     if lesion.shape != regions.shape:
         raise InputError(f"{who}: lesion mask shape {lesion.shape} differs from region map shape {regions.shape}")
+    if lesion.any() and not regions.any():
+        raise InputError(f"{who}: the region map holds no region at all (every voxel 0), so the whole lesion load "
+                         f"would be 'unlabelled': check the registration or segmentation that made it")
     original = regions
     if fill_from is not None:
         regions = assign_lesion_voxels(lesion, regions, zooms, fill_from, brain, max_distance_mm, who)

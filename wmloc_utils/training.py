@@ -14,7 +14,6 @@ exactly the weights and history of an uninterrupted one.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import math
 import os
@@ -24,7 +23,6 @@ import random
 import re
 import time
 import zipfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Hashable, Iterator, Mapping, Sequence
@@ -44,7 +42,7 @@ from monai.transforms import (Compose, DeleteItemsd, EnsureChannelFirstd, Ensure
 from tqdm.auto import tqdm
 
 from . import __version__, atlas, runtime
-from .images import InputError, atomic_path, check_same_grid, write_table_atomic
+from .images import InputError, atomic_path, check_same_grid, write_errors, write_table_atomic
 from .networks import PATCH_DIVISOR, SegLoss, build_model, label_skeleton, model_kwargs
 
 # What each task predicts. Lesions may be flipped along any axis. Region labels are lateralised:
@@ -392,27 +390,13 @@ def plain_data(value: Any, where: str = "config") -> Any:
 
 # Checkpoints written before configs were plain data stored ``torch.__version__``, a str subclass.
 _LEGACY_SAFE_GLOBALS = [torch.torch_version.TorchVersion]
-_WRITE_HINTS = {**dict.fromkeys((errno.EROFS, errno.EACCES, errno.EPERM), "choose a writable out_dir"),
-                **dict.fromkeys((errno.ENOSPC, errno.EDQUOT), "free some space or choose an out_dir on another disk")}
 # What train() writes in out_dir; atomic_path's temporary copies of them are named ".<stem>-*<suffix>".
 _OUTPUTS = ("best.pt", "last.pt", "history.csv")
 
 
-@contextmanager
-def _writing(path: Path) -> Iterator[None]:
-    """Re-raise an OSError while writing ``path`` with a message naming the path, the problem and the fix."""
-    try:
-        yield
-    except OSError as err:
-        problem = os.strerror(err.errno) if err.errno else str(err)
-        hint = _WRITE_HINTS.get(err.errno, "check the folder and the disk")
-        message = f"cannot write {path}: {problem.lower()}; {hint}"
-        raise (OSError(err.errno, message) if err.errno else OSError(message)) from err
-
-
 def _save(obj: dict, path: Path) -> None:
     """Write a checkpoint atomically; through a Python file so that a full disk raises OSError (ENOSPC)."""
-    with _writing(path), atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with write_errors(path), atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
 
 
@@ -585,7 +569,7 @@ def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence
     Returns {"best": path, "last": path, "history": DataFrame, "best_dice": float}.
     """
     out_dir = Path(out_dir)
-    with _writing(out_dir):
+    with write_errors(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(out_dir)
     if not train_records:
@@ -656,7 +640,7 @@ def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence
             _save(state, best_path)
         _save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                "scaler": scaler.state_dict(), "rng": _rng_state()}, last_path)
-        with _writing(out_dir / "history.csv"):
+        with write_errors(out_dir / "history.csv"):
             write_table_atomic(pd.DataFrame(history), out_dir / "history.csv", index=False)
         bar.set_postfix(loss=f"{row['loss']:.3f}", val_dice=f"{val_dice:.3f}")
     return {"best": best_path, "last": last_path, "history": pd.DataFrame(history), "best_dice": best}
