@@ -188,7 +188,10 @@ def test_write_errors_name_the_file_and_killed_runs_leave_no_temp_files(tmp_path
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    before = target.stat().st_mtime_ns
+    images.save_nifti(img, target)  # the same bytes again: the file is left as it is
+    assert target.stat().st_mtime_ns == before
     monkeypatch.setattr(images.os, "replace", full_disk)
     with pytest.raises(OSError, match=rf"cannot write {target}: no space left on device; free some space"):
-        images.save_nifti(img, target)
+        images.save_nifti(images.like(img, np.zeros((4, 4, 4), np.uint8)), target)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary copy is gone too

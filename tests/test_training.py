@@ -423,3 +423,16 @@ def test_cached_images_keep_every_channel_with_workers(cohort):
     for _ in range(5):
         train_ds, val_ds = training.cached_datasets(tiny_cfg(num_workers=2), recs[:3], recs[3:])
         assert [item["image"].shape[0] for item in [*train_ds._cache, *val_ds._cache]] == [2] * 4
+
+
+def test_a_finished_run_is_reused_and_writes_nothing_unless_its_configuration_changed(cohort, tmp_path):
+    recs = training.make_records(cohort, "t1+flair", "lesion")
+    first = training.train(tiny_cfg(), recs[:3], recs[3:], tmp_path, progress=False)
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    again = training.train(tiny_cfg(device="cpu", num_workers=0), recs[:3], recs[3:], tmp_path, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
+    assert again["best_dice"] == first["best_dice"] and again["history"].equals(first["history"])
+    training.train(tiny_cfg(lr=1e-4), recs[:3], recs[3:], tmp_path, progress=False)  # another lr: trained again
+    assert (tmp_path / "last.pt").stat().st_mtime_ns != stamps["last.pt"]
+    training.train(tiny_cfg(lr=1e-4), recs[:2], recs[3:], tmp_path, progress=False)  # other subjects: again
+    assert training.read_checkpoint(tmp_path / "last.pt")["config"]["train_subjects"] == ["s0", "s1"]

@@ -9,6 +9,7 @@ interrupted run never leaves a half-written image behind.
 from __future__ import annotations
 
 import errno
+import filecmp
 import os
 import tempfile
 import time
@@ -262,7 +263,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file beside ``path`` to write to; rename it onto ``path`` only on success.
 
     The temporary name keeps the suffix (nibabel needs ``.nii.gz``) and is unique, so parallel
-    workers never collide; an interrupted write leaves no half-written output behind, and the
+    workers never collide; an interrupted write leaves no half-written output behind; a file whose
+    bytes would not change is left untouched (a rerun writes nothing new); and the
     temporary files of a run that was killed before are removed by the next write of the same file.
     Write errors (read-only folder, full disk) name the file.
     """
@@ -279,8 +281,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         with write_errors(path):
             yield Path(tmp)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
-            os.replace(tmp, path)
+            if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
+                Path(tmp).unlink()  # the same bytes: the file and its time stamp stay as they are
+            else:
+                os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
+                os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

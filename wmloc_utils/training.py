@@ -561,12 +561,33 @@ def cached_datasets(cfg: TrainConfig, train_records: Sequence[dict],
     return train_ds, val_ds
 
 
+def _comparable(config: dict) -> dict:
+    """A checkpoint config without what does not change the result (versions, device, data-loading workers)."""
+    training = {k: v for k, v in config.get("training", {}).items() if k not in ("device", "num_workers")}
+    return {**{k: v for k, v in config.items() if k != "versions"}, "training": training}
+
+
+def _finished_run(out_dir: Path, config: dict, epochs: int) -> dict | None:
+    """train()'s result when ``out_dir`` holds a finished run of the same configuration and subjects, else None."""
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if not (last_path.exists() and best_path.exists()):
+        return None
+    try:
+        ckpt = read_checkpoint(last_path, needs=("config", "epoch", "history", "best_dice"))
+    except InputError:
+        return None  # unreadable: train again (the files are replaced)
+    if ckpt["epoch"] != epochs - 1 or _comparable(ckpt["config"]) != _comparable(config):
+        return None
+    return {"best": best_path, "last": last_path, "history": pd.DataFrame(ckpt["history"]), "best_dice": ckpt["best_dice"]}
+
+
 def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence[dict], out_dir: str | os.PathLike,
           resume: bool = False, progress: bool = True) -> dict:
     """Train with validation each epoch; write ``best.pt``, ``last.pt`` and ``history.csv`` in ``out_dir``.
 
     ``resume=True`` continues from ``last.pt`` when it exists (same task, architecture and inputs).
-    Returns {"best": path, "last": path, "history": DataFrame, "best_dice": float}.
+    A finished run of the same configuration and subjects in ``out_dir`` is reused: nothing is trained
+    or written (a rerun of the book retrains nothing). Returns {"best": path, "last": path, "history": DataFrame, "best_dice": float}.
     """
     out_dir = Path(out_dir)
     with write_errors(out_dir):
@@ -577,6 +598,12 @@ def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence
     runtime.set_seed(cfg.seed)
     device = runtime.resolve_device(cfg.device)
     config = model_config(cfg, [r["subject"] for r in train_records], [r["subject"] for r in val_records])
+    finished = _finished_run(out_dir, config, cfg.epochs)
+    if finished is not None:
+        if progress:
+            print(f"{out_dir}: a finished run with the same configuration and subjects is there, reused "
+                  f"(best validation Dice {finished['best_dice']:.3f}); delete its last.pt to train again")
+        return finished
     model = build_model(cfg.architecture, config["in_channels"], config["n_classes"], **config["model_kwargs"]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.epochs * cfg.iters_per_epoch, power=0.9)
