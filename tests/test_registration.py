@@ -463,3 +463,16 @@ def test_real_subject_matches_authors_labels(subject, tmp_path):
     score = reg.region_dice(ref, labels, reg.LABEL_IDS).loc[list(reg.LABEL_IDS)].mean()
     print(f"{subject}: mean region Dice vs the authors' labels {score:.3f}")
     assert score >= 0.84
+
+
+def test_an_edited_refined_atlas_in_the_workdir_is_checked(tmp_path, eve_dir):
+    from wmloc_utils.images import InputError, save_nifti
+
+    atlas = reg.atlas_inputs()["labels"]
+    bad = nib.Nifti1Image(np.asanyarray(atlas.dataobj).astype(np.int16) + 40, atlas.affine)
+    save_nifti(bad, tmp_path / "02_atlas" / "refined_atlas.nii.gz")
+    with pytest.raises(InputError, match=r"refined atlas must only hold labels"):
+        reg.atlas_inputs(tmp_path)
+    save_nifti(nib.Nifti1Image(np.asanyarray(atlas.dataobj)[:-1], atlas.affine), tmp_path / "02_atlas" / "refined_atlas.nii.gz")
+    with pytest.raises(InputError, match="is not on the grid of the Eve atlas"):
+        reg.atlas_inputs(tmp_path)

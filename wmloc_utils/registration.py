@@ -22,7 +22,8 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import provenance
-from .images import InputError, atomic_path, check_same_grid, like, load_nifti, same_grid, save_nifti, write_table_atomic
+from .images import (InputError, atomic_path, check_labels, check_same_grid, like, load_nifti, same_grid, save_nifti,
+                     write_table_atomic)
 from .metrics import dice, region_dice  # noqa: F401  (region_dice re-exported for the notebook)
 from .subjects import register_t1_to_flair
 from .tissue import brain_mask as make_brain_mask
@@ -172,7 +173,13 @@ def atlas_inputs(workdir: str | os.PathLike | None = None, data_dir=None) -> dic
     eve = load_eve(data_dir)
     wm = like(eve["tissue"], (np.asanyarray(eve["tissue"].dataobj) == 3).astype(np.float32))
     path = Path(workdir) / "02_atlas" / "refined_atlas.nii.gz" if workdir else None
-    labels = load_nifti(path, what="refined atlas") if path is not None and path.exists() else refined_atlas(data_dir)
+    if path is None or not path.exists():
+        return {"wm": wm, "labels": refined_atlas(data_dir)}
+    labels = load_nifti(path, what="refined atlas")  # a user may edit it: it must still be a refined Eve atlas
+    check_same_grid(eve["tissue"], labels, "the Eve atlas", f"refined atlas ({path})")
+    check_labels(labels, LABEL_IDS + (0,), path, what="refined atlas")
+    if not np.isin(np.asanyarray(labels.dataobj), REGION_IDS).any():
+        raise InputError(f"{path}: the refined atlas holds none of the WM regions 1..34: rerun notebook 02")
     return {"wm": wm, "labels": labels}
 
 
