@@ -77,7 +77,7 @@ def register_atlas(atlas_wm: nib.spatialimages.SpatialImage, subject_wm: nib.spa
     kwargs = dict(reg_iterations=(40, 20, 0)) if method == "SyN" else {}
     if mask_mm:
         kwargs["mask"] = _wm_mask(fixed, mask_mm, subject)
-    _seed(seed)
+    seed_ants(seed)
     reg = ants.registration(fixed, moving, type_of_transform=method, outprefix=str(outprefix), aff_metric=metric,
                             aff_random_sampling_rate=sampling, **kwargs)
     metric = float(ants.image_similarity(fixed, reg["warpedmovout"], metric_type="MattesMutualInformation"))
@@ -94,13 +94,6 @@ def _wm_mask(wm: ants.ANTsImage, dilate_mm: float, subject: str | None = None) -
                          "voxel above 0.5, so there is nothing to register the atlas to; check the tissue step")
     dist = ndimage.distance_transform_edt(~inside, sampling=wm.spacing)
     return wm.new_image_like((dist <= dilate_mm).astype(np.float32))
-
-
-def _seed(seed: int) -> None:
-    """Seed ANTs' metric sampling (``--random-seed``) with ``seed + 1``: ANTs reads 0 as "seed from the clock"."""
-    if int(seed) < 0:
-        raise ValueError(f"seed must be >= 0, got {seed!r}")
-    ants.config._random_seed = int(seed) + 1
 
 
 def _remove_inverse(reg: dict) -> None:
@@ -250,7 +243,7 @@ def label_subject(subject: str, wm_prob, wm: np.ndarray, grid, outdir: str | os.
                   method: str = "Affine", reg_spacing: float | None = 3.0) -> dict:
     """Register the atlas to one subject's WM and write ``regions.nii.gz`` + transform in ``outdir``; QC dict."""
     out = Path(outdir)
-    reg = register_atlas(atlas["wm"], wm_prob, outprefix=out / "atlas_to_subject_", method=method,
+    reg = register_atlas(atlas["wm"], wm_prob, outprefix=out / "atlas_to_subject_", method=method, subject=subject,
                          reg_spacing=reg_spacing)
     t0 = time.perf_counter()
     regions = propagate_labels(atlas["labels"], reg["transforms"], grid, wm, subject=subject)
@@ -425,7 +418,7 @@ def truth_regions_in_template(cache_dir: str | os.PathLike, data_dir=None, spaci
     fixed_full = to_ants(template)
     fixed = _coarsen(fixed_full, spacing)
     moving = _coarsen(to_ants(eve_t1), spacing)
-    _seed(0)
+    seed_ants(0)
     reg = ants.registration(fixed, moving, type_of_transform="SyN", outprefix=str(cache / "eve_to_mni152_"),
                             reg_iterations=(60, 30, 10))
     warped = ants.apply_transforms(fixed_full, to_ants(refined_atlas(data_dir)), reg["fwdtransforms"],

@@ -131,6 +131,9 @@ def register_t1_to_flair(t1: nib.Nifti1Image, flair: nib.Nifti1Image, workdir: s
     prefix = base / f"{subject}_t1_to_flair_"
     prefix.parent.mkdir(parents=True, exist_ok=True)
     fixed, moving = ants.from_nibabel_nifti(flair), ants.from_nibabel_nifti(t1)
+    from .tissue import seed_ants
+
+    seed_ants(0)
     reg = ants.registration(_coarsen(fixed, reg_spacing), _coarsen(moving, reg_spacing), type_of_transform="Rigid",
                             aff_metric="mattes", outprefix=str(prefix))
     warped = reg["warpedmovout"] if not reg_spacing else ants.apply_transforms(fixed, moving, reg["fwdtransforms"])

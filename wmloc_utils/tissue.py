@@ -38,6 +38,13 @@ def to_ants(img: nib.spatialimages.SpatialImage, dtype=np.float32) -> ants.ANTsI
     return ants.from_nibabel_nifti(out)
 
 
+def seed_ants(seed: int = 0) -> None:
+    """Seed ANTs' metric sampling (``--random-seed``) with ``seed + 1``: ANTs reads 0 as "seed from the clock"."""
+    if int(seed) < 0:
+        raise ValueError(f"seed must be >= 0, got {seed!r}")
+    ants.config._random_seed = int(seed) + 1
+
+
 def to_nibabel(img: ants.ANTsImage, dtype=None) -> nib.Nifti1Image:
     """An ANTs image as a nibabel image (qform/sform set from the ANTs geometry)."""
     out = ants.to_nibabel_nifti(img)
@@ -107,6 +114,7 @@ def brain_mask(t1, flair=None, stripped: bool | None = None, reg_spacing: float 
         small = ants.resample_image(fixed, (reg_spacing,) * 3, False, 0)
         moving = ants.resample_image(template, (reg_spacing,) * 3, False, 0)
         prefix = str(outprefix) if outprefix else None
+        seed_ants(0)  # repeatable on heads with skull too
         reg = ants.registration(small, moving, type_of_transform="AffineFast",
                                 outprefix=prefix or _scratch_prefix("brainmask"))
         warped = ants.apply_transforms(fixed, tmask, reg["fwdtransforms"], interpolator="linear").numpy() > 0.5
