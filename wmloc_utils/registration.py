@@ -27,7 +27,7 @@ from .images import (InputError, atomic_path, check_labels, check_same_grid, lik
 from .metrics import dice, region_dice  # noqa: F401  (region_dice re-exported for the notebook)
 from .subjects import register_t1_to_flair
 from .tissue import brain_mask as make_brain_mask
-from .tissue import _remove, segment_tissues, to_ants
+from .tissue import _remove, seed_ants, segment_tissues, to_ants
 
 METHODS = ("Affine", "AffineFast", "SyN")
 REGION_IDS = tuple(range(1, 35))
