@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import runtime
 from .images import InputError, check_same_grid, like, load_nifti, save_nifti
 from .metrics import lesions
-from .training import INPUTS, check_inputs, load_checkpoint, preprocessing
+from .training import check_inputs, load_checkpoint, preprocessing
 
 OUTPUT_NAMES = {"lesion": {"mask": "lesion_pred.nii.gz", "prob": "lesion_prob.nii.gz"},
                 "regions": {"labels": "regions_pred.nii.gz"}}

@@ -19,7 +19,6 @@ another grid is rigidly registered to the FLAIR with ANTsPy (:meth:`Subject.t1_o
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
