@@ -55,7 +55,7 @@ def records(workdir: str | os.PathLike) -> pd.DataFrame:
     regions = pd.read_csv(runtime.require(workdir / "03_regions" / "regions.csv", "notebook 03"), dtype={"subject": str})
     preds = pd.read_csv(runtime.require(workdir / "06_evaluation" / "predictions.csv", "notebook 06"),
                         dtype={"subject": str}, keep_default_na=False)
-    keep = [c for c in ("subject", "site", "group", "t1", "flair", "lesion") if c in table]
+    keep = [c for c in ("subject", "site", "group", "t1", "flair", "lesion", "truth_dir") if c in table]
     out = (table[keep].merge(regions.drop(columns=["group"], errors="ignore"), on="subject")
            .merge(preds.drop(columns=["t1", "flair", "lesion"], errors="ignore"), on="subject"))
     return out
