@@ -29,7 +29,8 @@ TINY: dict[str, dict] = {
     "06_evaluate": {"tta": False},
     "07_localization": {},
     "08_clustering": {"k_range": [2, 3], "n_boot": 5},
-    "09_new_cohort": {"n_subjects": 2, "demo_options": {"grid": "2mm", "skull": True}, "tta": False, "score_regions": False},
+    "09_new_cohort": {"n_subjects": 2, "demo_options": {"brain": "eve", "grid": "2mm", "skull": "mixed", "lesion_free_every": 2},
+                      "tta": False},
 }
 
 _failed: list[str] = []
