@@ -213,3 +213,24 @@ def test_unsafe_or_damaged_checkpoints_are_refused_before_any_subject(tmp_path):
     with pytest.raises(InputError, match=rf"{unsafe}: not loaded: the file holds Python objects"):
         inference.predict_cohort(table, tmp_path / "out", region_checkpoint=unsafe, progress=False)
     assert inference.load_segmenter(good, "cpu").config == config
+
+
+def test_predict_cohort_reuses_an_unchanged_subject_and_redoes_a_changed_one(tmp_path):
+    import os
+
+    from wmloc_utils import demo, subjects, training
+
+    demo.generate(tmp_path / "d", n_subjects=1, progress=False)
+    s = subjects.discover(tmp_path / "d")[0]
+    table = pd.DataFrame({"subject": [s.id], "t1": [str(s.t1)], "flair": [str(s.flair)], "lesion": [str(s.lesion)]})
+    cfg = training.TrainConfig(patch_size=16, spacing=4.0, epochs=1, iters_per_epoch=1, batch_size=2,
+                               model_overrides={"channels": (4, 8, 16, 32)})
+    best = training.train(cfg, training.make_records(table, "t1+flair", "lesion"), [], tmp_path / "m", progress=False)["best"]
+    stamp = tmp_path / "p" / s.id / "lesion_prediction.json"
+    inference.predict_cohort(table, tmp_path / "p", best, progress=False)
+    written = stamp.stat().st_mtime_ns
+    inference.predict_cohort(table, tmp_path / "p", best, progress=False)
+    assert stamp.stat().st_mtime_ns == written  # unchanged: not predicted again
+    os.utime(s.flair, ns=(written + 10**9, written + 10**9))
+    inference.predict_cohort(table, tmp_path / "p", best, progress=False)
+    assert stamp.stat().st_mtime_ns != written  # the FLAIR changed: predicted again

@@ -199,13 +199,6 @@ def split_of(config: dict, subject: str) -> str:
     return "val" if subject in config.get("val_subjects", ()) else "test"
 
 
-def _stamp(paths: dict[str, str | os.PathLike | None], **settings) -> dict:
-    """What a prediction depends on: each file's path, size and modification time, and the settings."""
-    files = {k: None if not p else {"path": str(Path(p).resolve()), "size": Path(p).stat().st_size,
-                                     "mtime_ns": Path(p).stat().st_mtime_ns} for k, p in paths.items()}
-    return {"files": files, **settings}
-
-
 def predict_cohort(table: pd.DataFrame, out_root: str | os.PathLike, lesion_checkpoint: str | os.PathLike | None = None,
                    region_checkpoint: str | os.PathLike | None = None, split: pd.DataFrame | None = None,
                    tta: bool = False, device: str = "auto", progress: bool = True,
@@ -220,7 +213,7 @@ def predict_cohort(table: pd.DataFrame, out_root: str | os.PathLike, lesion_chec
     """
     import json
 
-    from .images import atomic_path
+    from . import provenance
 
     models = {k: load_segmenter(c, device) for k, c in (("lesion", lesion_checkpoint), ("regions", region_checkpoint)) if c}
     if not models:
@@ -237,14 +230,14 @@ def predict_cohort(table: pd.DataFrame, out_root: str | os.PathLike, lesion_chec
         for task, seg in models.items():
             brain = getattr(row, brain_col) if brain_col else None
             paths = {k: out_dir / name for k, name in OUTPUT_NAMES[task].items()}
-            stamp = _stamp({"t1": t1, "flair": flair, "brain": brain, "checkpoint": seg.path}, tta=tta,
-                           **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))})
+            inputs = {k: p for k, p in (("t1", t1), ("flair", flair), ("brain", brain), ("checkpoint", seg.path)) if p}
+            stamp = provenance.fingerprint(inputs, {"tta": tta, **{k: v for k, v in kwargs.items()
+                                                                  if isinstance(v, (int, float, str, bool))}})
             done = out_dir / f"{task}_prediction.json"
             fresh = done.exists() and json.loads(done.read_text()) == stamp and all(p.exists() for p in paths.values())
             if not fresh:
                 predict(seg, t1, flair, out_paths=paths, tta=tta, brain_mask=brain, **kwargs)
-                with atomic_path(done) as tmp:
-                    tmp.write_text(json.dumps(stamp, indent=1))
+                provenance.write_text_if_changed(done, json.dumps(stamp, indent=1))
             out.update({names[k]: str(p) for k, p in paths.items()})
         rows.append(out)
     return pd.DataFrame(rows)
@@ -260,19 +253,16 @@ def predict_step(workdir: str | os.PathLike, lesion_checkpoint: str | os.PathLik
 
     Writes ``06_evaluation/predictions.csv`` (only when its content changes) and returns it.
     """
-    from .images import write_table_atomic
-
-    workdir = Path(workdir)
+    from . import provenance
     from .registration import subjects_on_flair_grid
 
+    workdir = Path(workdir)
     table = subjects_on_flair_grid(workdir).fillna({"t1": "", "flair": ""})
     out = workdir / "06_evaluation"
     predictions = predict_cohort(table, out, lesion_checkpoint, region_checkpoint, tta=tta, device=device,
                                  progress=progress, brain_col="brain_mask" if "brain_mask" in table else None,
                                  min_lesion_ml=min_lesion_ml)
-    path = out / "predictions.csv"
-    if not path.exists() or not pd.read_csv(path, dtype=str, keep_default_na=False).equals(predictions.astype(str)):
-        write_table_atomic(predictions, path, index=False)
+    provenance.write_table_if_changed(predictions, out / "predictions.csv", index=False)
     return predictions
 
 
