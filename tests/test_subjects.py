@@ -246,11 +246,27 @@ def test_bids_masks_match_subject_and_session(tmp_path):
     """sub-1's mask must not go to sub-10 (prefix) or sub-01 (labels are strings), nor a ses-2 mask to ses-1."""
     write_bids(tmp_path, [f"{sub}/ses-1/anat/{sub}_ses-1_{m}.nii.gz" for sub in ("sub-1", "sub-10", "sub-01")
                           for m in ("T1w", "FLAIR")]
-               + ["derivatives/m/sub-1/ses-1/anat/sub-1_ses-1_label-WMH_mask.nii.gz",
-                  "derivatives/m/sub-10/ses-2/anat/sub-10_ses-2_label-WMH_mask.nii.gz"])
+               + ["derivatives/m/sub-1/ses-1/anat/sub-1_ses-1_label-WMH_mask.nii.gz"])
     found = {s.id: s for s in subjects.discover(tmp_path)}
     assert found["sub-1_ses-1"].lesion.name == "sub-1_ses-1_label-WMH_mask.nii.gz"
     assert found["sub-10_ses-1"].lesion is None and found["sub-01_ses-1"].lesion is None
+    # a ses-2 mask is not given to ses-1: it fits no FLAIR, which is an error that names it
+    write_bids(tmp_path, ["derivatives/m/sub-10/ses-2/anat/sub-10_ses-2_label-WMH_mask.nii.gz"])
+    with pytest.raises(InputError, match=r"1 lesion mask\(s\) under .*derivatives fit no FLAIR of the data set: "
+                                         r".*sub-10_ses-2_label-WMH_mask.nii.gz.*rename it"):
+        subjects.discover(tmp_path)
+
+
+def test_bids_mask_of_an_unchosen_run_is_not_an_orphan(tmp_path):
+    write_bids(tmp_path, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_run-1_FLAIR.nii.gz",
+                          "sub-01/anat/sub-01_run-2_FLAIR.nii.gz",
+                          "derivatives/m/sub-01/anat/sub-01_run-1_label-WMH_mask.nii.gz",
+                          "derivatives/m/sub-01/anat/sub-01_run-3_label-WMH_mask.nii.gz"])
+    with pytest.raises(InputError, match="sub-01_run-3_label-WMH_mask.nii.gz"):  # run-3 exists nowhere
+        subjects.discover(tmp_path, run=2)
+    (tmp_path / "derivatives/m/sub-01/anat/sub-01_run-3_label-WMH_mask.nii.gz").unlink()
+    (s,) = subjects.discover(tmp_path, run=2)
+    assert s.flair.name == "sub-01_run-2_FLAIR.nii.gz" and s.lesion is None
 
 
 def test_bids_several_runs_need_a_choice(tmp_path):

@@ -269,14 +269,18 @@ def _lesion_masks(root: Path) -> list[tuple[BidsName, Path]]:
     return out
 
 
+def _mask_matches(mask: BidsName, scan: BidsName) -> bool:
+    """A mask belongs to a scan with the same sub and ses (and run/acq when the mask names them)."""
+    return (all(_same_label(k, mask.get(k), scan.get(k)) for k in ("sub", "ses"))
+            and all(_same_label(k, mask.get(k), scan.get(k)) for k in ("run", "acq") if mask.get(k) is not None))
+
+
 def _mask_for(masks: list[tuple[BidsName, Path]], flair: Path | None, key: str) -> Path | None:
-    """The lesion mask of one FLAIR: same sub and ses (and run/acq when the mask names them); two is an error."""
+    """The lesion mask of one FLAIR (:func:`_mask_matches`); two is an error."""
     if flair is None:
         return None
     target = parse_bids_name(flair.name)
-    hits = [p for name, p in masks
-            if all(_same_label(k, name.get(k), target.get(k)) for k in ("sub", "ses"))
-            and all(_same_label(k, name.get(k), target.get(k)) for k in ("run", "acq") if name.get(k) is not None)]
+    hits = [p for name, p in masks if _mask_matches(name, target)]
     if len(hits) > 1:
         raise InputError(
             f"subject {key}: {len(hits)} lesion masks match {flair.name}: {', '.join(str(p) for p in hits)}. "
@@ -300,7 +304,21 @@ def find_bids(root: str | os.PathLike, run: str | int | None = None) -> list[Sub
         key = "_".join(p.name for p in (anat.parent.parent, anat.parent) if p.name.startswith(("sub-", "ses-")))
         t1, flair = _pick_scan(anat, "T1w", key, selector), _pick_scan(anat, "FLAIR", key, selector)
         subjects.append(Subject(id=key, t1=t1, flair=flair, lesion=_mask_for(masks, flair, key)))
+    _check_orphan_masks(root, masks)
     return subjects
+
+
+def _check_orphan_masks(root: Path, masks: list[tuple[BidsName, Path]]) -> None:
+    """A lesion mask that fits no FLAIR of the data set (a typo in sub/ses/run/acq) is an error, not a
+    subject silently left without its mask. A mask of a run that ``run=`` did not choose is fine."""
+    scans = [n for p in root.glob("sub-*/**/anat/*_FLAIR.nii*") if (n := parse_bids_name(p.name))]
+    orphans = [p for name, p in masks if not any(_mask_matches(name, scan) for scan in scans)]
+    if orphans:
+        raise InputError(
+            f"{len(orphans)} lesion mask(s) under {root / 'derivatives'} fit no FLAIR of the data set: "
+            f"{', '.join(str(p) for p in orphans)}. A mask's sub-/ses- (and run-/acq- when it names them) must "
+            f"equal its FLAIR's, e.g. sub-01_ses-1_FLAIR.nii.gz -> sub-01_ses-1_label-WMH_mask.nii.gz: rename it, "
+            f"move it out of derivatives/, or list the files in a CSV manifest (subject,t1,flair,lesion)")
 
 
 def read_manifest(csv: str | os.PathLike) -> list[Subject]:
