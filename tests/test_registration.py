@@ -476,3 +476,33 @@ def test_an_edited_refined_atlas_in_the_workdir_is_checked(tmp_path, eve_dir):
     save_nifti(nib.Nifti1Image(np.asanyarray(atlas.dataobj)[:-1], atlas.affine), tmp_path / "02_atlas" / "refined_atlas.nii.gz")
     with pytest.raises(InputError, match="is not on the grid of the Eve atlas"):
         reg.atlas_inputs(tmp_path)
+
+
+def test_syn_relabels_follow_their_inputs(tmp_path, monkeypatch, capsys, eve_dir):
+    """score_cohort's SyN regions are reused while the subject's WM maps are unchanged, recomputed when they change."""
+    subject_dir, flair = tmp_path / "03_regions" / "7", tmp_path / "FLAIR.nii.gz"
+    subject_dir.mkdir(parents=True)
+    for name in ("prob_wm.nii.gz", "wm_mask.nii.gz", "FLAIR.nii.gz"):
+        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), (tmp_path if name == "FLAIR.nii.gz" else subject_dir) / name)
+    calls = []
+
+    def fake_relabel(src, flair_path, atlas, method, outdir, reg_spacing):
+        calls.append(method)
+        Path(outdir).mkdir(parents=True, exist_ok=True)
+        (Path(outdir) / "regions.nii.gz").write_bytes(b"r")
+        (Path(outdir) / "atlas_to_subject_0GenericAffine.mat").write_bytes(b"t")
+        return {"method": method, "regions": str(Path(outdir) / "regions.nii.gz"),
+                "transform": str(Path(outdir) / "atlas_to_subject_0GenericAffine.mat")}
+
+    monkeypatch.setattr(reg, "relabel", fake_relabel)
+    upstream = reg.provenance.upstream_fingerprints(reg.atlas_sources(tmp_path, data_dir=eve_dir))
+    syn_dir = tmp_path / "03_regions" / "syn" / "7"
+    for _ in range(2):
+        assert reg._syn_regions(subject_dir, flair, syn_dir, {}, upstream) == syn_dir / "regions.nii.gz"
+    assert calls == ["SyN"]  # the second call reused the result
+    os.utime(subject_dir / "prob_wm.nii.gz", ns=(1, 1))
+    reg._syn_regions(subject_dir, flair, syn_dir, {}, upstream)
+    assert calls == ["SyN", "SyN"] and "subject 7 (SyN): WM probability changed (mtime), recomputing" in capsys.readouterr().out
+    (syn_dir / "regions.nii.gz").write_bytes(b"edited")
+    reg._syn_regions(subject_dir, flair, syn_dir, {}, upstream)
+    assert len(calls) == 3  # an output changed after it was written

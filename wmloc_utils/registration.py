@@ -462,12 +462,30 @@ def score_regions(regions: nib.spatialimages.SpatialImage, truth: nib.spatialima
     return scores
 
 
+def _syn_regions(subject_dir: Path, flair, syn_dir: Path, atlas: dict, upstream: dict) -> Path:
+    """SyN regions of one processed subject, reused while its fingerprint (the subject's WM maps and FLAIR,
+    the atlas files, the version) is unchanged, else recomputed with the reason printed."""
+    fp = provenance.fingerprint({"WM probability": subject_dir / "prob_wm.nii.gz",
+                                 "WM mask": subject_dir / "wm_mask.nii.gz", "FLAIR": flair},
+                                {"method": "SyN", "reg_spacing": 2.0}, upstream)
+    why, old = _stale(syn_dir, fp)
+    if why:
+        if old is not None:
+            print(f"subject {subject_dir.name} (SyN): {'; '.join(why)}, recomputing")
+        qc = relabel(subject_dir, flair, atlas, "SyN", syn_dir, reg_spacing=2.0)
+        written = [qc["regions"], *qc["transform"].split(";")]
+        qc.update(fingerprint=fp, outputs={Path(p).name: provenance.file_fingerprint(p) for p in written if p})
+        with atomic_path(syn_dir / DONE) as tmp:
+            tmp.write_text(json.dumps(qc, indent=1))
+    return syn_dir / "regions.nii.gz"
+
+
 def score_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, syn_subjects: int = 2,
                  progress: bool = True) -> pd.DataFrame:
     """Demo cohort only: per-region Dice vs the true regions, for the affine result and (first ``syn_subjects``) SyN.
 
     Needs ``run_cohort`` first. SyN re-labels each subject's WM into ``03_regions/syn/<subject>``
-    (reused when present). Writes and returns ``03_regions/region_dice.csv`` (subject, method, region, dice).
+    (reused while its fingerprint is unchanged). Writes and returns ``03_regions/region_dice.csv`` (subject, method, region, dice).
     """
     table = pd.read_csv(subjects_csv, dtype={"subject": str}, keep_default_na=False)
     step = Path(workdir) / STEP
@@ -477,15 +495,14 @@ def score_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, sy
         raise InputError(f"{subjects_csv}: no subject with a truth_dir (demo truth) among those processed")
     template = truth_regions_in_template(step / "template_truth")
     atlas = atlas_inputs(workdir)
+    upstream = provenance.upstream_fingerprints(atlas_sources(workdir))
     rows = []
     for i, row in enumerate(tqdm(table.to_dict("records"), desc="scoring regions", disable=not progress)):
         truth = truth_regions(template, row["truth_dir"])
         results = {qc.loc[row["subject"], "method"]: qc.loc[row["subject"], "regions"]}
         if i < syn_subjects:
-            syn_dir = step / "syn" / row["subject"]
-            if not (syn_dir / "regions.nii.gz").exists():
-                relabel(step / row["subject"], row["flair"], atlas, "SyN", syn_dir, reg_spacing=2.0)
-            results["SyN"] = syn_dir / "regions.nii.gz"
+            results["SyN"] = _syn_regions(step / row["subject"], row["flair"], step / "syn" / row["subject"], atlas,
+                                          upstream)
         for method, path in results.items():
             scores = score_regions(load_nifti(path, row["subject"], "regions"), truth)
             rows += [{"subject": row["subject"], "method": method, "region": str(k), "dice": v} for k, v in scores.items()]
