@@ -9,7 +9,8 @@ WORKDIR ?= $(CURDIR)/work
 WMLOC_DATA ?= $(wildcard $(CURDIR)/../shared/data/jhu-eve)
 export WMLOC_DATA
 
-.PHONY: setup book test bench clean
+.PHONY: setup book site test bench clean
+.DELETE_ON_ERROR:  # a failed site build leaves no index.html that would look up to date
 
 setup: $(VENV)/.installed
 
@@ -20,10 +21,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# The runner skips notebooks unchanged since their last run; the site is rebuilt only when a page's
+# source is newer than it (a sub-make, so that it sees the executed notebooks the runner just wrote).
 book: setup
 	$(PY) -m wmloc_utils.book --workdir $(WORKDIR)
-	$(VENV)/bin/jupyter-book build -W -n --keep-going book/
+	@$(MAKE) --no-print-directory site
 	@echo "Book: $(CURDIR)/_build/html/index.html"
+
+site: _build/html/index.html
+
+_build/html/index.html: $(wildcard book/notebooks/*.ipynb book/*.md book/*.bib book/_toc.yml) _config.yml
+	$(VENV)/bin/jupyter-book build -W -n --keep-going book/
 
 test: setup
 	$(PY) -m pytest -v --durations=15

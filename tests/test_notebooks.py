@@ -13,6 +13,7 @@ import nbformat
 import papermill as pm
 import pytest
 
+from wmloc_utils import book
 from wmloc_utils.book import notebooks
 
 NOTEBOOKS = notebooks()
@@ -77,19 +78,41 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("book-work")
 
 
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Where the book runner writes the executed notebooks (as book/notebooks/ in ``make book``)."""
+    return tmp_path_factory.mktemp("book-executed")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_executes(path, workdir, tmp_path):
+def test_executes(path, workdir, executed):
     if _failed:
         pytest.fail(f"{path.name} cannot run: earlier notebook(s) {_failed} failed")
-    params = {"workdir": str(workdir), **TINY.get(path.stem, {})}
     start = time.perf_counter()
     try:
-        pm.execute_notebook(str(path), str(tmp_path / path.name), parameters=params, cwd=str(tmp_path),
-                            kernel_name="python3", progress_bar=False)
+        ran = book.run(workdir, executed, only=[path.stem], per_notebook=TINY)
     except Exception:
         _failed.append(path.stem)
         raise
-    print(f"{path.name}: {time.perf_counter() - start:.1f} s with {params}")
+    assert list(ran) == [path.stem]
+    print(f"{path.name}: {time.perf_counter() - start:.1f} s with {TINY.get(path.stem, {})}")
+
+
+def _files(*folders: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for f in folders for p in f.rglob("*") if p.is_file()}
+
+
+def test_rerun_of_a_finished_book_writes_nothing(workdir, executed, capsys):
+    """The whole book again on an unchanged work directory: every notebook skipped, not one file written."""
+    if _failed:
+        pytest.fail(f"the book chain failed at {_failed}")
+    before = _files(workdir, executed)
+    assert book.run(workdir, executed, per_notebook=TINY) == {}
+    assert _files(workdir, executed) == before
+    assert capsys.readouterr().out.count("unchanged since its last run here, skipped") == len(NOTEBOOKS)
+    # a changed parameter reruns that notebook (and says why); its unchanged steps still write nothing new
+    ran = book.run(workdir, executed, only=["08"], per_notebook={"08_clustering": {**TINY["08_clustering"], "n_boot": 4}})
+    assert list(ran) == ["08_clustering"] and "--- 08_clustering.ipynb (other parameters)" in capsys.readouterr().out
 
 
 # The bring-your-own-cohort path: a new cohort without masks, the networks trained by the chain above.

@@ -371,6 +371,9 @@ def test_resume_after_interruption_equals_a_straight_run(cohort, tmp_path, monke
     cols = ["epoch", "loss", "ce", "dice", "skeleton", "val_dice", "lr"]
     pd.testing.assert_frame_equal(straight["history"][cols], resumed["history"][cols], check_exact=True)
     assert a["best_dice"] == b["best_dice"]
+    for name in ("best.pt", "last.pt"):  # byte-identical files, interrupted or not (timings live in history.csv)
+        assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    assert resumed["history"]["seconds"].notna().all()
 
 
 # ----------------------------------------------------------------------------- disk errors

@@ -21,6 +21,7 @@ import pickle
 import platform
 import random
 import re
+import sys
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -394,10 +395,27 @@ _LEGACY_SAFE_GLOBALS = [torch.torch_version.TorchVersion]
 _OUTPUTS = ("best.pt", "last.pt", "history.csv")
 
 
+def _interned(value):
+    """``value`` with every string interned: pickle then writes equal content as equal bytes (its memo keys
+    on object identity, and a resumed run's strings come from a loaded file, a fresh run's from the code)."""
+    if isinstance(value, str):
+        return sys.intern(str(value))
+    if isinstance(value, dict):  # a state_dict (OrderedDict) keeps its type and _metadata (module versions)
+        out = type(value)((_interned(k), _interned(v)) for k, v in value.items())
+        if hasattr(value, "_metadata"):
+            out._metadata = value._metadata
+        return out
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_interned(v) for v in value)
+    return value
+
+
 def _save(obj: dict, path: Path) -> None:
-    """Write a checkpoint atomically; through a Python file so that a full disk raises OSError (ENOSPC)."""
+    """Write a checkpoint atomically; through a Python file so that a full disk raises OSError (ENOSPC).
+
+    The same content gives the same bytes (:func:`_interned`): the same seed gives byte-identical checkpoints."""
     with write_errors(path), atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+        torch.save(_interned(obj), f)
 
 
 def _remove_stale_temps(out_dir: Path) -> list[Path]:
@@ -578,7 +596,21 @@ def _finished_run(out_dir: Path, config: dict, epochs: int) -> dict | None:
         return None  # unreadable: train again (the files are replaced)
     if ckpt["epoch"] != epochs - 1 or _comparable(ckpt["config"]) != _comparable(config):
         return None
-    return {"best": best_path, "last": last_path, "history": pd.DataFrame(ckpt["history"]), "best_dice": ckpt["best_dice"]}
+    return {"best": best_path, "last": last_path, "history": pd.DataFrame(_with_seconds(ckpt["history"], out_dir)),
+            "best_dice": ckpt["best_dice"]}
+
+
+def _with_seconds(history: list[dict], out_dir: Path) -> list[dict]:
+    """A checkpoint's history (no timings) with each epoch's seconds from ``history.csv`` (NaN where it has none)."""
+    seconds = {}
+    if (out_dir / "history.csv").exists():
+        try:
+            table = pd.read_csv(out_dir / "history.csv")
+            seconds = dict(zip(table["epoch"], table["seconds"])) if {"epoch", "seconds"} <= set(table) else {}
+        except (OSError, ValueError, pd.errors.ParserError):
+            seconds = {}
+    return [{**r, "seconds": float(seconds.get(r["epoch"], float("nan")))} if "seconds" not in r else dict(r)
+            for r in history]
 
 
 def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence[dict], out_dir: str | os.PathLike,
@@ -623,7 +655,8 @@ def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        start, best, history, rng = ckpt["epoch"] + 1, ckpt["best_dice"], ckpt["history"], ckpt.get("rng")
+        start, best, rng = ckpt["epoch"] + 1, ckpt["best_dice"], ckpt.get("rng")
+        history = _with_seconds(ckpt["history"], out_dir)
 
     train_ds, val_ds = cached_datasets(cfg, train_records, val_records)
     loader = DataLoader(train_ds, batch_size=max(1, cfg.batch_size // cfg.samples_per_volume), shuffle=True,
@@ -661,8 +694,9 @@ def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence
         improved = len(val_ds) == 0 or val_dice > best
         if improved:
             best = val_dice if len(val_ds) else best
-        state = {"config": config, "model": model.state_dict(), "epoch": epoch, "best_dice": best, "history": history,
-                 "val_dice": val_dice}
+        # wall-clock seconds go to history.csv only: the same seed gives byte-identical checkpoints
+        state = {"config": config, "model": model.state_dict(), "epoch": epoch, "best_dice": best,
+                 "history": [{k: v for k, v in r.items() if k != "seconds"} for r in history], "val_dice": val_dice}
         if improved:
             _save(state, best_path)
         _save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
