@@ -110,3 +110,34 @@ def test_segmentation_is_repeatable_on_a_demo_subject(tmp_path_factory):
     first, second = (tissue.segment_tissues(t1, pre / "FLAIR.nii.gz", mask) for _ in range(2))
     for key in ("labels", "csf", "gm", "wm", "wm_mask"):
         assert np.array_equal(np.asanyarray(first[key].dataobj), np.asanyarray(second[key].dataobj)), key
+
+
+_MASK_ONCE = """
+import hashlib, sys
+import numpy as np
+from wmloc_utils import tissue
+for _ in range(2):
+    mask = tissue.brain_mask(sys.argv[1], stripped=False)
+    print(hashlib.sha256(np.asanyarray(mask.dataobj).tobytes()).hexdigest())
+"""
+
+
+def test_brain_mask_of_a_head_is_the_same_in_every_process_whatever_the_itk_threads(tmp_path):
+    """ANTs runs single-threaded: with 2 ITK threads the head's brain-mask registration gave another mask on
+    every call. A user's ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` does not change the result."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    from wmloc_utils import demo
+
+    row = demo.generate(tmp_path, n_subjects=1, skull=True, progress=False).iloc[0]
+    t1 = tmp_path / row["site"] / row["participant_id"] / "pre" / "T1.nii.gz"
+    here = [hashlib.sha256(np.asanyarray(tissue.brain_mask(t1, stripped=False).dataobj).tobytes()).hexdigest()
+            for _ in range(2)]
+    env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "2"}
+    env.pop("WMLOC_ITK_THREADS", None)
+    other = subprocess.run([sys.executable, "-c", _MASK_ONCE, str(t1)], capture_output=True, text=True, check=True,
+                           env=env).stdout.split()
+    assert here[0] == here[1] == other[0] == other[1]

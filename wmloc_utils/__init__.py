@@ -21,4 +21,13 @@ One module per step of the method, in the order the notebooks use them:
 - :mod:`wmloc_utils.book`         -- runs the notebooks in order with papermill
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+#: ITK threads of every ANTs call. Multi-threaded ANTs is not repeatable even with a seed: with 2 threads
+#: a head's brain-mask registration gave another mask on every call (34 voxels apart), with 1 thread the
+#: same bytes every time. ITK reads this once, at its first filter, so wmloc must be imported before any
+#: ANTs call; subjects run in parallel processes instead (``n_jobs``). ``WMLOC_ITK_THREADS`` overrides it.
+ITK_THREADS = _os.environ.get("WMLOC_ITK_THREADS", "1")
+_os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = ITK_THREADS

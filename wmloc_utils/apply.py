@@ -99,7 +99,7 @@ def cohort_table(tidy: pd.DataFrame, pairing: str = "automatic") -> pd.DataFrame
 
 def run(data: str | os.PathLike, workdir: str | os.PathLike, lesion_checkpoint: str | os.PathLike,
         region_checkpoint: str | os.PathLike | None = None, region_source: str = "atlas",
-        n_subjects: int | None = None, tta: bool = False, device: str = "auto", n_jobs: int = 1,
+        n_subjects: int | None = None, tta: bool = False, device: str = "auto", n_jobs: int | None = None,
         progress: bool = True) -> dict[str, Path]:
     """The whole apply path on a folder or manifest; returns the paths of the tables it wrote."""
     if region_source == "network" and region_checkpoint is None:
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-subjects", type=int, help="only the first N subjects")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (slower)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--n-jobs", type=int, default=1, help="worker processes for the registration step")
+    parser.add_argument("--n-jobs", type=int, help="worker processes for the registration step (default: one per CPU core)")
     args = parser.parse_args(argv)
     try:
         paths = run(args.data, args.workdir, args.lesion_checkpoint, args.region_checkpoint, args.region_source,

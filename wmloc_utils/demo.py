@@ -42,9 +42,10 @@ from .images import atomic_path, save_nifti, write_table_atomic
 GROUPS = ("frontal_pv", "posterior_pv", "deep", "low_load")
 SITES = {"siteA": "RAS", "siteB": "LAS", "siteC": "RAS"}
 GRIDS = {"2mm": (2.0, 2.0, 2.0), "1mm": (1.0, 1.0, 1.0), "aniso": (1.0, 1.0, 3.0)}
-# grid="challenge": per-site voxel sizes (mm) like the MICCAI 2017 WMH scanners, stored LPS on an oblique grid
-# (GE3T: a 3D acquisition with 1.2 mm sagittal slices).
-CHALLENGE_SITES = {"Utrecht": (0.96, 0.95, 3.0), "Singapore": (1.0, 1.0, 3.0), "GE3T": (1.2, 0.98, 0.98)}
+# grid="challenge": per-site voxel sizes (mm) of the MICCAI 2017 WMH FLAIR grids (as in the headers of the
+# challenge's pre/ images and the paper authors' subject maps: 240x240x48, 232x256x48, 132x256x83; every
+# site has 3 mm slices), stored LPS on an oblique grid.
+CHALLENGE_SITES = {"Utrecht": (0.96, 0.95, 3.0), "Singapore": (1.0, 1.0, 3.0), "GE3T": (1.2, 0.98, 3.0)}
 GRID_CHOICES = (*GRIDS, "challenge")
 BRAINS = ("mni152", "eve")
 MAX_OBLIQUE_DEG = 8.0  # challenge grids: rotation of the voxel axes relative to the scanner's world axes

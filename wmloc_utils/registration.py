@@ -62,7 +62,7 @@ def register_atlas(atlas_wm: nib.spatialimages.SpatialImage, subject_wm: nib.spa
     subject WM dilated by ``mask_mm`` (None: whole image). The mask keeps the background and atlas WM
     the subject lacks (cerebellum, cut-off slices) out of the metric: measured on the authors' subject
     maps it turned failures (Dice 0.4) into 0.86. ANTs' sampling is seeded (``seed``), so a re-run with
-    the same ITK thread count gives byte-identical transforms (another count changes the float sums).
+    the same ITK thread count gives byte-identical transforms (wmloc runs ANTs single-threaded: :data:`wmloc_utils.ITK_THREADS`).
     Writes the transform under ``outprefix`` and returns dict(transforms, metric, seconds, method),
     ``transforms`` mapping subject points to atlas points.
     """
@@ -266,8 +266,7 @@ def relabel(subject_dir: str | os.PathLike, flair, atlas: dict, method: str, out
 
 
 def _worker(args: tuple) -> dict:
-    """Process-pool entry: one ITK thread per worker, atlas loaded once per call."""
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
+    """Process-pool entry (one ITK thread per process, as everywhere: :data:`wmloc_utils.ITK_THREADS`)."""
     row, outdir, workdir, method, reg_spacing, fp = args
     return process_subject(row["subject"], row["t1"], row["flair"], outdir, atlas_inputs(workdir),
                            lesion=row.get("lesion"), method=method, reg_spacing=reg_spacing,
@@ -315,15 +314,17 @@ def _qc_row(qc: dict) -> dict:
 
 
 def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, method: str = "Affine",
-               n_jobs: int = 1, overwrite: bool = False, n_subjects: int | None = None,
+               n_jobs: int | None = None, overwrite: bool = False, n_subjects: int | None = None,
                reg_spacing: float | None = 3.0, progress: bool = True, full_hash: bool = False) -> pd.DataFrame:
     """Regions for every subject of ``subjects.csv`` into ``workdir/03_regions/<subject>/``; re-runnable.
 
     A finished subject is reused while its fingerprint (input files, ``method``/``reg_spacing``, version,
     atlas files; :mod:`wmloc_utils.provenance`) and its outputs are unchanged, else recomputed with the
     reason printed; ``overwrite`` redoes all, ``full_hash`` compares file contents (SHA-256) rather than
-    mtimes (the atlas files are always compared by content). ``n_jobs`` > 1 runs subjects in worker processes. Returns ``03_regions/regions.csv`` (one QC
-    row each), rewritten only when its content changes: an unchanged rerun writes nothing.
+    mtimes (the atlas files are always compared by content). Subjects run in ``n_jobs`` worker processes
+    (None: one per CPU core; ANTs runs single-threaded so that every result is repeatable, and the same on
+    any machine). Returns ``03_regions/regions.csv`` (one QC row each), rewritten only when its content
+    changes: an unchanged rerun writes nothing.
     """
     table = pd.read_csv(subjects_csv, dtype={"subject": str}, keep_default_na=False)
     if n_subjects:
@@ -341,6 +342,7 @@ def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, meth
             print(f"subject {row['subject']}: {'; '.join(why)}, recomputing")
         todo.append((row, fp))
     bar = tqdm(total=len(todo), desc=f"regions ({method})", disable=not progress or not todo)
+    n_jobs = min(len(todo), n_jobs or os.cpu_count() or 1)
     if todo and n_jobs <= 1:
         atlas = atlas_inputs(workdir)
         for row, fp in todo:
