@@ -158,14 +158,14 @@ def test_run_cohort_skips_finished_subjects(tmp_path, monkeypatch):
     csv = tmp_path / "subjects.csv"
     pd.DataFrame({"subject": ["001", "002"], "t1": ["a", "b"], "flair": ["c", "d"], "lesion": ["", ""],
                   "truth_dir": ["", ""]}).to_csv(csv, index=False)
-    first = reg.run_cohort(csv, tmp_path, progress=False)
+    first = reg.run_cohort(csv, tmp_path, progress=False, n_jobs=1)
     assert calls == ["001", "002"] and list(first["subject"]) == ["001", "002"]
     mtime = (tmp_path / "03_regions" / "001" / reg.DONE).stat().st_mtime_ns
-    second = reg.run_cohort(csv, tmp_path, progress=False)
+    second = reg.run_cohort(csv, tmp_path, progress=False, n_jobs=1)
     assert calls == ["001", "002"], "finished subjects must be skipped"
     assert (tmp_path / "03_regions" / "001" / reg.DONE).stat().st_mtime_ns == mtime
     assert second.equals(first)
-    reg.run_cohort(csv, tmp_path, progress=False, overwrite=True)
+    reg.run_cohort(csv, tmp_path, progress=False, n_jobs=1, overwrite=True)
     assert calls == ["001", "002", "001", "002"]
     assert pd.read_csv(tmp_path / "03_regions" / "regions.csv", dtype={"subject": str})["subject"].tolist() == ["001", "002"]
 
@@ -247,49 +247,49 @@ def _touch(path, seconds=1):
 
 def test_run_cohort_recomputes_only_what_changed(demo_csv, tmp_path, fake_process, capsys):
     work = tmp_path / "work"
-    reg.run_cohort(demo_csv, work, progress=False)
+    reg.run_cohort(demo_csv, work, progress=False, n_jobs=1)
     assert fake_process == ["001", "002"]
-    reg.run_cohort(demo_csv, work, progress=False)
+    reg.run_cohort(demo_csv, work, progress=False, n_jobs=1)
     assert fake_process == ["001", "002"], "unchanged subjects must be reused"
     flair = pd.read_csv(demo_csv, dtype={"subject": str}).set_index("subject").loc["002", "flair"]
     capsys.readouterr()
     _touch(Path(flair))
-    reg.run_cohort(demo_csv, work, progress=False)
+    reg.run_cohort(demo_csv, work, progress=False, n_jobs=1)
     assert fake_process[2:] == ["002"]
     assert "subject 002: FLAIR changed (mtime), recomputing" in capsys.readouterr().out
-    reg.run_cohort(demo_csv, work, method="AffineFast", progress=False)
+    reg.run_cohort(demo_csv, work, method="AffineFast", progress=False, n_jobs=1)
     assert fake_process[3:] == ["001", "002"]
     assert "method changed ('Affine' -> 'AffineFast')" in capsys.readouterr().out
-    reg.run_cohort(demo_csv, work, method="AffineFast", reg_spacing=4.0, progress=False)
+    reg.run_cohort(demo_csv, work, method="AffineFast", reg_spacing=4.0, progress=False, n_jobs=1)
     assert fake_process[5:] == ["001", "002"]
 
 
 def test_run_cohort_follows_notebook_02_atlas(demo_csv, tmp_path, fake_process, capsys):
     """The refined atlas of notebook 02 appearing in, or changing (content) in, the work directory redoes every subject."""
     work = tmp_path / "work"
-    reg.run_cohort(demo_csv, work, progress=False)
+    reg.run_cohort(demo_csv, work, progress=False, n_jobs=1)
     refined = work / "02_atlas" / "refined_atlas.nii.gz"
     refined.parent.mkdir(parents=True)
     nib.save(like(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), np.ones((4, 4, 4), np.int16)), refined)
-    reg.run_cohort(demo_csv, work, progress=False)
+    reg.run_cohort(demo_csv, work, progress=False, n_jobs=1)
     assert fake_process == ["001", "002", "001", "002"]
     assert "refined atlas is another file" in capsys.readouterr().out
     # notebook 02 rerun: the same bytes written again reuse every subject; new labels redo them
     refined.write_bytes(refined.read_bytes())
     _touch(refined)
-    reg.run_cohort(demo_csv, work, progress=False)
+    reg.run_cohort(demo_csv, work, progress=False, n_jobs=1)
     assert fake_process == ["001", "002", "001", "002"]
     nib.save(like(nib.load(refined), np.full((4, 4, 4), 2, np.int16)), refined)
-    reg.run_cohort(demo_csv, work, progress=False)
+    reg.run_cohort(demo_csv, work, progress=False, n_jobs=1)
     assert fake_process[4:] == ["001", "002"]
     assert "subject 001: refined atlas changed (content), recomputing" in capsys.readouterr().out
 
 
 def test_run_cohort_full_hash_ignores_a_touch(demo_csv, tmp_path, fake_process):
     work = tmp_path / "work"
-    reg.run_cohort(demo_csv, work, progress=False, full_hash=True)
+    reg.run_cohort(demo_csv, work, progress=False, n_jobs=1, full_hash=True)
     _touch(Path(pd.read_csv(demo_csv).loc[0, "t1"]))
-    reg.run_cohort(demo_csv, work, progress=False, full_hash=True)
+    reg.run_cohort(demo_csv, work, progress=False, n_jobs=1, full_hash=True)
     assert fake_process == ["001", "002"], "same bytes: nothing to recompute"
 
 
