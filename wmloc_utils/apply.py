@@ -116,13 +116,9 @@ def run(data: str | os.PathLike, workdir: str | os.PathLike, lesion_checkpoint: 
     timings["segmentation"] = time.perf_counter() - start - sum(timings.values())
     recs = records(workdir)
     tidy = cohort_loads(recs, lut, region_source, progress=progress)
-    out = runtime.step_dir(workdir, "07_localization")
-    paths = {"loads": write_table_atomic(tidy, out / "regional_loads.csv", index=False, float_format="%.6g"),
-             "qc": write_table_atomic(localization.lesion_qc(tidy), out / "lesion_qc.csv", index=False),
-             "cohort": write_table_atomic(cohort_table(tidy), workdir / "cohort_loads.csv", index=False,
-                                          float_format="%.6g")}
-    wide = pd.concat({p: localization.wide_matrix(t) for p, t in tidy.groupby("pairing")}, names=["pairing", "subject"])
-    paths["wide"] = write_table_atomic(wide, out / "regional_loads_wide.csv", float_format="%.6g")
+    paths = localization.write_loads(tidy, runtime.step_dir(workdir, "07_localization"))
+    paths["cohort"] = write_table_atomic(cohort_table(tidy), workdir / "cohort_loads.csv", index=False,
+                                         float_format="%.6g")
     timings["loads"] = time.perf_counter() - start - sum(timings.values())
     if progress:
         print(f"{len(recs)} subjects; seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))

@@ -300,6 +300,26 @@ def lesion_qc(tidy: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def write_loads(tidy: pd.DataFrame, out: str | os.PathLike, extra: Sequence[pd.DataFrame] = (),
+                lesions: pd.DataFrame | None = None) -> dict[str, "os.PathLike"]:
+    """The localization step's tables in ``out``: ``regional_loads.csv`` (``tidy`` and the ``extra`` tidy tables:
+    classes, depth, bullseye), ``regional_loads_wide.csv`` (mL per region, a row per pairing and subject of
+    ``tidy``), ``lesion_qc.csv`` (:func:`lesion_qc`) and, when given, ``lesions.csv`` (one row per lesion).
+    Each is rewritten only when its bytes change."""
+    from .images import write_table_atomic
+
+    out = os.fspath(out)
+    wide = pd.concat({p: wide_matrix(t) for p, t in tidy.groupby("pairing")}, names=["pairing", "subject"])
+    paths = {"loads": write_table_atomic(pd.concat([tidy, *extra], ignore_index=True),
+                                         os.path.join(out, "regional_loads.csv"), index=False, float_format="%.6g"),
+             "wide": write_table_atomic(wide, os.path.join(out, "regional_loads_wide.csv"), float_format="%.6g"),
+             "qc": write_table_atomic(lesion_qc(tidy), os.path.join(out, "lesion_qc.csv"), index=False)}
+    if lesions is not None:
+        paths["lesions"] = write_table_atomic(lesions, os.path.join(out, "lesions.csv"), index=False,
+                                              float_format="%.6g")
+    return paths
+
+
 def load_agreement(tidy: pd.DataFrame, other: str, reference: str = "reference", value: str = "lesion_ml") -> pd.DataFrame:
     """Per subject, how far the ``other`` pairing's regional loads are from the ``reference`` pairing's.
 
