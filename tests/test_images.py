@@ -195,3 +195,26 @@ def test_write_errors_name_the_file_and_killed_runs_leave_no_temp_files(tmp_path
     with pytest.raises(OSError, match=rf"cannot write {target}: no space left on device; free some space"):
         images.save_nifti(images.like(img, np.zeros((4, 4, 4), np.uint8)), target)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary copy is gone too
+
+
+def test_saved_nifti_bytes_depend_on_the_image_only(tmp_path):
+    """The same image gives the same .nii.gz bytes (gzip header without temp name or time), whatever the name
+    or the moment; a rewrite of unchanged content leaves the file and its mtime untouched."""
+    import os
+    import time as _time
+
+    import nibabel as nib
+    import numpy as np
+
+    from wmloc_utils.images import save_nifti
+
+    img = nib.Nifti1Image(np.arange(60, dtype=np.float32).reshape(3, 4, 5), np.diag([2.0, 2.0, 3.0, 1.0]))
+    a = save_nifti(img, tmp_path / "a.nii.gz")
+    _time.sleep(1.1)  # gzip stores seconds
+    b = save_nifti(img, tmp_path / "sub" / "other_name.nii.gz")
+    assert a.read_bytes() == b.read_bytes()
+    back = nib.load(a)
+    assert np.array_equal(back.get_fdata(), img.get_fdata()) and np.allclose(back.affine, img.affine)
+    os.utime(a, ns=(1, 1))
+    save_nifti(img, a)
+    assert a.stat().st_mtime_ns == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import filecmp
+import gzip
 import os
 import tempfile
 import time
@@ -292,10 +293,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def save_nifti(img: nib.spatialimages.SpatialImage, path: str | os.PathLike) -> Path:
-    """Write a NIfTI image atomically (temporary file in the same folder, then rename)."""
+    """Write a NIfTI image atomically (temporary file in the same folder, then rename).
+
+    A ``.nii.gz`` gets a reproducible gzip header (no file name, time 0; nibabel's holds the temporary
+    name and the clock): the same image gives the same bytes, so a rerun leaves an unchanged file untouched
+    and the same seed gives byte-identical outputs.
+    """
+    path = Path(path)
     with atomic_path(path) as tmp:
-        nib.save(img, tmp)
-    return Path(path)
+        if path.name.endswith(".gz") and hasattr(img, "to_bytes"):
+            with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
+                                                        compresslevel=nib.openers.Opener.default_compresslevel) as gz:
+                gz.write(img.to_bytes())
+        else:
+            nib.save(img, tmp)
+    return path
 
 
 def like(ref: nib.spatialimages.SpatialImage, data: np.ndarray, dtype=None) -> nib.Nifti1Image:
