@@ -506,3 +506,29 @@ def test_syn_relabels_follow_their_inputs(tmp_path, monkeypatch, capsys, eve_dir
     (syn_dir / "regions.nii.gz").write_bytes(b"edited")
     reg._syn_regions(subject_dir, flair, syn_dir, {}, upstream)
     assert len(calls) == 3  # an output changed after it was written
+
+
+_PROCESS_ONCE = """
+import sys
+from wmloc_utils import registration as reg
+reg.process_subject("h", sys.argv[1], sys.argv[2], sys.argv[3], reg.atlas_inputs(data_dir=sys.argv[4]), reg_spacing=4.0)
+"""
+
+
+def test_a_head_gives_byte_identical_region_maps_in_another_process(tmp_path, eve_dir):
+    """Brain mask, tissues, WM, transform and regions of a head with skull: the same bytes in a fresh process
+    (which asks for 2 ITK threads) as here."""
+    from wmloc_utils import demo
+
+    row = demo.generate(tmp_path / "data", n_subjects=1, skull=True, progress=False).iloc[0]
+    pre = tmp_path / "data" / row["site"] / row["participant_id"] / "pre"
+    reg.process_subject("h", pre / "T1.nii.gz", pre / "FLAIR.nii.gz", tmp_path / "here",
+                        reg.atlas_inputs(data_dir=eve_dir), reg_spacing=4.0)
+    env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "2"}
+    subprocess.run([sys.executable, "-c", _PROCESS_ONCE, str(pre / "T1.nii.gz"), str(pre / "FLAIR.nii.gz"),
+                    str(tmp_path / "there"), str(eve_dir)], check=True, env=env, capture_output=True)
+    written = sorted(p.name for p in (tmp_path / "here").iterdir() if p.name != reg.DONE)
+    assert "regions.nii.gz" in written and "brain_mask.nii.gz" in written
+    assert sorted(p.name for p in (tmp_path / "there").iterdir() if p.name != reg.DONE) == written
+    differ = [n for n in written if (tmp_path / "here" / n).read_bytes() != (tmp_path / "there" / n).read_bytes()]
+    assert not differ, f"not byte-identical: {differ}"
