@@ -482,12 +482,23 @@ def _syn_regions(subject_dir: Path, flair, syn_dir: Path, atlas: dict, upstream:
     return syn_dir / "regions.nii.gz"
 
 
+def _syn_worker(args: tuple) -> Path:
+    """Process-pool entry of :func:`score_cohort`: SyN regions of one subject, or (``None``) the template truth."""
+    subject_dir, flair, syn_dir, workdir, upstream = args
+    if subject_dir is None:
+        truth_regions_in_template(syn_dir)
+        return syn_dir
+    return _syn_regions(subject_dir, flair, syn_dir, atlas_inputs(workdir), upstream)
+
+
 def score_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, syn_subjects: int = 2,
-                 progress: bool = True) -> pd.DataFrame:
+                 progress: bool = True, n_jobs: int | None = None) -> pd.DataFrame:
     """Demo cohort only: per-region Dice vs the true regions, for the affine result and (first ``syn_subjects``) SyN.
 
     Needs ``run_cohort`` first. SyN re-labels each subject's WM into ``03_regions/syn/<subject>``
-    (reused while its fingerprint is unchanged). Writes and returns ``03_regions/region_dice.csv`` (subject, method, region, dice).
+    (reused while its fingerprint is unchanged); these and the truth's placement in the template (once,
+    cached) run side by side in ``n_jobs`` processes (None: one per CPU core). Writes and returns
+    ``03_regions/region_dice.csv`` (subject, method, region, dice).
     """
     table = pd.read_csv(subjects_csv, dtype={"subject": str}, keep_default_na=False)
     step = Path(workdir) / STEP
@@ -495,16 +506,23 @@ def score_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, sy
     table = table[table["subject"].isin(qc.index) & (table.get("truth_dir", "") != "")]
     if table.empty:
         raise InputError(f"{subjects_csv}: no subject with a truth_dir (demo truth) among those processed")
-    template = truth_regions_in_template(step / "template_truth")
-    atlas = atlas_inputs(workdir)
     upstream = provenance.upstream_fingerprints(atlas_sources(workdir))
+    jobs = [(None, None, step / "template_truth", None, None)]
+    jobs += [(step / row["subject"], row["flair"], step / "syn" / row["subject"], str(workdir), upstream)
+             for row in table.head(max(0, syn_subjects)).to_dict("records")]
+    n_jobs = min(len(jobs), n_jobs or os.cpu_count() or 1)
+    if n_jobs > 1:
+        with ProcessPoolExecutor(max_workers=n_jobs) as pool:
+            syn = list(pool.map(_syn_worker, jobs))[1:]
+    else:
+        syn = [_syn_worker(job) for job in jobs][1:]
+    template = truth_regions_in_template(step / "template_truth")
     rows = []
     for i, row in enumerate(tqdm(table.to_dict("records"), desc="scoring regions", disable=not progress)):
         truth = truth_regions(template, row["truth_dir"])
         results = {qc.loc[row["subject"], "method"]: qc.loc[row["subject"], "regions"]}
-        if i < syn_subjects:
-            results["SyN"] = _syn_regions(step / row["subject"], row["flair"], step / "syn" / row["subject"], atlas,
-                                          upstream)
+        if i < len(syn):
+            results["SyN"] = syn[i]
         for method, path in results.items():
             scores = score_regions(load_nifti(path, row["subject"], "regions"), truth)
             rows += [{"subject": row["subject"], "method": method, "region": str(k), "dice": v} for k, v in scores.items()]
