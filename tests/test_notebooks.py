@@ -6,6 +6,7 @@ notebook whose predecessor failed fails too (it cannot run without the predecess
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -113,6 +114,16 @@ def test_rerun_of_a_finished_book_writes_nothing(workdir, executed, capsys):
     # a changed parameter reruns that notebook (and says why); its unchanged steps still write nothing new
     ran = book.run(workdir, executed, only=["08"], per_notebook={"08_clustering": {**TINY["08_clustering"], "n_boot": 4}})
     assert list(ran) == ["08_clustering"] and "--- 08_clustering.ipynb (other parameters)" in capsys.readouterr().out
+    # a folder that is not the book's (a benchmark's) changes nothing; a touched image of the cohort reruns
+    (workdir / "bench_notes").mkdir()
+    (workdir / "bench_notes" / "x.txt").write_text("x")
+    assert book.run(workdir, executed, only=["08"], per_notebook={"08_clustering": {**TINY["08_clustering"], "n_boot": 4}}) == {}
+    import pandas as pd
+
+    flair = Path(pd.read_csv(workdir / "01_data" / "subjects.csv")["flair"].iloc[0])
+    os.utime(flair, ns=(flair.stat().st_atime_ns, flair.stat().st_mtime_ns + 10**9))
+    ran = book.run(workdir, executed, only=["08"], per_notebook={"08_clustering": {**TINY["08_clustering"], "n_boot": 4}})
+    assert list(ran) == ["08_clustering"] and "(the cohort's images changed)" in capsys.readouterr().out
 
 
 # The bring-your-own-cohort path: a new cohort without masks, the networks trained by the chain above.

@@ -7,6 +7,7 @@ copies land in ``book/notebooks/`` (git-ignored), which ``jupyter-book build boo
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import os
@@ -58,12 +59,22 @@ def _manifest(folder: Path, skip=lambda rel: False) -> dict[str, list[int]]:
 
 
 def _upstream(workdir: Path, number: int) -> dict[str, list[int]]:
-    """The work directory as notebook ``number`` leaves it: every file but the later notebooks' folders
-    (data flows one way, 01 to the end) and this runner's own records."""
-    def later_or_own(rel: str) -> bool:
+    """The step folders of notebooks 01..``number`` as notebook ``number`` leaves them (data flows one way,
+    01 to the end; other folders, such as a benchmark's, are not the book's)."""
+    def not_a_step_up_to_here(rel: str) -> bool:
         top = rel.split("/", 1)[0]
-        return rel in (RECORD, TIMINGS) or (top[:2].isdigit() and int(top[:2]) > number)
-    return _manifest(workdir, later_or_own)
+        return "/" not in rel or not (top[:2].isdigit() and int(top[:2]) <= number)
+    return _manifest(workdir, not_a_step_up_to_here)
+
+
+def _cohort(workdir: Path) -> dict[str, dict]:
+    """The images of the cohort that notebook 01 listed (wherever they are): every later step reads them."""
+    table = workdir / "01_data" / "subjects.csv"
+    if not table.exists():
+        return {}
+    rows = list(csv.DictReader(table.open()))
+    paths = sorted({r[c] for r in rows for c in ("t1", "flair", "lesion", "truth_dir") if r.get(c)})
+    return {p: _manifest(Path(p)) if Path(p).exists() else {} for p in paths}
 
 
 def _state(nb: Path, params: dict, workdir: Path, out: Path, code: str) -> dict:
@@ -73,7 +84,8 @@ def _state(nb: Path, params: dict, workdir: Path, out: Path, code: str) -> dict:
     return {"notebook": _sha256_files([nb]), "package": code, "params": params,
             "path_params": {k: _manifest(Path(v)) for k, v in paths.items()},
             "atlas_data": _manifest(Path(atlas)) if atlas and Path(atlas).is_dir() else {},
-            "executed": _manifest(out) if out.exists() else {}, "workdir": _upstream(workdir, int(nb.stem[:2]))}
+            "executed": _manifest(out) if out.exists() else {}, "workdir": _upstream(workdir, int(nb.stem[:2])),
+            "cohort": _cohort(workdir)}
 
 
 def _why_rerun(old: dict | None, new: dict) -> str | None:
@@ -82,7 +94,8 @@ def _why_rerun(old: dict | None, new: dict) -> str | None:
         return "not run in this work directory yet"
     labels = {"notebook": "the notebook changed", "package": "wmloc_utils changed", "params": "other parameters",
               "path_params": "a file given as a parameter changed", "atlas_data": "the atlas files changed",
-              "executed": "the executed copy is missing or changed", "workdir": "its inputs or results changed"}
+              "executed": "the executed copy is missing or changed", "workdir": "its inputs or results changed",
+              "cohort": "the cohort's images changed"}
     changed = [text for key, text in labels.items() if old.get(key) != new.get(key)]
     return ", ".join(changed) if changed else None
 
