@@ -7,16 +7,15 @@ scored per label 1..36 against the authors' labels (mean over the labels present
 registered ``--repeats`` times with the same seed: ``spread`` is max - min of the mean Dice over the
 repeats (0 = the same labels every run), ``identical`` says whether every repeat gave the very same
 label map; ``--seeds`` adds runs with other sampling seeds, ``seed_spread`` (max - min over all runs)
-shows how much the optimum depends on ANTs' sampling. ``cpu_s`` counts all threads (the machine may
-be shared: wall ``seconds`` then overstate the cost).
+shows how much the optimum depends on ANTs' sampling. ANTs runs single-threaded, as everywhere in
+wmloc (``WMLOC_ITK_THREADS`` overrides it); ``cpu_s`` counts all threads.
 
 Measured (2 shared cores, seed runs 0 and 1; mean Dice / worst subject / max seed spread / CPU s):
 default (GC, dense, WM mask 12 mm) 0.871 / 0.852 / 0.013 / 4.7; legacy (20 % sampling, no mask)
 0.732 / 0.459 / 0.314 / 5.8; dense without mask 0.868 / 0.827 / 0.354 / 15.6; mask 6 mm 0.864 / 0.821;
 mask 20 mm 0.862 / 0.817; mattes with the 12 mm mask 0.870 / 0.835 but NOT repeatable (seeded runs differ).
 
-    ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=2 python benchmarks/bench_authors_labels.py \
-        [--variant default legacy ...] [--repeats 3] [--seeds 1 2] [--labels-dir DIR]
+    python benchmarks/bench_authors_labels.py [--variant default legacy ...] [--repeats 3] [--seeds 1 2] [--labels-dir DIR]
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402

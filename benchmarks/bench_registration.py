@@ -6,7 +6,7 @@ compared with the known one (mean distance over WM points, mm). Prints numbers o
 seconds, and CPU seconds of all threads (``cpu_s``; on a busy machine wall time overstates the
 cost, and on two free cores the wall time lies between cpu_s / 2 and cpu_s).
 
-    ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=2 python benchmarks/bench_registration.py [--full]
+    python benchmarks/bench_registration.py [--full]   (ANTs single-threaded, as in wmloc; WMLOC_ITK_THREADS overrides)
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import os
 import tempfile
 import time
 from pathlib import Path
-
-os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2")
 
 import ants  # noqa: E402
 import numpy as np  # noqa: E402
