@@ -9,9 +9,10 @@ Prints
    demo test subjects (median Pearson r and relative error), per region source, and the median fraction
    of lesion volume left in no region;
 2. on a new demo cohort made with ``--demo`` generator options (settings the networks never trained on),
-   masks withheld: the seconds of the whole apply path for one subject alone and per subject of the cohort (brain mask, tissues, registration,
-   both networks, loads), lesion Dice / F1 / false mL in subjects without lesions, region Dice of the
-   atlas registration and of the region network against the true regions, and the load agreement.
+   masks withheld: the seconds of the whole apply path (brain mask, tissues, registration, both networks,
+   loads) for one subject alone and per subject of the cohort, lesion Dice / F1 / false mL in subjects
+   without lesions, region Dice of the atlas registration and of the region network against the true
+   regions, and the load agreement.
 """
 
 from __future__ import annotations

@@ -17,12 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import ants  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import ants
+import numpy as np
+import pandas as pd
 
-from wmloc_utils import registration as reg  # noqa: E402
-from wmloc_utils.tissue import to_ants, to_nibabel  # noqa: E402
+from wmloc_utils import registration as reg
+from wmloc_utils.tissue import to_ants, to_nibabel
 
 CONFIGS = [  # method, affine metric, registration spacing (mm; None = subject grid)
     ("AffineFast", "mattes", None),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import nibabel as nib
@@ -28,7 +29,7 @@ import plotly.graph_objects as go
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .images import InputError, check_same_grid, load_nifti
+from .images import InputError, check_same_grid, load_nifti, write_table_atomic
 
 UNLABELLED = "unlabelled"
 COLUMNS = ["region", "name", "short", "lesion_ml", "region_ml", "lesion_fraction", "load_share", "n_lesions",
@@ -301,22 +302,19 @@ def lesion_qc(tidy: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_loads(tidy: pd.DataFrame, out: str | os.PathLike, extra: Sequence[pd.DataFrame] = (),
-                lesions: pd.DataFrame | None = None) -> dict[str, "os.PathLike"]:
+                lesions: pd.DataFrame | None = None) -> dict[str, Path]:
     """The localization step's tables in ``out``: ``regional_loads.csv`` (``tidy`` and the ``extra`` tidy tables:
     classes, depth, bullseye), ``regional_loads_wide.csv`` (mL per region, a row per pairing and subject of
     ``tidy``), ``lesion_qc.csv`` (:func:`lesion_qc`) and, when given, ``lesions.csv`` (one row per lesion).
     Each is rewritten only when its bytes change."""
-    from .images import write_table_atomic
-
-    out = os.fspath(out)
+    out = Path(out)
     wide = pd.concat({p: wide_matrix(t) for p, t in tidy.groupby("pairing")}, names=["pairing", "subject"])
-    paths = {"loads": write_table_atomic(pd.concat([tidy, *extra], ignore_index=True),
-                                         os.path.join(out, "regional_loads.csv"), index=False, float_format="%.6g"),
-             "wide": write_table_atomic(wide, os.path.join(out, "regional_loads_wide.csv"), float_format="%.6g"),
-             "qc": write_table_atomic(lesion_qc(tidy), os.path.join(out, "lesion_qc.csv"), index=False)}
+    paths = {"loads": write_table_atomic(pd.concat([tidy, *extra], ignore_index=True), out / "regional_loads.csv",
+                                         index=False, float_format="%.6g"),
+             "wide": write_table_atomic(wide, out / "regional_loads_wide.csv", float_format="%.6g"),
+             "qc": write_table_atomic(lesion_qc(tidy), out / "lesion_qc.csv", index=False)}
     if lesions is not None:
-        paths["lesions"] = write_table_atomic(lesions, os.path.join(out, "lesions.csv"), index=False,
-                                              float_format="%.6g")
+        paths["lesions"] = write_table_atomic(lesions, out / "lesions.csv", index=False, float_format="%.6g")
     return paths
 
 

@@ -265,6 +265,11 @@ def relabel(subject_dir: str | os.PathLike, flair, atlas: dict, method: str, out
                          load_nifti(flair, what="FLAIR"), outdir, atlas, method, reg_spacing)
 
 
+def _workers(n_jobs: int | None, n_tasks: int) -> int:
+    """Worker processes for ``n_tasks`` independent subjects: ``n_jobs``, None meaning one per CPU core."""
+    return min(n_tasks, n_jobs or os.cpu_count() or 1)
+
+
 def _worker(args: tuple) -> dict:
     """Process-pool entry (one ITK thread per process, as everywhere: :data:`wmloc_utils.ITK_THREADS`)."""
     row, outdir, workdir, method, reg_spacing, fp = args
@@ -342,7 +347,7 @@ def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, meth
             print(f"subject {row['subject']}: {'; '.join(why)}, recomputing")
         todo.append((row, fp))
     bar = tqdm(total=len(todo), desc=f"regions ({method})", disable=not progress or not todo)
-    n_jobs = min(len(todo), n_jobs or os.cpu_count() or 1)
+    n_jobs = _workers(n_jobs, len(todo))
     if todo and n_jobs <= 1:
         atlas = atlas_inputs(workdir)
         for row, fp in todo:
@@ -510,7 +515,7 @@ def score_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, sy
     jobs = [(None, None, step / "template_truth", None, None)]
     jobs += [(step / row["subject"], row["flair"], step / "syn" / row["subject"], str(workdir), upstream)
              for row in table.head(max(0, syn_subjects)).to_dict("records")]
-    n_jobs = min(len(jobs), n_jobs or os.cpu_count() or 1)
+    n_jobs = _workers(n_jobs, len(jobs))
     if n_jobs > 1:
         with ProcessPoolExecutor(max_workers=n_jobs) as pool:
             syn = list(pool.map(_syn_worker, jobs))[1:]

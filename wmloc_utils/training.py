@@ -405,7 +405,7 @@ def _interned(value):
         if hasattr(value, "_metadata"):
             out._metadata = value._metadata
         return out
-    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+    if type(value) in (list, tuple):  # (not namedtuples or other subclasses)
         return type(value)(_interned(v) for v in value)
     return value
 
