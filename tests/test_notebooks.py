@@ -21,19 +21,8 @@ NOTEBOOKS = notebooks()
 HEADINGS = ["## Overview", "## Prerequisites", "## Imports", "## Parameters", "## Summary", "## What's next",
             "## Resources and references"]
 
-# Tiny parameters: enough to execute every cell, small enough for CI on 2 cores.
-TINY: dict[str, dict] = {
-    "01_data": {"n_subjects": 6},
-    "02_atlas": {},
-    "03_regions": {"score_truth": False, "eve_spacing": 3.0, "show_subjects": 1},
-    "04_train_lesions": {"epochs": 1, "iters_per_epoch": 2, "patch_size": 48, "batch_size": 2},
-    "05_train_regions": {"epochs": 1, "iters_per_epoch": 2, "patch_size": 48, "batch_size": 2},
-    "06_evaluate": {"tta": False},
-    "07_localization": {},
-    "08_clustering": {"k_range": [2, 3], "n_boot": 5},
-    "09_new_cohort": {"n_subjects": 2, "demo_options": {"brain": "eve", "grid": "2mm", "skull": "mixed", "lesion_free_every": 2},
-                      "tta": False},
-}
+# Tiny parameters: enough to execute every cell, small enough for CI on 2 cores (the package keeps them).
+TINY: dict[str, dict] = book.PRESETS["tiny"]
 
 _failed: list[str] = []
 
@@ -165,3 +154,22 @@ def test_apply_chain_without_masks(workdir, tmp_path):
     qc = pd.read_csv(new_work / "07_localization" / "lesion_qc.csv")
     assert (qc["unassigned_fraction"] <= 0.01).all(), qc
     assert (new_work / "08_clustering" / "clusters.csv").exists()
+
+
+def test_a_chapter_opened_alone_prepares_what_it_needs(tmp_path, monkeypatch):
+    """Chapter 07 in a fresh work directory: its set-up call runs 01..06 (tiny preset), says so, then 07 runs."""
+    if _failed:
+        pytest.fail(f"the book chain failed at {_failed}")
+    work = tmp_path / "work"
+    assert book.missing_chapters(work, "07") == ["01_data", "02_atlas", "03_regions", "04_train_lesions",
+                                                  "05_train_regions", "06_evaluate"]
+    monkeypatch.setenv(book.PRESET_ENV, "tiny")
+    out = tmp_path / "07_localization.ipynb"
+    pm.execute_notebook(str(next(p for p in NOTEBOOKS if p.stem == "07_localization")), str(out),
+                        parameters={"workdir": str(work)}, cwd=str(tmp_path), kernel_name="python3", progress_bar=False)
+    text = out.read_text()
+    assert "07_localization needs the results of 01_data, 02_atlas, 03_regions, 04_train_lesions, 05_train_regions, 06_evaluate" in text
+    assert (work / "07_localization" / "regional_loads_wide.csv").exists()
+    assert book.missing_chapters(work, "08") == [] and sorted(p.name for p in (work / "prepared").glob("*.ipynb")) == [
+        "01_data.ipynb", "02_atlas.ipynb", "03_regions.ipynb", "04_train_lesions.ipynb", "05_train_regions.ipynb",
+        "06_evaluate.ipynb"]

@@ -14,11 +14,65 @@ import os
 import time
 from pathlib import Path
 
+import sys
+
+import nbformat
 import papermill as pm
 
 from .provenance import write_text_if_changed
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Parameter presets per notebook. "tiny": enough to execute every cell (the test suite, on 2 cores);
+# "quick": small but meaningful, what a chapter opened alone runs for its missing predecessors.
+PRESETS: dict[str, dict[str, dict]] = {
+    "tiny": {
+        "01_data": {"n_subjects": 6},
+        "02_atlas": {},
+        "03_regions": {"score_truth": False, "eve_spacing": 3.0, "show_subjects": 1},
+        "04_train_lesions": {"epochs": 1, "iters_per_epoch": 2, "patch_size": 48, "batch_size": 2},
+        "05_train_regions": {"epochs": 1, "iters_per_epoch": 2, "patch_size": 48, "batch_size": 2},
+        "06_evaluate": {"tta": False},
+        "07_localization": {},
+        "08_clustering": {"k_range": [2, 3], "n_boot": 5},
+        "09_new_cohort": {"n_subjects": 2, "tta": False,
+                          "demo_options": {"brain": "eve", "grid": "2mm", "skull": "mixed", "lesion_free_every": 2}},
+    },
+    "quick": {
+        "01_data": {"n_subjects": 12},
+        "02_atlas": {},
+        "03_regions": {"score_truth": False, "eve_spacing": 3.0, "show_subjects": 1},
+        "04_train_lesions": {"epochs": 6, "iters_per_epoch": 20},
+        "05_train_regions": {"epochs": 3, "iters_per_epoch": 40},
+        "06_evaluate": {"tta": False},
+        "07_localization": {},
+        "08_clustering": {"k_range": [2, 3, 4], "n_boot": 20},
+        "09_new_cohort": {"n_subjects": 3, "tta": False},
+    },
+}
+PRESET_ENV = "WMLOC_PREPARE_PRESET"  # the preset that prepare() runs (default "quick")
+
+# What each chapter needs from earlier ones, and the files that say it has run in a work directory.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "01_data": (), "02_atlas": (), "03_regions": ("01_data", "02_atlas"), "04_train_lesions": ("03_regions",),
+    "05_train_regions": ("03_regions", "04_train_lesions"),
+    "06_evaluate": ("01_data", "03_regions", "04_train_lesions", "05_train_regions"),
+    "07_localization": ("02_atlas", "06_evaluate"), "08_clustering": ("01_data", "02_atlas", "07_localization"),
+    "09_new_cohort": ("02_atlas", "04_train_lesions", "05_train_regions"),
+    "10_results": ("03_regions", "06_evaluate", "07_localization", "08_clustering"),
+}
+FINISHED: dict[str, tuple[str, ...]] = {
+    "01_data": ("01_data/subjects.csv", "01_data/participants.tsv"),
+    "02_atlas": ("02_atlas/refined_atlas.nii.gz", "02_atlas/refined_atlas_lut.tsv"),
+    "03_regions": ("03_regions/regions.csv",),
+    "04_train_lesions": ("04_lesion_model/split.csv", "04_lesion_model/best.pt"),
+    "05_train_regions": ("05_region_model/best.pt",),
+    "06_evaluate": ("06_evaluation/predictions.csv",),
+    "07_localization": ("07_localization/regional_loads_wide.csv",),
+    "08_clustering": ("08_clustering/clusters.csv",),
+    "09_new_cohort": ("09_new_cohort/work/cohort_loads.csv",),
+    "10_results": ("10_results/clusters.csv",),
+}
 
 
 def notebooks(folder: Path = REPO / "notebooks") -> list[Path]:
@@ -88,6 +142,61 @@ def _state(nb: Path, params: dict, workdir: Path, out: Path, code: str) -> dict:
             "cohort": _cohort(workdir)}
 
 
+def missing_chapters(workdir: str | Path, chapter: str, provided: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The earlier chapters whose results ``chapter`` needs and ``workdir`` lacks, in running order.
+
+    ``provided``: chapters whose results come from elsewhere (e.g. notebook 06 given checkpoints needs
+    neither 04 nor 05).
+    """
+    workdir, provided = Path(workdir), {_stem(c) for c in provided}
+    needed: set[str] = set()
+
+    def visit(name: str) -> None:
+        for dep in NEEDS[name]:
+            if dep in provided or dep in needed:
+                continue
+            if not all((workdir / f).exists() for f in FINISHED[dep]):
+                needed.add(dep)
+                visit(dep)
+
+    visit(_stem(chapter))
+    return sorted(needed)
+
+
+def _stem(chapter: str) -> str:
+    """``"07"``, ``"07_localization"`` or ``"07_localization.ipynb"`` -> ``"07_localization"``."""
+    matches = [nb.stem for nb in notebooks() if nb.stem.startswith(Path(chapter).stem[:2])]
+    if len(matches) != 1:
+        raise ValueError(f"no chapter {chapter!r}: the chapters are {[nb.stem for nb in notebooks()]}")
+    return matches[0]
+
+
+def prepare(workdir: str | Path, chapter: str, provided: tuple[str, ...] | list[str] = (),
+            preset: str | None = None) -> dict[str, float]:
+    """Let a chapter start alone: run the earlier chapters it needs that have not run in ``workdir``.
+
+    They run with the ``preset`` parameters (default ``$WMLOC_PREPARE_PRESET`` or "quick": small, a few
+    minutes), their executed copies in ``workdir/prepared/``; says what it runs and how long it should take.
+    Nothing runs when the work directory already holds their results (as after ``make book``).
+    """
+    workdir = Path(workdir)
+    missing = missing_chapters(workdir, chapter, provided)
+    if not missing:
+        print(f"{_stem(chapter)}: the results it needs from earlier chapters are in the work directory")
+        return {}
+    preset = preset or os.environ.get(PRESET_ENV, "quick")
+    params = PRESETS[preset]
+    seconds = json.loads((REPO / "wmloc_utils" / "data" / "preset_seconds.json").read_text()).get(preset, {})
+    estimate = sum(seconds.get(m, 60) for m in missing) / 60
+    print(f"{_stem(chapter)} needs the results of {', '.join(missing)}, which have not run in this work directory.\n"
+          f"Running them now with the {preset!r} parameters (about {estimate:.0f} min on 2 CPU cores); "
+          f"for the book's own results run every chapter with its defaults (make book):")
+    for name in missing:
+        print(f"  {name}: {params.get(name, {})}")
+    sys.stdout.flush()
+    return run(workdir, workdir / "prepared", only=missing, per_notebook=params, announce=False)
+
+
 def _why_rerun(old: dict | None, new: dict) -> str | None:
     """Why a notebook must run again (None: it ran with exactly this and its results are untouched)."""
     if not old:
@@ -102,13 +211,14 @@ def _why_rerun(old: dict | None, new: dict) -> str | None:
 
 def run(workdir: str | Path, out_dir: str | Path = REPO / "book" / "notebooks", only: list[str] | None = None,
         parameters: dict | None = None, per_notebook: dict[str, dict] | None = None,
-        force: bool = False) -> dict[str, float]:
+        force: bool = False, announce: bool = True) -> dict[str, float]:
     """Execute the notebooks in order; return seconds per notebook run. Stops at the first failing cell.
 
     A notebook is skipped when it already ran here with the same source, package code, parameters and
     inputs and its results and executed copy are untouched (recorded in ``workdir/book_runs.json``), so
     rerunning a finished book writes no file; ``force`` runs every notebook again (each step still
-    reuses its own unchanged results).
+    reuses its own unchanged results). The executed copies show no path of this machine
+    (:func:`scrub_paths`); ``chapter_times.md`` beside them tabulates each chapter's last run time.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +230,7 @@ def run(workdir: str | Path, out_dir: str | Path = REPO / "book" / "notebooks", 
     code, timings = package_sha256(), {}
     os.environ["TQDM_DISABLE"] = "1"  # progress bars help at a terminal; in a published page they are noise
     for nb in notebooks():
-        if only and not any(nb.stem.startswith(o) for o in only):
+        if only is not None and not any(nb.stem.startswith(o) for o in only):
             continue
         declared = pm.inspect_notebook(str(nb))  # pass each notebook only the parameters it declares
         params = {"workdir": str(workdir), **(parameters or {}), **((per_notebook or {}).get(nb.stem, {}))}
@@ -128,19 +238,81 @@ def run(workdir: str | Path, out_dir: str | Path = REPO / "book" / "notebooks", 
         out = out_dir / nb.name
         why = "force=True" if force else _why_rerun(record.get(nb.stem), _state(nb, params, workdir, out, code))
         if why is None:
-            print(f"--- {nb.name}: unchanged since its last run here, skipped", flush=True)
+            if announce:
+                print(f"--- {nb.name}: unchanged since its last run here, skipped", flush=True)
             continue
         start = time.perf_counter()
-        print(f"--- {nb.name} ({why}) {params}", flush=True)
+        print(f"--- {nb.name} ({why}) {scrub_text(str(params), workdir)}", flush=True)
         pm.execute_notebook(str(nb), str(out), parameters=params, cwd=str(out_dir),
                             kernel_name="python3", progress_bar=False, log_output=False)
+        scrub_paths(out, workdir)
         timings[nb.stem] = round(time.perf_counter() - start, 1)
         print(f"    done in {timings[nb.stem]} s", flush=True)
         record[nb.stem] = _state(nb, params, workdir, out, code)
         write_text_if_changed(record_path, json.dumps(record, indent=1))
     if timings:
-        write_text_if_changed(timings_path, json.dumps({**all_timings, **timings}, indent=1))
+        all_timings = {**all_timings, **timings}
+        write_text_if_changed(timings_path, json.dumps(all_timings, indent=1))
+    if announce:
+        write_text_if_changed(out_dir / "chapter_times.md", chapter_times(all_timings))
     return timings
+
+
+def machine_paths(workdir: str | Path) -> dict[str, str]:
+    """This machine's paths that a published page must not show -> what it shows instead (longest first)."""
+    from .fetch import data_dir
+
+    home = Path.home()
+    shown = {str(Path(workdir).resolve()): Path(workdir).name, str(data_dir()): "$WMLOC_DATA",
+             str(Path(data_dir()).resolve()): "$WMLOC_DATA", sys.prefix: "<python>", str(REPO): "<repo>",
+             str(home): "~"}
+    return dict(sorted(((k, v) for k, v in shown.items() if len(k) > 1), key=lambda kv: -len(kv[0])))
+
+
+def scrub_text(text: str, workdir: str | Path) -> str:
+    """``text`` with this machine's paths replaced (the work directory by its name, the atlas folder by
+    $WMLOC_DATA, the repository by <repo>, the home folder by ~)."""
+    for path, shown in machine_paths(workdir).items():
+        text = text.replace(path, shown)
+    return text
+
+
+def scrub_paths(notebook: str | Path, workdir: str | Path) -> int:
+    """Rewrite an executed notebook so that no source or output shows a path of the build machine.
+
+    Papermill writes ``workdir = "/abs/path"`` into the injected-parameters cell and outputs may print
+    absolute paths; a published page shows them relative to the work directory. Returns the cells changed.
+    """
+    nb = nbformat.read(notebook, as_version=4)
+    changed = 0
+    for cell in nb.cells:
+        before = json.dumps(cell, sort_keys=True)
+        cell.source = scrub_text(cell.source, workdir)
+        for output in cell.get("outputs", []):
+            if "text" in output:
+                output["text"] = scrub_text(output["text"], workdir)
+            for mime, value in output.get("data", {}).items():
+                if isinstance(value, str) and not mime.startswith("image/"):
+                    output["data"][mime] = scrub_text(value, workdir)
+            if "traceback" in output:
+                output["traceback"] = [scrub_text(t, workdir) for t in output["traceback"]]
+        changed += json.dumps(cell, sort_keys=True) != before
+    if changed:
+        nbformat.write(nb, notebook)
+    return changed
+
+
+def chapter_times(seconds: dict[str, float]) -> str:
+    """A Markdown table of each chapter's run time in the last book run (for the course page)."""
+    import platform
+
+    rows = [f"| {nb.stem[:2]} | {nb.stem[3:].replace('_', ' ')} | {seconds[nb.stem] / 60:.1f} |"
+            for nb in notebooks() if nb.stem in seconds]
+    total = sum(seconds.get(nb.stem, 0) for nb in notebooks()) / 60
+    return "\n".join([
+        f"Measured in the last book run on this build machine ({os.cpu_count()} CPU cores, {platform.machine()}, "
+        "no GPU unless the device line of a chapter says so):", "",
+        "| chapter | title | minutes |", "| --- | --- | --- |", *rows, f"| | **all chapters** | **{total:.1f}** |", ""])
 
 
 def main(argv: list[str] | None = None) -> None:

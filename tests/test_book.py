@@ -1,0 +1,76 @@
+"""The book runner's helpers: what a chapter opened alone must run first, and pages without machine paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from wmloc_utils import book
+
+
+def _finish(work: Path, *chapters: str) -> None:
+    for chapter in chapters:
+        for rel in book.FINISHED[chapter]:
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            (work / rel).write_text("x")
+
+
+def test_missing_chapters_follow_the_needs(tmp_path):
+    assert book.missing_chapters(tmp_path, "01") == []
+    assert book.missing_chapters(tmp_path, "03_regions") == ["01_data", "02_atlas"]
+    _finish(tmp_path, "01_data", "02_atlas", "03_regions")
+    assert book.missing_chapters(tmp_path, "07_localization.ipynb") == ["04_train_lesions", "05_train_regions",
+                                                                        "06_evaluate"]
+    # notebook 06 given checkpoints needs neither training chapter
+    assert book.missing_chapters(tmp_path, "07", provided=["04", "05"]) == ["06_evaluate"]
+    assert book.missing_chapters(tmp_path, "06", provided=["04_train_lesions", "05"]) == []
+    # a chapter counts as run only when all its files are there
+    (tmp_path / "04_lesion_model").mkdir()
+    (tmp_path / "04_lesion_model" / "split.csv").write_text("x")
+    assert "04_train_lesions" in book.missing_chapters(tmp_path, "05")
+    with pytest.raises(ValueError, match="no chapter"):
+        book.missing_chapters(tmp_path, "99")
+
+
+def test_every_chapter_has_needs_files_and_presets():
+    stems = [nb.stem for nb in book.notebooks()]
+    assert sorted(book.NEEDS) == sorted(book.FINISHED) == stems
+    for preset in book.PRESETS.values():
+        assert set(preset) <= set(stems)
+    for chapter, needs in book.NEEDS.items():
+        assert all(n < chapter for n in needs), f"{chapter} needs a later chapter: data flows one way"
+
+
+def test_prepare_does_nothing_when_the_results_are_there(tmp_path, capsys):
+    _finish(tmp_path, *book.NEEDS)
+    assert book.prepare(tmp_path, "08") == {}
+    assert "are in the work directory" in capsys.readouterr().out
+
+
+def test_scrub_paths_removes_machine_paths(tmp_path, monkeypatch):
+    work = tmp_path / "my-work"
+    monkeypatch.setenv("WMLOC_DATA", str(tmp_path / "atlas"))
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(f'# Parameters\nworkdir = "{work}"\n')]
+    nb.cells[0].outputs = [
+        nbformat.v4.new_output("stream", name="stdout", text=f"{work}/01_data/subjects.csv {tmp_path}/atlas/x\n"),
+        nbformat.v4.new_output("execute_result", data={"text/plain": f"PosixPath('{work}')",
+                                                       "text/html": f"<td>{book.REPO}/notebooks</td>"}),
+    ]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    assert book.scrub_paths(path, work) == 1
+    text = path.read_text()
+    assert str(tmp_path) not in text and str(book.REPO) not in text
+    cell = nbformat.read(path, as_version=4).cells[0]
+    assert 'workdir = "my-work"' in cell.source
+    assert cell.outputs[0]["text"] == "my-work/01_data/subjects.csv $WMLOC_DATA/x\n"
+    assert cell.outputs[1]["data"]["text/html"] == "<td><repo>/notebooks</td>"
+    assert book.scrub_paths(path, work) == 0  # nothing left to change: the file is not rewritten
+
+
+def test_chapter_times_table():
+    text = book.chapter_times({"01_data": 60.0, "03_regions": 90.0})
+    assert "| 01 | data | 1.0 |" in text and "| 03 | regions | 1.5 |" in text and "**2.5**" in text
