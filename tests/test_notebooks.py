@@ -21,19 +21,7 @@ NOTEBOOKS = notebooks()
 HEADINGS = ["## Overview", "## Prerequisites", "## Imports", "## Parameters", "## Summary", "## What's next",
             "## Resources and references"]
 
-# Tiny parameters: enough to execute every cell, small enough for CI on 2 cores.
-TINY: dict[str, dict] = {
-    "01_data": {"n_subjects": 6},
-    "02_atlas": {},
-    "03_regions": {"score_truth": False, "eve_spacing": 3.0, "show_subjects": 1},
-    "04_train_lesions": {"epochs": 1, "iters_per_epoch": 2, "patch_size": 48, "batch_size": 2},
-    "05_train_regions": {"epochs": 1, "iters_per_epoch": 2, "patch_size": 48, "batch_size": 2},
-    "06_evaluate": {"tta": False},
-    "07_localization": {},
-    "08_clustering": {"k_range": [2, 3], "n_boot": 5},
-    "09_new_cohort": {"n_subjects": 2, "demo_options": {"brain": "eve", "grid": "2mm", "skull": "mixed", "lesion_free_every": 2},
-                      "tta": False},
-}
+TINY = book.PRESETS["tiny"]  # enough to execute every cell, small enough for CI on 2 cores
 
 _failed: list[str] = []
 
@@ -72,17 +60,6 @@ def test_static(path):
             if len(c.source.splitlines()) > 15 and "parameters" not in c.metadata.get("tags", [])]
     assert not long, f"{path.name}: code cells longer than 15 lines belong in wmloc_utils ({long})"
     assert "sys.path" not in "\n".join(c.source for c in code)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("book-work")
-
-
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    """Where the book runner writes the executed notebooks (as book/notebooks/ in ``make book``)."""
-    return tmp_path_factory.mktemp("book-executed")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

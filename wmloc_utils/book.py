@@ -26,6 +26,23 @@ def notebooks(folder: Path = REPO / "notebooks") -> list[Path]:
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
 
 
+# Parameter sets for ``run(per_notebook=...)``. "tiny": enough to execute every cell, small enough for CI
+# on 2 cores (the tests' notebook chain and the small site they build from it).
+PRESETS: dict[str, dict[str, dict]] = {
+    "tiny": {
+        "01_data": {"n_subjects": 6},
+        "02_atlas": {},
+        "03_regions": {"score_truth": False, "eve_spacing": 3.0, "show_subjects": 1},
+        "04_train_lesions": {"epochs": 1, "iters_per_epoch": 2, "patch_size": 48, "batch_size": 2},
+        "05_train_regions": {"epochs": 1, "iters_per_epoch": 2, "patch_size": 48, "batch_size": 2},
+        "06_evaluate": {"tta": False},
+        "07_localization": {},
+        "08_clustering": {"k_range": [2, 3], "n_boot": 5},
+        "09_new_cohort": {"n_subjects": 2, "tta": False,
+                          "demo_options": {"brain": "eve", "grid": "2mm", "skull": "mixed", "lesion_free_every": 2}},
+    },
+}
+
 RECORD = "book_runs.json"  # in the work directory: what each notebook was run with, for reruns
 TIMINGS = "book_timings.json"
 
