@@ -23,7 +23,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
+
+if TYPE_CHECKING:
+    from sphinx.application import Sphinx
+    from sphinx.config import Config
 
 PLOTLY_JS = "plotly.min.js"
 STATIC_DIR = "wmloc_static"  # under the build's doctree folder: outside the source tree, never committed
@@ -46,7 +51,7 @@ def write_plotly_js(folder: Path) -> Path:
     return path
 
 
-def _add_plotly_js(app, config) -> None:
+def _add_plotly_js(app: Sphinx, config: Config) -> None:
     folder = Path(app.doctreedir) / STATIC_DIR
     write_plotly_js(folder)
     config.html_static_path = [*config.html_static_path, str(folder)]
@@ -55,21 +60,39 @@ def _add_plotly_js(app, config) -> None:
     app.add_js_file(PLOTLY_JS, priority=100)
 
 
-def setup(app) -> dict:
-    """Sphinx entry point: every page loads ``_static/plotly.min.js`` once, in its ``<head>``."""
+def _one_copy_of_each_script(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
+    """Drop repeated inline scripts: Sphinx 7 registers an inline script added after the builder started
+    (sphinx-thebe's, sphinx-togglebutton's) twice, as filename None and '', and a page that declares
+    ``const THEBE_JS_URL`` twice stops with a SyntaxError in the browser."""
+    scripts, seen = context.get("script_files"), set()
+    if scripts is None:
+        return
+    kept = []
+    for js in scripts:
+        key = (js.filename or "", js.priority, tuple(sorted(js.attributes.items())))
+        if key not in seen:
+            seen.add(key)
+            kept.append(js)
+    scripts[:] = kept
+
+
+def setup(app: Sphinx) -> dict:
+    """Sphinx entry point: every page loads ``_static/plotly.min.js`` once, in its ``<head>``; no script twice."""
     app.connect("config-inited", _add_plotly_js)
+    app.connect("html-page-context", _one_copy_of_each_script)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
 
 
 # --- reading built pages ----------------------------------------------------------------------------
 
 class _Refs(HTMLParser):
-    """The ids and the ``href``/``src`` references of one HTML page."""
+    """The ids and the ``href``/``src`` references of one HTML page; ``loads``: those the page itself loads."""
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.ids: set[str] = set()
         self.refs: list[str] = []
+        self.loads: list[str] = []  # src of any element, href of <link>: not the links a reader may follow
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         for name, value in attrs:
@@ -79,6 +102,8 @@ class _Refs(HTMLParser):
                 self.ids.add(value)
             elif name in ("href", "src"):
                 self.refs.append(value)
+                if name == "src" or tag == "link":
+                    self.loads.append(value)
 
 
 def _parse(page: Path) -> _Refs:
@@ -88,9 +113,9 @@ def _parse(page: Path) -> _Refs:
 
 
 def html_pages(site: Path) -> list[Path]:
-    """Every built HTML page of the site, the copied sources under ``_sources`` left out."""
+    """Every built HTML page of the site (not the copied sources in ``_sources``, nor the theme's templates in ``_static``)."""
     site = Path(site)
-    return sorted(p for p in site.rglob("*.html") if "_sources" not in p.relative_to(site).parts)
+    return sorted(p for p in site.rglob("*.html") if not {"_sources", "_static"} & set(p.relative_to(site).parts))
 
 
 def _is_external(ref: str) -> bool:
@@ -157,12 +182,12 @@ def site_bytes(site: Path) -> int:
 
 
 def size_report(site: Path, page_limit: int = PAGE_LIMIT, site_limit: int = SITE_LIMIT) -> SizeReport:
-    """Bytes of each page (the HTML file plus the local files no other page references) and of the site."""
+    """Bytes of each page (the HTML file plus the local files it loads that no other page loads) and of the site."""
     site = Path(site).resolve()
     pages = html_pages(site)
     used: dict[Path, set[Path]] = {}
     for page in pages:
-        targets = {_local_target(page, r)[0] for r in _parse(page).refs if not _is_external(r)}
+        targets = {_local_target(page, r)[0] for r in _parse(page).loads if not _is_external(r)}
         used[page] = {t for t in targets if t.is_file() and t.suffix != ".html"}
     count = Counter(t for targets in used.values() for t in targets)
     sizes = [PageSize(page.relative_to(site).as_posix(), page.stat().st_size,
