@@ -4,6 +4,7 @@ Another site folder can be given: ``python benchmarks/bench_site.py [SITE ...]``
 build, ``_build/test-site/_build/html``). Prints numbers only; ``python -m wmloc_utils.site check`` passes or fails.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -22,3 +23,12 @@ for folder in [Path(a) for a in sys.argv[1:]] or [REPO / "_build" / "html"]:
     static = site.site_bytes(folder / "_static") if (folder / "_static").is_dir() else 0
     print(f"of which _sources (notebook downloads) {sources / site.MB:.2f} MB, _static {static / site.MB:.2f} MB; "
           f"within limits: {report.ok}")
+    # the notebook downloads, by output type: each figure is there twice (plotly mime type + its HTML)
+    by_type: dict[str, int] = {}
+    for nb in sorted((folder / "_sources").rglob("*.ipynb")):
+        for cell in json.loads(nb.read_text()).get("cells", []):
+            for out in cell.get("outputs", []):
+                for mime, value in out.get("data", {}).items():
+                    by_type[mime] = by_type.get(mime, 0) + len(json.dumps(value))
+    print("notebook downloads, output bytes by type: "
+          + ", ".join(f"{k} {v / site.MB:.2f} MB" for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])[:5]))
