@@ -48,7 +48,7 @@ def test_plotly_js_once_for_the_whole_site(built_site):
     assert [p.relative_to(built_site).as_posix() for p in copies] == ["_static/plotly.min.js"]
     chapters = sorted((built_site / "notebooks").glob("*.html"))
     assert len(chapters) == len(book.notebooks())
-    for page in [built_site / "index.html", *chapters]:
+    for page in [built_site / "intro.html", *chapters]:  # index.html only redirects to intro.html
         head = page.read_text().split("</head>", 1)[0]
         scripts = re.findall(r'<script[^>]*src="([^"]+)"', head)
         plotly = [i for i, s in enumerate(scripts) if s.endswith("_static/plotly.min.js")]
