@@ -9,7 +9,7 @@ WORKDIR ?= $(CURDIR)/work
 WMLOC_DATA ?= $(wildcard $(CURDIR)/../shared/data/jhu-eve)
 export WMLOC_DATA
 
-.PHONY: setup book site test bench clean
+.PHONY: setup book site test bench clean browser
 .DELETE_ON_ERROR:  # a failed site build leaves no index.html that would look up to date
 
 setup: $(VENV)/.installed
@@ -33,7 +33,21 @@ site: _build/html/index.html
 _build/html/index.html: $(wildcard book/notebooks/*.ipynb book/*.md book/*.bib book/_toc.yml) _config.yml
 	$(VENV)/bin/jupyter-book build -W -n --keep-going book/
 
-test: setup
+# The site tests open every page in headless Chromium from Debian (never a browser playwright downloads).
+# Nothing to do when one is installed; as root with apt-get it is installed; else the test fails and says how.
+BROWSERS := chromium-headless-shell chromium
+browser:
+	@if [ -n "$$(command -v $(BROWSERS); ls $(BROWSERS:%=/usr/lib/chromium/%) 2>/dev/null)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Installing headless Chromium for the site's browser test (apt-get)"; \
+	  export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && \
+	  { apt-get install -y -qq --no-install-recommends chromium-headless-shell \
+	    || apt-get install -y -qq --no-install-recommends chromium; } \
+	  || echo "apt-get could not install Chromium: the site's browser test will fail"; \
+	else echo "No Chromium found: the site's browser test will fail. Install one as root:" \
+	  "apt-get install chromium-headless-shell (or chromium)"; fi
+
+test: setup browser
 	$(PY) -m pytest -v --durations=15
 
 bench: setup

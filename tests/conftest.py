@@ -1,4 +1,4 @@
-"""Shared test set-up: where the third-party atlas files are (never committed), temp work dirs."""
+"""Shared test set-up: where the third-party atlas files are (never committed), the book chain's work dirs."""
 
 from __future__ import annotations
 
@@ -32,3 +32,15 @@ def reference_dir() -> Path:
     if not (path / "36_labels_merged.nii.gz").exists():
         pytest.skip(f"authors' refined atlas not found in {path} (set WMLOC_REFERENCE to its folder)")
     return path
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    """The work directory of the tests' book chain (notebooks on ``book.PRESETS["tiny"]``), shared by the session."""
+    return tmp_path_factory.mktemp("book-work")
+
+
+@pytest.fixture(scope="session")
+def executed(tmp_path_factory) -> Path:
+    """Where the book runner writes the executed notebooks (as book/notebooks/ in ``make book``)."""
+    return tmp_path_factory.mktemp("book-executed")

@@ -21,8 +21,7 @@ NOTEBOOKS = notebooks()
 HEADINGS = ["## Overview", "## Prerequisites", "## Imports", "## Parameters", "## Summary", "## What's next",
             "## Resources and references"]
 
-# Tiny parameters: enough to execute every cell, small enough for CI on 2 cores (the package keeps them).
-TINY: dict[str, dict] = book.PRESETS["tiny"]
+TINY = book.PRESETS["tiny"]  # enough to execute every cell, small enough for CI on 2 cores
 
 _failed: list[str] = []
 
@@ -61,17 +60,6 @@ def test_static(path):
             if len(c.source.splitlines()) > 15 and "parameters" not in c.metadata.get("tags", [])]
     assert not long, f"{path.name}: code cells longer than 15 lines belong in wmloc_utils ({long})"
     assert "sys.path" not in "\n".join(c.source for c in code)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("book-work")
-
-
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    """Where the book runner writes the executed notebooks (as book/notebooks/ in ``make book``)."""
-    return tmp_path_factory.mktemp("book-executed")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

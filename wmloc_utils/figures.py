@@ -1,7 +1,8 @@
 """Figures shared by the notebooks: plotly set-up for the book, and image overlay viewers.
 
-Plotly figures are rendered with the ``notebook`` renderer, which embeds plotly.js in the
-notebook itself: the executed notebooks and the HTML book work offline, with no CDN.
+Each plotly figure is output as the plotly mime type (JupyterLab and VS Code draw it natively) and as
+HTML without plotly.js or MathJax (what the book renders): the site loads plotly.js once for every
+page (``wmloc_utils.site``), so the executed notebooks and the HTML book stay light, offline, no CDN.
 """
 
 from __future__ import annotations
@@ -10,11 +11,30 @@ import nibabel as nib
 import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
+from plotly.io._base_renderers import HtmlRenderer
+
+BOOK_RENDERER = "wmloc_book"
+
+
+class BookHtmlRenderer(HtmlRenderer):
+    """A figure as a ``<div>`` and its ``Plotly.newPlot`` script, relying on the page's plotly.js.
+
+    No plotly.js (4.8 MB a figure with the ``notebook`` renderer), no MathJax CDN script, and none of the
+    classic-notebook clean-up script: the book's pages load plotly.js once from ``_static``.
+    """
+
+    def to_mimebundle(self, fig_dict: dict) -> dict[str, str]:
+        """The ``text/html`` output of one figure."""
+        html = pio.to_html(fig_dict, config=self.config, auto_play=self.auto_play, include_plotlyjs=False,
+                           include_mathjax=False, full_html=False, animation_opts=self.animation_opts,
+                           default_width="100%", default_height=525, validate=False)
+        return {"text/html": html}
 
 
 def setup_plotly() -> None:
-    """Render plotly figures inline with plotly.js embedded (works offline and in the built book)."""
-    pio.renderers.default = "notebook"
+    """Output figures as the plotly mime type plus light HTML (no plotly.js inside), for notebooks and the book."""
+    pio.renderers[BOOK_RENDERER] = BookHtmlRenderer()
+    pio.renderers.default = f"plotly_mimetype+{BOOK_RENDERER}"
 
 
 def _axial_stack(img: nib.spatialimages.SpatialImage) -> tuple[np.ndarray, tuple[float, float, float]]:
