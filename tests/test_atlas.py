@@ -124,5 +124,8 @@ def test_plotly_viewer_has_slider_and_region_names():
     img = nib.Nifti1Image(data, np.diag([-1.0, 1.0, 2.0, 1.0]))
     fig = atlas.plot_labels_plotly(img, atlas.regions_table(), n_slices=3)
     assert len(fig.data) == 3 and len(fig.layout.sliders[0].steps) == 3
-    assert "MFG_L" in set(np.asarray(fig.data[0].text).ravel())
+    # names on the colour bar, 8-bit labels (no per-voxel hover text: a megabyte a figure in a page)
+    bar = fig.data[0].colorbar
+    assert dict(zip(bar.tickvals, bar.ticktext))[4] == "MFG_L" and np.asarray(fig.data[0].z).dtype == np.uint8
+    assert fig.data[0].text is None
     assert sum(bool(t.visible) for t in fig.data) == 1

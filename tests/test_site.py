@@ -92,12 +92,37 @@ def test_figures_carry_no_plotly_js_and_no_cdn():
     import plotly.io as pio
 
     figures.setup_plotly()
-    bundle = pio._renderers.renderers._build_mime_bundle(go.Figure(go.Scatter(y=[1, 2, 3])).to_dict())
-    assert set(bundle) == {"application/vnd.plotly.v1+json", "text/html"}
-    html = bundle["text/html"]
+    fig = go.Figure(go.Scatter(y=[1, 2, 3]))
+    bundle = pio._renderers.renderers._build_mime_bundle(fig.to_dict())
+    assert set(bundle) == {"application/vnd.plotly.v1+json"}  # the figure's data once in the notebook
+    html = figures.figure_html(bundle["application/vnd.plotly.v1+json"])  # what the book's build makes of it
+    node = site.PlotlyMime.handle_mime(None, _mime(bundle), inline=False)[0]
+    assert node["format"] == "html" and "Plotly.newPlot" in node.astext() and len(node.astext()) < 20_000
     assert "Plotly.newPlot" in html and 'class="plotly-graph-div"' in html
     assert "<script src" not in html and "cdn" not in html.lower() and "MathJax" not in html
     assert len(html) < 20_000  # the figure and its template, no 4.8 MB library
+
+
+def _mime(bundle: dict):
+    from myst_nb.core.render import MimeData
+
+    return MimeData("application/vnd.plotly.v1+json", bundle["application/vnd.plotly.v1+json"])
+
+
+def test_slice_viewer_sends_8_bit_slices_with_a_transparent_background():
+    import nibabel as nib
+    import numpy as np
+
+    data = np.random.default_rng(0).normal(100, 10, (20, 20, 10)).astype(np.float32)
+    lesion = np.zeros(data.shape, np.uint8)
+    lesion[5:8, 5:8, 4:6] = 1
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    fig = figures.slice_viewer(nib.Nifti1Image(data, affine), nib.Nifti1Image(lesion, affine), n_slices=4)
+    assert all(np.asarray(t.z).dtype == np.uint8 for t in fig.data)
+    assert fig.data[1].colorscale[0][1] == "rgba(0,0,0,0)" and fig.data[1].zmin == 0
+    prob = nib.Nifti1Image(lesion * np.float32(0.7), affine)  # continuous values: scaled to 0..255 of their maximum
+    overlays = figures.slice_viewer(nib.Nifti1Image(data, affine), prob).data[1::2]
+    assert max(np.asarray(t.z).max() for t in overlays) == 255
 
 
 # --- the checkers, on pages made to fail -----------------------------------------------------------
@@ -142,7 +167,7 @@ def test_find_strings_reports_files_and_snippets(tmp_path):
 
 def test_browser_check_fails_on_broken_figures_images_and_scripts(tmp_path):
     js = site.write_plotly_js(tmp_path / "_static")
-    figure = figures.BookHtmlRenderer().to_mimebundle({"data": [{"type": "scatter", "y": [1, 3, 2]}], "layout": {}})
+    figure = {"text/html": figures.figure_html({"data": [{"type": "scatter", "y": [1, 3, 2]}], "layout": {}})}
     good = _page(tmp_path / "good.html", figure["text/html"], head=f'<script src="_static/{js.name}"></script>'
                  '<script src="https://cdn.example.org/lib.js"></script>')
     no_plotly = _page(tmp_path / "no_plotly.html", figure["text/html"])

@@ -257,15 +257,17 @@ def plot_labels_plotly(img: nib.spatialimages.SpatialImage, table: pd.DataFrame,
         bg = np.clip(np.rint(bg / hi * 255), 0, 255).astype(np.uint8)
     step = max(1, int(np.ceil(max(labels.shape[:2]) / max_size)))
     ids = table["id"].to_numpy()
-    lut_name = np.full(max(int(ids.max()), int(labels.max())) + 1, "", dtype=object)
-    lut_name[ids] = table[name_column].astype(str).to_numpy()
-    lut_name[0] = ""
-    n = int(ids.max())
+    n = int(max(ids.max(), labels.max()))
     colours = {int(r.id): f"rgb({r.r},{r.g},{r.b})" for r in table.itertuples()}
     scale = []
-    for k in range(n + 1):  # stepped colour scale: value k (normalised) -> colour of id k
-        c = colours.get(k, "rgb(0,0,0)")
+    for k in range(n + 1):  # stepped colour scale: value k (normalised) -> colour of id k; 0 transparent
+        c = "rgba(0,0,0,0)" if k == 0 else colours.get(k, "rgb(0,0,0)")
         scale += [[k / (n + 1), c], [(k + 1) / (n + 1), c]]
+    # Region names on the colour bar (a name per voxel as hover text would weigh a megabyte a figure)
+    named = table[table["id"] > 0].sort_values("id")
+    colorbar = dict(tickvals=named["id"].tolist(), ticktext=named[name_column].astype(str).tolist(),
+                    tickfont=dict(size=8), len=1.0, thickness=12) if len(named) <= 60 else None
+    labels = labels.astype(np.uint8) if n <= 255 else labels.astype(np.uint16)
     nz = np.flatnonzero(labels.any(axis=(0, 1)))
     zs = np.unique(np.linspace(nz.min(), nz.max(), n_slices + 2)[1:-1].astype(int)) if nz.size else [labels.shape[2] // 2]
     x = np.arange(0, labels.shape[0], step) * zooms[0]
@@ -278,12 +280,10 @@ def plot_labels_plotly(img: nib.spatialimages.SpatialImage, table: pd.DataFrame,
             sl_bg = bg[::step, ::step, z].T
             fig.add_trace(go.Heatmap(x=x, y=y, z=sl_bg, colorscale="Gray", zmin=0, zmax=255, showscale=False,
                                      hoverinfo="skip", visible=i == mid))
-        sl = labels[::step, ::step, z].T.astype(float)
-        text = lut_name[sl.astype(int)]
-        sl[sl == 0] = np.nan
-        fig.add_trace(go.Heatmap(x=x, y=y, z=sl, text=text, colorscale=scale, zmin=-0.5, zmax=n + 0.5,
-                                 showscale=False, opacity=0.75 if bg is not None else 1.0, visible=i == mid,
-                                 hovertemplate="%{text} (id %{z})<extra></extra>"))
+        fig.add_trace(go.Heatmap(x=x, y=y, z=labels[::step, ::step, z].T, colorscale=scale, zmin=-0.5, zmax=n + 0.5,
+                                 showscale=colorbar is not None, colorbar=colorbar,
+                                 opacity=0.75 if bg is not None else 1.0, visible=i == mid,
+                                 hovertemplate="id %{z}<extra></extra>"))
     steps = []
     for i, z in enumerate(zs):
         vis = [False] * (len(zs) * per)

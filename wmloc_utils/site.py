@@ -76,6 +76,28 @@ def _one_copy_of_each_script(app: Sphinx, pagename: str, templatename: str, cont
     scripts[:] = kept
 
 
+class PlotlyMime:
+    """myst-nb renderer of the plotly mime type (entry point ``myst_nb.mime_renderers``): the figure as HTML
+    that draws with the page's plotly.js, so notebooks store each figure's data once (no ``text/html`` copy)."""
+
+    mime_priority_overrides = [(builder, "application/vnd.plotly.v1+json", 1)
+                               for builder in ("html", "dirhtml", "singlehtml", "readthedocs")]
+
+    @staticmethod
+    def handle_mime(renderer, data, inline: bool) -> list | None:
+        """One raw HTML node for a plotly figure; None for every other mime type (myst-nb goes on)."""
+        if data.mime_type != "application/vnd.plotly.v1+json":
+            return None
+        import json
+
+        from docutils import nodes
+
+        from .figures import figure_html
+
+        figure = json.loads(data.content) if isinstance(data.content, (str, bytes)) else data.content
+        return [nodes.raw("", figure_html(figure), format="html")]
+
+
 def setup(app: Sphinx) -> dict:
     """Sphinx entry point: every page loads ``_static/plotly.min.js`` once, in its ``<head>``; no script twice."""
     app.connect("config-inited", _add_plotly_js)
