@@ -18,7 +18,7 @@ from wmloc_utils import book
 from wmloc_utils.book import notebooks
 
 NOTEBOOKS = notebooks()
-HEADINGS = ["## Overview", "## Prerequisites", "## Imports", "## Parameters", "## Summary", "## What's next",
+HEADINGS = ["## Overview", "## Prerequisites", "## Imports", "## Parameters", "## Exercises", "## Summary", "## What's next",
             "## Resources and references"]
 
 TINY = book.PRESETS["tiny"]  # enough to execute every cell, small enough for CI on 2 cores
