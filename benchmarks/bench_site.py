@@ -23,7 +23,7 @@ for folder in [Path(a) for a in sys.argv[1:]] or [REPO / "_build" / "html"]:
     static = site.site_bytes(folder / "_static") if (folder / "_static").is_dir() else 0
     print(f"of which _sources (notebook downloads) {sources / site.MB:.2f} MB, _static {static / site.MB:.2f} MB; "
           f"within limits: {report.ok}")
-    # the notebook downloads, by output type: each figure is there twice (plotly mime type + its HTML)
+    # the notebook downloads, by output type (a figure is stored once, as the plotly mime type)
     by_type: dict[str, int] = {}
     for nb in sorted((folder / "_sources").rglob("*.ipynb")):
         for cell in json.loads(nb.read_text()).get("cells", []):
