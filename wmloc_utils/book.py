@@ -58,7 +58,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "05_train_regions": ("03_regions", "04_train_lesions"),
     "06_evaluate": ("01_data", "03_regions", "04_train_lesions", "05_train_regions"),
     "07_localization": ("02_atlas", "06_evaluate"), "08_clustering": ("01_data", "02_atlas", "07_localization"),
-    "09_new_cohort": ("02_atlas", "04_train_lesions", "05_train_regions"),
+    "09_new_cohort": ("04_train_lesions", "05_train_regions"),  # apply.run makes its own atlas folder
     "10_results": ("03_regions", "06_evaluate", "07_localization", "08_clustering"),
 }
 FINISHED: dict[str, tuple[str, ...]] = {
