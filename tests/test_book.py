@@ -53,6 +53,8 @@ def test_scrub_paths_removes_machine_paths(tmp_path, monkeypatch):
     work = tmp_path / "my-work"
     monkeypatch.setenv("WMLOC_DATA", str(tmp_path / "atlas"))
     nb = nbformat.v4.new_notebook()
+    nb.metadata["papermill"] = {"input_path": f"{book.REPO}/notebooks/01_data.ipynb",
+                                "output_path": f"{tmp_path}/out/01_data.ipynb", "parameters": {"workdir": str(work)}}
     nb.cells = [nbformat.v4.new_code_cell(f'# Parameters\nworkdir = "{work}"\n')]
     nb.cells[0].outputs = [
         nbformat.v4.new_output("stream", name="stdout", text=f"{work}/01_data/subjects.csv {tmp_path}/atlas/x\n"),
@@ -61,9 +63,12 @@ def test_scrub_paths_removes_machine_paths(tmp_path, monkeypatch):
     ]
     path = tmp_path / "nb.ipynb"
     nbformat.write(nb, path)
-    assert book.scrub_paths(path, work) == 1
+    assert book.scrub_paths(path, work) == 2  # the cell and the metadata
     text = path.read_text()
     assert str(tmp_path) not in text and str(book.REPO) not in text
+    meta = nbformat.read(path, as_version=4).metadata["papermill"]
+    assert meta == {"input_path": "notebooks/01_data.ipynb", "output_path": "01_data.ipynb",
+                    "parameters": {"workdir": "my-work"}}
     cell = nbformat.read(path, as_version=4).cells[0]
     assert 'workdir = "my-work"' in cell.source
     assert cell.outputs[0]["text"] == "my-work/01_data/subjects.csv $WMLOC_DATA/x\n"

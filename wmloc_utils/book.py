@@ -281,10 +281,18 @@ def scrub_paths(notebook: str | Path, workdir: str | Path) -> int:
     """Rewrite an executed notebook so that no source or output shows a path of the build machine.
 
     Papermill writes ``workdir = "/abs/path"`` into the injected-parameters cell and outputs may print
-    absolute paths; a published page shows them relative to the work directory. Returns the cells changed.
+    absolute paths, and its metadata names the input and output files; a published page shows them relative
+    to the work directory. Returns the number of cells changed (the metadata counts as one).
     """
     nb = nbformat.read(notebook, as_version=4)
-    changed = 0
+    before = json.dumps(nb.metadata, sort_keys=True)
+    paper = nb.metadata.get("papermill", {})
+    if paper.get("input_path"):  # where papermill read and wrote it: the source's place in the repository
+        paper["input_path"] = f"notebooks/{Path(paper['input_path']).name}"
+    if paper.get("output_path"):
+        paper["output_path"] = Path(paper["output_path"]).name
+    nb.metadata = json.loads(scrub_text(json.dumps(nb.metadata), workdir))
+    changed = int(json.dumps(nb.metadata, sort_keys=True) != before)
     for cell in nb.cells:
         before = json.dumps(cell, sort_keys=True)
         cell.source = scrub_text(cell.source, workdir)
