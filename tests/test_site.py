@@ -46,6 +46,7 @@ def built_site(workdir: Path, executed: Path) -> Path:
 def test_plotly_js_once_for_the_whole_site(built_site):
     copies = [p for p in built_site.rglob("*.js") if p.read_bytes()[:20000].find(b"plotly.js v") >= 0]
     assert [p.relative_to(built_site).as_posix() for p in copies] == ["_static/plotly.min.js"]
+    assert not list(built_site.rglob("*.map")), "source maps are for developer tools, not for readers"
     chapters = sorted((built_site / "notebooks").glob("*.html"))
     assert len(chapters) == len(book.notebooks())
     for page in [built_site / "intro.html", *chapters]:  # index.html only redirects to intro.html
