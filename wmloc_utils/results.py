@@ -16,8 +16,9 @@ from . import localization
 
 LESION_METRICS = ("dice", "hd95", "avd", "recall", "f1")
 # Pairings of lesions x regions compared with the reference loads (notebook 07), as the paper's stages.
-LOAD_STAGES = {"lesion network (atlas regions)": "lesion_pred", "region network (reference lesions)": "predicted",
-               "fully automatic": "automatic"}
+LOAD_STAGES = {"lesion network (predicted lesions x atlas regions)": "lesion_pred",
+               "both networks (predicted lesions x network regions)": "predicted",
+               "fully automatic (the book's region source)": "automatic"}
 
 
 def _read(path: Path, **kwargs) -> pd.DataFrame | None:
