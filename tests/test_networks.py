@@ -19,6 +19,19 @@ def test_factory_output_shape(name, in_channels):
     assert out.shape == (1, 3, 32, 32, 32)
 
 
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_training_step_reaches_every_weight(name):
+    if name == "unetr":
+        pytest.importorskip("einops", reason="UNETR needs einops")
+    model = build_model(name, 2, 2, **({"img_size": (32, 32, 32)} if name == "unetr" else {}))
+    loss = SegLoss()(model(torch.randn(2, 2, 32, 32, 32)), torch.randint(0, 2, (2, 1, 32, 32, 32)))
+    loss.backward()
+    # MONAI's ViT blocks hold cross-attention norms that self-attention never uses
+    missed = [k for k, p in model.named_parameters() if p.grad is None and "cross_attn" not in k]
+    assert torch.isfinite(loss) and not missed
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_factory_rejects_unknown_name_and_applies_overrides():
     with pytest.raises(ValueError, match="unknown architecture"):
         build_model("vnet", 1, 2)
@@ -27,6 +40,22 @@ def test_factory_rejects_unknown_name_and_applies_overrides():
     assert big > 3 * small
     with pytest.raises(ValueError, match="segresnet .*has no option 'channels'.*init_filters"):
         build_model("segresnet", 1, 2, channels=(32, 64, 128, 256))
+
+
+def test_multiresunet_blocks_follow_the_paper():
+    """Ibtehaz & Rahman 2020: MultiRes widths W/6, W/3, W/2 of W = alpha * U; ResPaths of length 4, 3, 2, 1."""
+    from wmloc_utils.multiresunet import multires_channels
+
+    model = build_model("multiresunet", 2, 3, base_filters=32, depth=4, norm="batch")
+    assert [len(path) for path in model.res_paths] == [4, 3, 2, 1]
+    assert [conv.conv.out_channels for conv in model.encoder[0].convs] == [8, 17, 26]  # W = 1.67 * 32 = 53.4
+    assert model.encoder[0].shortcut.conv.kernel_size == (1, 1, 1)
+    assert [multires_channels(32 * 2 ** i, 1.67) for i in range(5)] == [51, 105, 212, 426, 853]
+    small = build_model("multiresunet", 1, 2, depth=2).eval()
+    with torch.no_grad():
+        assert small(torch.randn(1, 1, 12, 8, 4)).shape == (1, 2, 12, 8, 4)
+    with pytest.raises(ValueError, match="multiresunet .*has no option 'channels'.*base_filters"):
+        build_model("multiresunet", 1, 2, channels=(8, 16))
 
 
 def _tube():

@@ -1,7 +1,8 @@
 """Segmentation networks and their loss: a MONAI model factory and CE + Dice + skeleton recall.
 
-The paper compares several 3D MONAI architectures on T1/FLAIR input; the factory builds each by
-name with small CPU-friendly defaults that any keyword can override. The loss adds the skeleton
+The paper compares several 3D architectures on T1/FLAIR input (MONAI's, and a MultiResUNet built
+from MONAI blocks); the factory builds each by name with small CPU-friendly defaults that any
+keyword can override. The loss adds the skeleton
 recall term of Kirchhoff et al. (2024) to cross-entropy and Dice, so that thin structures (small
 lesions, thin WM regions) are not lost; one label (e.g. WMH challenge label 2, "other pathology")
 can be ignored everywhere in the loss.
@@ -20,7 +21,9 @@ from monai.networks import nets
 from scipy import ndimage
 from skimage.morphology import skeletonize
 
-ARCHITECTURES = ("unet", "unetr", "segresnet", "mednext")
+from .multiresunet import MultiResUNet
+
+ARCHITECTURES = ("unet", "unetr", "segresnet", "mednext", "multiresunet")
 
 # Small defaults: the book trains on 2 CPU cores. Paper-scale models are a matter of overrides.
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -30,10 +33,13 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "segresnet": dict(init_filters=8, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1)),
     "mednext": dict(init_filters=8, kernel_size=3, blocks_down=(1, 1, 1, 1), blocks_bottleneck=1,
                     blocks_up=(1, 1, 1, 1)),
+    # its full-resolution level (MultiRes block, ResPath of 4) sets the cost: few filters keep it near mednext's
+    "multiresunet": dict(base_filters=4, depth=4, alpha=1.67, norm="instance"),
 }
-_CLASSES = {"unet": nets.UNet, "unetr": nets.UNETR, "segresnet": nets.SegResNet, "mednext": nets.MedNeXt}
+_CLASSES = {"unet": nets.UNet, "unetr": nets.UNETR, "segresnet": nets.SegResNet, "mednext": nets.MedNeXt,
+            "multiresunet": MultiResUNet}
 # Each spatial size of an input patch must be a multiple of this (number of down-samplings).
-PATCH_DIVISOR = {"unet": 8, "unetr": 16, "segresnet": 8, "mednext": 16}
+PATCH_DIVISOR = {"unet": 8, "unetr": 16, "segresnet": 8, "mednext": 16, "multiresunet": 16}
 
 
 def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
@@ -49,7 +55,7 @@ def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def build_model(name: str, in_channels: int, out_channels: int, **overrides: Any) -> torch.nn.Module:
-    """A 3D MONAI segmentation network by name ("unet", "unetr", "segresnet", "mednext") returning logits.
+    """A 3D segmentation network by name (one of :data:`ARCHITECTURES`) returning logits.
 
     UNETR needs the patch size as ``img_size``; every other keyword overrides the small defaults.
     """
