@@ -12,6 +12,7 @@ from scipy import ndimage
 
 from wmloc_utils import training
 from wmloc_utils.images import InputError
+from wmloc_utils.networks import ARCHITECTURES
 
 
 def make_subject(folder, name, rng, shape=(32, 32, 32), zooms=(2.0, 2.0, 2.0), orientation="RAS"):
@@ -110,6 +111,19 @@ def test_one_step_training_checkpoint_roundtrip_and_resume(cohort, tmp_path):
     assert torch.load(out2["last"], weights_only=True)["epoch"] == 1
     with pytest.raises(InputError, match="cannot resume"):
         training.train(tiny_cfg(epochs=3, inputs="flair"), recs[:3], recs[3:], tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_every_architecture_trains_and_reloads_from_its_checkpoint(cohort, tmp_path, name):
+    if name == "unetr":
+        pytest.importorskip("einops", reason="UNETR needs einops")
+    recs = training.make_records(cohort, "t1+flair", "lesion")
+    cfg = tiny_cfg(architecture=name, patch_size=(32, 32, 32), spacing=(2.0, 2.0, 2.0), model_overrides={})
+    out = training.train(cfg, recs[:2], recs[3:], tmp_path, progress=False)
+    model, config = training.load_checkpoint(out["best"], device="cpu")
+    assert config["architecture"] == name and np.isfinite(out["history"]["loss"]).all()
+    saved = torch.load(out["best"], weights_only=True)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
 
 
 def test_region_mirroring_flips_left_right_and_swaps_labels():
