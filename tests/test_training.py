@@ -126,6 +126,19 @@ def test_every_architecture_trains_and_reloads_from_its_checkpoint(cohort, tmp_p
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
 
 
+def test_paper_presets_make_valid_configs_of_full_size_networks():
+    assert set(training.PAPER_PRESETS) == set(ARCHITECTURES)
+    for name, tasks in training.PAPER_PRESETS.items():
+        assert set(tasks) == set(training.TASKS)
+        for task, preset in tasks.items():
+            cfg = training.TrainConfig(**preset)
+            assert cfg.spacing == (1.0,) * 3 and cfg.patch_size == (128,) * 3 and cfg.epochs >= 100
+            config = training.model_config(cfg)  # checks every override against the network's signature
+            with torch.device("meta"):  # the full network, without allocating its weights
+                model = training.build_model(name, config["in_channels"], config["n_classes"], **config["model_kwargs"])
+            assert sum(p.numel() for p in model.parameters()) > 5e6, (name, task)
+
+
 def test_region_mirroring_flips_left_right_and_swaps_labels():
     from monai.data import MetaTensor
 

@@ -104,6 +104,39 @@ class TrainConfig:
             raise ValueError(f"patch_size {self.patch_size} must be a multiple of {div} for {self.architecture!r}")
 
 
+# GPU runs of the paper's scale: the networks at full size (each architecture's published or MONAI's
+# standard configuration, instance norm where batches of 2 would make batch norm noisy) with a learning
+# rate usual for it, trained nnU-Net-like at 1 mm on 128-voxel patches for 500 x 250 steps.
+_PAPER_MODELS: dict[str, dict[str, Any]] = {
+    "unet": dict(lr=1e-3, model_overrides=dict(channels=(32, 64, 128, 256, 320), strides=(2, 2, 2, 2),
+                                               num_res_units=2, norm="instance")),
+    "unetr": dict(lr=1e-4, model_overrides=dict(feature_size=16, hidden_size=768, mlp_dim=3072, num_heads=12,
+                                                norm_name="instance")),
+    "segresnet": dict(lr=1e-4, model_overrides=dict(init_filters=32, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))),
+    "mednext": dict(lr=1e-3, model_overrides=dict(  # MedNeXt-B (Roy et al. 2023), 3x3x3 kernels
+        init_filters=32, kernel_size=3, encoder_expansion_ratio=(2, 3, 4, 4), bottleneck_expansion_ratio=4,
+        decoder_expansion_ratio=(4, 4, 3, 2), blocks_down=(2, 2, 2, 2), blocks_bottleneck=2, blocks_up=(2, 2, 2, 2),
+        use_residual_connection=True)),
+    "multiresunet": dict(lr=1e-3, model_overrides=dict(base_filters=32, depth=4, alpha=1.67, norm="instance")),
+}
+_PAPER_TASKS: dict[str, dict[str, Any]] = {
+    "lesion": dict(samples_per_volume=2, skeleton_weight=1.0),
+    "regions": dict(samples_per_volume=1, skeleton_weight=0.0),
+}
+PAPER_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    arch: {task: dict(task=task, architecture=arch, spacing=1.0, patch_size=128, batch_size=2, epochs=500,
+                      iters_per_epoch=250, brain_masked=True, **task_kw, **model_kw)
+           for task, task_kw in _PAPER_TASKS.items()}
+    for arch, model_kw in _PAPER_MODELS.items()}
+"""TrainConfig keywords for a GPU run of the paper's scale, per architecture and task.
+
+``TrainConfig(**PAPER_PRESETS["multiresunet"]["lesion"], inputs="flair")``; for training at the scans'
+native resolution give ``spacing`` the FLAIR's voxel size. Mixed precision needs no option: :func:`train`
+uses ``torch.autocast`` and a gradient scaler whenever the device is a CUDA GPU. These are starting points
+in the paper's regime, not its verified hyperparameters.
+"""
+
+
 # ----------------------------------------------------------------------------- subjects and split
 
 def make_split(table: pd.DataFrame, val_fraction: float = 0.15, test_fraction: float = 0.25, seed: int = 0,
