@@ -24,7 +24,7 @@ import torch
 
 from wmloc_utils import inference, metrics, runtime, training
 
-# Patch edges must be multiples of 16 for unetr/mednext; 48 suits all four.
+# Patch edges must be multiples of 16 for unetr/mednext/multiresunet; 48 suits all five.
 NOTEBOOK_04 = dict(spacing=2.0, patch_size=48, batch_size=4, lr=3e-3, skeleton_weight=1.0, iters_per_epoch=40)
 
 
@@ -58,7 +58,7 @@ def run_pair(arch: str, inputs: str, table: pd.DataFrame, split: pd.DataFrame, o
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="work", help="work directory of notebooks 01-04")
-    parser.add_argument("--archs", nargs="+", default=["unet", "segresnet", "mednext", "unetr"])
+    parser.add_argument("--archs", nargs="+", default=["unet", "segresnet", "mednext", "unetr", "multiresunet"])
     parser.add_argument("--inputs", nargs="+", default=["t1+flair"], help="input modes for every architecture")
     parser.add_argument("--unet-inputs", nargs="*", default=["flair", "t1"],
                         help="extra input modes for the U-Net only (the paper's input comparison)")
