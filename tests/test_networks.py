@@ -44,13 +44,13 @@ def test_factory_rejects_unknown_name_and_applies_overrides():
 
 def test_multiresunet_blocks_follow_the_paper():
     """Ibtehaz & Rahman 2020: MultiRes widths W/6, W/3, W/2 of W = alpha * U; ResPaths of length 4, 3, 2, 1."""
-    from wmloc_utils.multiresunet import multires_channels
+    from wmloc_utils.multiresunet import multires_widths
 
     model = build_model("multiresunet", 2, 3, base_filters=32, depth=4, norm="batch")
     assert [len(path) for path in model.res_paths] == [4, 3, 2, 1]
     assert [conv.conv.out_channels for conv in model.encoder[0].convs] == [8, 17, 26]  # W = 1.67 * 32 = 53.4
     assert model.encoder[0].shortcut.conv.kernel_size == (1, 1, 1)
-    assert [multires_channels(32 * 2 ** i, 1.67) for i in range(5)] == [51, 105, 212, 426, 853]
+    assert [sum(multires_widths(32 * 2 ** i, 1.67)) for i in range(5)] == [51, 105, 212, 426, 853]
     small = build_model("multiresunet", 1, 2, depth=2).eval()
     with torch.no_grad():
         assert small(torch.randn(1, 1, 12, 8, 4)).shape == (1, 2, 12, 8, 4)

@@ -15,9 +15,9 @@ from monai.networks.layers import Pool
 _SHARES = (0.167, 0.333, 0.5)
 
 
-def multires_channels(filters: int, alpha: float) -> int:
-    """Output channels of a MultiRes block of ``filters`` (U): the sum of its three convolutions' widths."""
-    return sum(max(1, int(alpha * filters * s)) for s in _SHARES)
+def multires_widths(filters: int, alpha: float) -> list[int]:
+    """Widths of the three convolutions of a MultiRes block of ``filters`` (U); their sum is its output."""
+    return [max(1, int(alpha * filters * s)) for s in _SHARES]
 
 
 class MultiResBlock(torch.nn.Module):
@@ -26,7 +26,7 @@ class MultiResBlock(torch.nn.Module):
     def __init__(self, spatial_dims: int, in_channels: int, filters: int, alpha: float, act: str | tuple,
                  norm: str | tuple, dropout: float) -> None:
         super().__init__()
-        widths = [max(1, int(alpha * filters * s)) for s in _SHARES]
+        widths = multires_widths(filters, alpha)
         out = sum(widths)
         self.convs = torch.nn.ModuleList(
             Convolution(spatial_dims, c_in, c_out, kernel_size=3, act=act, norm=norm)
@@ -81,7 +81,7 @@ class MultiResUNet(torch.nn.Module):
         super().__init__()
         self.depth = depth
         filters = [base_filters * 2 ** i for i in range(depth + 1)]
-        widths = [multires_channels(u, alpha) for u in filters]
+        widths = [sum(multires_widths(u, alpha)) for u in filters]
         self.encoder = torch.nn.ModuleList(
             MultiResBlock(spatial_dims, c_in, u, alpha, act, norm, dropout)
             for c_in, u in zip([in_channels, *widths[:-1]], filters))
