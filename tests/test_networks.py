@@ -51,7 +51,10 @@ def test_multiresunet_blocks_follow_the_paper():
     assert [conv.conv.out_channels for conv in model.encoder[0].convs] == [8, 17, 26]  # W = 1.67 * 32 = 53.4
     assert model.encoder[0].shortcut.conv.kernel_size == (1, 1, 1)
     assert [sum(multires_widths(32 * 2 ** i, 1.67)) for i in range(5)] == [51, 105, 212, 426, 853]
-    small = build_model("multiresunet", 1, 2, depth=2).eval()
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    small = build_model("multiresunet", 1, 2, depth=2, dropout=0.2)
+    assert sum(isinstance(m, torch.nn.Dropout) for m in small.modules()) == 5  # after every MultiRes block
+    small.eval()
     with torch.no_grad():
         assert small(torch.randn(1, 1, 12, 8, 4)).shape == (1, 2, 12, 8, 4)
     with pytest.raises(ValueError, match="multiresunet .*has no option 'channels'.*base_filters"):

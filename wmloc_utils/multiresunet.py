@@ -33,8 +33,8 @@ class MultiResBlock(torch.nn.Module):
             for c_in, c_out in zip([in_channels, *widths[:-1]], widths))
         self.norm = ADN("N", out, norm=norm, norm_dim=spatial_dims)
         self.shortcut = Convolution(spatial_dims, in_channels, out, kernel_size=1, act=None, norm=norm)
-        self.out = ADN("AND", out, act=act, norm=norm, norm_dim=spatial_dims, dropout=dropout or None,
-                       dropout_dim=spatial_dims)
+        # element-wise dropout (as MONAI's UNet): the top blocks have too few channels to drop whole ones
+        self.out = ADN("AND", out, act=act, norm=norm, norm_dim=spatial_dims, dropout=dropout or None, dropout_dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts, h = [], x
