@@ -8,6 +8,9 @@ WORKDIR ?= $(CURDIR)/work
 # development checkout, else they are downloaded and verified into the per-user cache.
 WMLOC_DATA ?= $(wildcard $(CURDIR)/../shared/data/jhu-eve)
 export WMLOC_DATA
+# The paper authors' subject region maps (benchmarks/bench_authors_labels.py): likewise.
+WMLOC_AUTHORS_LABELS ?= $(wildcard $(CURDIR)/../shared/data/authors-labels)
+export WMLOC_AUTHORS_LABELS
 
 .PHONY: setup book site test bench clean browser
 .DELETE_ON_ERROR:  # a failed site build leaves no index.html that would look up to date

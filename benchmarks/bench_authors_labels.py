@@ -1,7 +1,8 @@
 """Atlas registration on real subjects: region Dice vs the paper authors' own subject region maps, and repeatability.
 
-For each of the authors' published subject maps (labels 0..36 on the challenge FLAIR grid,
-``authors-labels/Train/WMH_<id>.nii.gz``), the subject WM is their labels > 0; the Eve WM is
+For each of the authors' published subject maps (labels 0..36 on the challenge FLAIR grid, fetched and
+verified by challenge id with :func:`wmloc_utils.authors_labels.fetch_map`: from ``--labels-dir``, else
+``$WMLOC_AUTHORS_LABELS``, else downloaded), the subject WM is their labels > 0; the Eve WM is
 registered to it with :func:`register_atlas`, the refined labels are propagated into that WM and
 scored per label 1..36 against the authors' labels (mean over the labels present). Each subject is
 registered ``--repeats`` times with the same seed: ``spread`` is max - min of the mean Dice over the
@@ -17,7 +18,8 @@ default (GC, dense, WM mask 12 mm) 0.871 / 0.852 / 0.013 / 4.7; legacy (20 % sam
 0.732 / 0.459 / 0.314 / 5.8; dense without mask 0.868 / 0.827 / 0.354 / 15.6; mask 6 mm 0.864 / 0.821;
 mask 20 mm 0.862 / 0.817; mattes with the 12 mm mask 0.870 / 0.835 but NOT repeatable (seeded runs differ).
 
-    python benchmarks/bench_authors_labels.py [--variant default legacy ...] [--repeats 3] [--seeds 1 2] [--labels-dir DIR]
+    python benchmarks/bench_authors_labels.py [--variant default legacy ...] [--repeats 3] [--seeds 1 2] [--subjects 0 21]
+                                              [--labels-dir DIR]
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from wmloc_utils import authors_labels
 from wmloc_utils import registration as reg
 from wmloc_utils.images import like, load_nifti
 from wmloc_utils.metrics import region_dice
 
-LABELS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "authors-labels" / "Train"
+#: challenge ids of the six maps measured above (Utrecht, Singapore and GE3T grids), staged for offline use.
+SAMPLES = ("0", "21", "50", "61", "100", "137")
 
 #: register_atlas keyword sets compared (the first is the current default).
 VARIANTS = {
@@ -62,12 +66,10 @@ def _register(atlas: dict, ref_img, out: Path, kwargs: dict) -> tuple[np.ndarray
     return labels, time.perf_counter() - start, time.process_time() - cpu
 
 
-def run(variant: str, repeats: int, seeds: list[int], labels_dir: Path, subjects: list[str] | None) -> pd.DataFrame:
+def run(variant: str, repeats: int, seeds: list[int], labels_dir: Path | None, subjects: list[str]) -> pd.DataFrame:
     """Score every subject ``repeats`` times with the ``variant`` keywords, then once per extra seed in ``seeds``."""
     atlas = reg.atlas_inputs()
-    files = sorted(labels_dir.glob("WMH_*.nii.gz"), key=lambda p: int(p.name[4:-7]))
-    if subjects:
-        files = [f for f in files if f.name[4:-7] in subjects]
+    files = [authors_labels.fetch_map(s, path=labels_dir) for s in subjects]
     rows = []
     with tempfile.TemporaryDirectory(prefix="wmloc-authors-") as tmp:
         for path in files:
@@ -96,8 +98,10 @@ def main() -> None:
     parser.add_argument("--variant", nargs="+", default=["default"], choices=sorted(VARIANTS))
     parser.add_argument("--repeats", type=int, default=3, help="runs with the same seed (must agree)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[], help="extra runs with these seeds (robustness)")
-    parser.add_argument("--subjects", nargs="*", help="subject ids (e.g. 0 21); default all")
-    parser.add_argument("--labels-dir", type=Path, default=Path(os.environ.get("WMLOC_AUTHORS_LABELS", LABELS_DIR)))
+    parser.add_argument("--subjects", nargs="+", default=list(SAMPLES),
+                        help="challenge subject ids, any of the 170 (default: the six measured above)")
+    parser.add_argument("--labels-dir", type=Path, help="folder holding Train/ and Test/ "
+                        "(default: $WMLOC_AUTHORS_LABELS, else <data dir>/authors-labels; missing maps are downloaded)")
     args = parser.parse_args()
     table = pd.concat([run(v, args.repeats, args.seeds, args.labels_dir, args.subjects) for v in args.variant])
     print(f"\nITK threads: {os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS']}, CPU cores: {os.cpu_count()}, "

@@ -14,6 +14,9 @@ SHARED = REPO.parent / "shared" / "data"
 # WMLOC_DATA always wins. Without either, atlas tests fetch into the per-user cache.
 if not os.environ.get("WMLOC_DATA") and (SHARED / "jhu-eve").is_dir():
     os.environ["WMLOC_DATA"] = str(SHARED / "jhu-eve")
+# Likewise six of the paper authors' 170 subject region maps (Train/WMH_<id>.nii.gz), for the fetcher's tests.
+if not os.environ.get("WMLOC_AUTHORS_LABELS") and (SHARED / "authors-labels").is_dir():
+    os.environ["WMLOC_AUTHORS_LABELS"] = str(SHARED / "authors-labels")
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +26,17 @@ def eve_dir() -> Path:
 
     fetch_all()
     return data_dir()
+
+
+@pytest.fixture(scope="session")
+def authors_dir() -> Path:
+    """Folder of the authors' subject region maps (``WMLOC_AUTHORS_LABELS``); skipped without the staged samples."""
+    from wmloc_utils.fetch import AUTHORS_LABELS, data_dir
+
+    path = data_dir(collection=AUTHORS_LABELS)
+    if not (path / "Train" / "WMH_0.nii.gz").exists():
+        pytest.skip(f"the authors' region maps are not staged in {path} (set WMLOC_AUTHORS_LABELS to their folder)")
+    return path
 
 
 @pytest.fixture(scope="session")

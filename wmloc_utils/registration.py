@@ -30,6 +30,7 @@ from .tissue import brain_mask as make_brain_mask
 from .tissue import _remove, seed_ants, segment_tissues, to_ants
 
 METHODS = ("Affine", "AffineFast", "SyN")
+REGION_TARGETS = ("registered", "authors")  # the region maps regions.csv hands on: ours, or the paper authors'
 REGION_IDS = tuple(range(1, 35))
 LABEL_IDS = tuple(range(1, 37))
 STEP = "03_regions"
@@ -320,7 +321,8 @@ def _qc_row(qc: dict) -> dict:
 
 def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, method: str = "Affine",
                n_jobs: int | None = None, overwrite: bool = False, n_subjects: int | None = None,
-               reg_spacing: float | None = 3.0, progress: bool = True, full_hash: bool = False) -> pd.DataFrame:
+               reg_spacing: float | None = 3.0, progress: bool = True, full_hash: bool = False,
+               region_targets: str = "registered") -> pd.DataFrame:
     """Regions for every subject of ``subjects.csv`` into ``workdir/03_regions/<subject>/``; re-runnable.
 
     A finished subject is reused while its fingerprint (input files, ``method``/``reg_spacing``, version,
@@ -329,8 +331,11 @@ def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, meth
     mtimes (the atlas files are always compared by content). Subjects run in ``n_jobs`` worker processes
     (None: one per CPU core; ANTs runs single-threaded so that every result is repeatable, and the same on
     any machine). Returns ``03_regions/regions.csv`` (one QC row each), rewritten only when its content
-    changes: an unchanged rerun writes nothing.
+    changes: an unchanged rerun writes nothing. ``region_targets="authors"`` (WMH challenge subjects only)
+    hands on the paper authors' maps as ``regions`` instead of ours (:func:`attach_authors_regions`).
     """
+    if region_targets not in REGION_TARGETS:
+        raise InputError(f"region_targets={region_targets!r}: expected one of {REGION_TARGETS}")
     table = pd.read_csv(subjects_csv, dtype={"subject": str}, keep_default_na=False)
     if n_subjects:
         table = table.head(int(n_subjects))
@@ -366,8 +371,39 @@ def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, meth
                 bar.update()
     bar.close()
     qc = pd.DataFrame([_qc_row(rows[s]) for s in table["subject"]])
+    if region_targets == "authors":
+        qc = attach_authors_regions(qc, table, targets="authors")
     provenance.write_table_if_changed(qc, step / "regions.csv", index=False)
     return qc
+
+
+def attach_authors_regions(qc: pd.DataFrame, subjects: pd.DataFrame, targets: str = "authors",
+                           path: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The regions table with the paper authors' map of every subject and its Dice against ours.
+
+    ``qc`` is :func:`run_cohort`'s table (``subject``, ``regions``), ``subjects`` the subjects table
+    (``subject``, ``site``: ids are matched as :func:`wmloc_utils.authors_labels.attach` does; every
+    subject must be a WMH challenge subject). Adds ``registered_regions`` (our map), ``authors_regions``
+    (fetched and verified, from ``path`` or ``$WMLOC_AUTHORS_LABELS``), ``authors_dice`` (mean Dice over
+    regions 1..34, ours vs theirs), ``authors_wm_dice`` (labelled-voxel overlap: their WM vs ours) and
+    ``region_targets``; ``regions``, the maps later notebooks use, becomes the authors' for
+    ``targets="authors"`` and stays ours for ``"registered"``.
+    """
+    from . import authors_labels
+
+    if targets not in REGION_TARGETS:
+        raise InputError(f"targets={targets!r}: expected one of {REGION_TARGETS}")
+    ours = qc["regions"] if "registered_regions" not in qc else qc["registered_regions"]
+    keys = subjects[[c for c in ("subject", "site") if c in subjects]].drop_duplicates("subject")
+    found = authors_labels.attach(qc[["subject"]].merge(keys, on="subject", how="left"), path)
+    out = qc.assign(registered_regions=ours.to_numpy(), authors_regions=found[authors_labels.COLUMN].to_numpy())
+    scores = authors_labels.compare(out, regions="registered_regions")
+    per_subject = scores.pivot(index="subject", columns="region", values="dice")
+    out["authors_dice"] = out["subject"].map(per_subject["mean"])
+    out["authors_wm_dice"] = out["subject"].map(per_subject["wm"])
+    out["region_targets"] = targets
+    out["regions"] = out["authors_regions"] if targets == "authors" else out["registered_regions"]
+    return out
 
 
 def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | None = None) -> pd.DataFrame:
