@@ -165,6 +165,27 @@ def test_nothing_is_predicted_outside_the_brain_mask(head):
     assert not labels[~brain].any() and labels[brain].any()
 
 
+def test_region_labels_kept_inside_a_wm_mask(tmp_path):
+    """With a WM mask every WM voxel gets its most probable label 1..36 (never background), every other voxel 0."""
+    paths, lesion, aff = _subject(tmp_path, (1.0, 1.0, 3.0), "LAS", (40, 36, 14))
+    seg = inference.Segmenter(FlairClasses(), _config(task="regions", inputs="flair"), torch.device("cpu"), Path("r.pt"))
+    plain = np.asanyarray(inference.segment(seg, flair_path=paths["flair"])["labels"].dataobj)
+    wm = np.zeros(plain.shape, bool)
+    wm[:, :, 4:10] = True  # a slab that crosses the brain's edge: background there in the plain output
+    assert (plain[wm] == 0).any()
+    nib.save(nib.Nifti1Image(wm.astype(np.uint8), aff), tmp_path / "wm.nii.gz")
+    kept = np.asanyarray(inference.segment(seg, flair_path=paths["flair"], wm_mask=tmp_path / "wm.nii.gz")["labels"].dataobj)
+    assert not kept[~wm].any() and (kept[wm] >= 1).all() and kept.max() <= 36
+    inside = wm & (plain > 0)
+    np.testing.assert_array_equal(kept[inside], plain[inside])  # where the network said a region, it stands
+    nib.save(nib.Nifti1Image(np.zeros(plain.shape, np.uint8), aff), tmp_path / "empty.nii.gz")
+    with pytest.raises(InputError, match="WM mask is empty"):
+        inference.segment(seg, flair_path=paths["flair"], wm_mask=tmp_path / "empty.nii.gz")
+    lesions = inference.Segmenter(FlairThreshold(), _config(), torch.device("cpu"), Path("l.pt"))
+    with pytest.raises(InputError, match="l.pt: wm_mask= is for region networks"):
+        inference.segment(lesions, paths["t1"], paths["flair"], wm_mask=tmp_path / "wm.nii.gz")
+
+
 def test_brain_masked_network_needs_a_mask_on_the_flair_grid(tmp_path):
     paths, _, aff = _subject(tmp_path, (2.0, 2.0, 2.0), "RAS", (24, 28, 22))
     config = _config()

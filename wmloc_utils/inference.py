@@ -77,7 +77,8 @@ def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike
             flair_path: str | os.PathLike | None = None, tta: bool = False, inputs: str | None = None,
             sw_batch_size: int = 4, overlap: float = 0.25, roi_size: int | None = None,
             chunk: int = 8, brain_mask: str | os.PathLike | nib.spatialimages.SpatialImage | None = None,
-            min_lesion_ml: float = 0.0) -> dict[str, nib.Nifti1Image]:
+            min_lesion_ml: float = 0.0,
+            wm_mask: str | os.PathLike | nib.spatialimages.SpatialImage | None = None) -> dict[str, nib.Nifti1Image]:
     """Segment one subject; return images on the FLAIR grid ({"mask", "prob"} or {"labels"}).
 
     ``roi_size`` (default: the training patch) sets the sliding window; a larger window means fewer
@@ -87,6 +88,10 @@ def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike
     ``brain_mask`` (path or image on the FLAIR grid, e.g. notebook 03's brain_mask.nii.gz) multiplies the
     images before normalisation, and nothing is predicted outside it; networks trained brain-masked
     require it. ``min_lesion_ml`` removes predicted lesions (26-connected) smaller than that volume.
+    ``wm_mask`` (regions only; e.g. notebook 03's wm_mask.nii.gz) keeps the regions inside the subject's WM,
+    as the registered atlas's are: every WM voxel takes its most probable label 1..36, every other voxel 0.
+    The network then divides the same voxels as the atlas, and a WM extent it misjudges on an unfamiliar
+    scanner (the tissue segmentation adapts to each subject) costs nothing.
     """
     seg = segmenter if isinstance(segmenter, Segmenter) else load_segmenter(segmenter)
     cfg = seg.config
@@ -101,16 +106,13 @@ def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike
     for m in cfg["modalities"]:
         if m != ref_name:
             check_same_grid(ref, load_nifti(given[m], what=m.upper()), ref_name.upper(), m.upper())
+    if wm_mask is not None and cfg["task"] != "regions":
+        raise InputError(f"{seg.path}: wm_mask= is for region networks; this is a {cfg['task']} network")
     if brain_mask is None and is_brain_masked(cfg):
         raise InputError(f"{seg.path}: this network was trained on brain-masked images and needs brain_mask= "
                          f"(a brain mask on the {ref_name.upper()} grid, e.g. notebook 03's brain_mask.nii.gz)")
-    brain = None
-    if brain_mask is not None:
-        brain_img = brain_mask if isinstance(brain_mask, nib.spatialimages.SpatialImage) else load_nifti(brain_mask, what="brain mask")
-        check_same_grid(ref, brain_img, ref_name.upper(), "brain mask")
-        brain = np.asanyarray(brain_img.dataobj) > 0
-        if not brain.any():
-            raise InputError(f"{getattr(brain_img, 'get_filename', lambda: None)() or 'brain mask'}: brain mask is empty")
+    brain = None if brain_mask is None else _mask_on_grid(brain_mask, ref, ref_name, "brain mask")
+    wm = None if wm_mask is None else _mask_on_grid(wm_mask, ref, ref_name, "WM mask")
 
     pre = preprocessing(cfg["spacing"], with_label=False, brain=brain is not None)
     record = {"image": [str(given[m]) for m in cfg["modalities"]]}
@@ -147,16 +149,30 @@ def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike
         return {"mask": like(ref, mask.astype(np.uint8)), "prob": like(ref, prob)}
     # Regions: resample the class probabilities (not the labels) onto the FLAIR grid and take the most
     # probable class there, so that boundaries are placed at native resolution rather than in
-    # blocks of the training spacing. Classes go a few at a time to bound memory at 1 mm.
+    # blocks of the training spacing. Classes go a few at a time to bound memory at 1 mm. Inside a WM mask
+    # background is no choice: the most probable of the labels 1..36 wins.
+    first = 0 if wm is None else 1
     best, labels = torch.full(ref.shape[:3], -torch.inf), torch.zeros(ref.shape[:3], dtype=torch.long)
-    for start in range(0, probs.shape[0], chunk):
+    for start in range(first, probs.shape[0], chunk):
         value, index = torch.as_tensor(_invert(probs[start:start + chunk], image, pre, ref.shape[:3])).max(0)
         better = value > best
         best, labels = torch.where(better, value, best), torch.where(better, index + start, labels)
     labels = labels.numpy().astype(np.int16)
-    if brain is not None:
-        labels[~brain] = 0
+    for keep in (brain, wm):
+        if keep is not None:
+            labels[~keep] = 0
     return {"labels": like(ref, labels)}
+
+
+def _mask_on_grid(mask: str | os.PathLike | nib.spatialimages.SpatialImage, ref: nib.spatialimages.SpatialImage,
+                  ref_name: str, what: str) -> np.ndarray:
+    """A binary mask (path or image) checked to lie on the reference grid and to be non-empty."""
+    img = mask if isinstance(mask, nib.spatialimages.SpatialImage) else load_nifti(mask, what=what)
+    check_same_grid(ref, img, ref_name.upper(), what)
+    out = np.asanyarray(img.dataobj) > 0
+    if not out.any():
+        raise InputError(f"{getattr(img, 'get_filename', lambda: None)() or what}: {what} is empty")
+    return out
 
 
 def _invert(channels: torch.Tensor, image: MetaTensor, pre, shape: tuple[int, ...]) -> np.ndarray:
@@ -202,12 +218,13 @@ def split_of(config: dict, subject: str) -> str:
 def predict_cohort(table: pd.DataFrame, out_root: str | os.PathLike, lesion_checkpoint: str | os.PathLike | None = None,
                    region_checkpoint: str | os.PathLike | None = None, split: pd.DataFrame | None = None,
                    tta: bool = False, device: str = "auto", progress: bool = True,
-                   brain_col: str | None = None, **kwargs) -> pd.DataFrame:
+                   brain_col: str | None = None, wm_col: str | None = None, **kwargs) -> pd.DataFrame:
     """Predict every subject of ``table`` into ``out_root/<subject>/`` with each given checkpoint.
 
     A subject whose outputs exist and whose inputs, checkpoints and settings are unchanged (same
     ``<task>_prediction.json``) is not predicted again. ``brain_col`` names a column of brain masks
-    (FLAIR grid) passed to :func:`segment`, as are ``kwargs``. Returns one row per subject: subject,
+    and ``wm_col`` one of WM masks (FLAIR grid; the region network's labels stay inside it) passed to
+    :func:`segment`, as are ``kwargs``. Returns one row per subject: subject,
     split, lesion_pred, lesion_prob, regions_pred. The split comes from ``split`` when given, else from
     the lesion checkpoint: "train"/"val" for subjects it was trained on, "test" for all others.
     """
@@ -229,14 +246,16 @@ def predict_cohort(table: pd.DataFrame, out_root: str | os.PathLike, lesion_chec
         t1, flair = getattr(row, "t1", None), getattr(row, "flair", None)
         for task, seg in models.items():
             brain = getattr(row, brain_col) if brain_col else None
+            wm = (getattr(row, wm_col) or None) if wm_col and task == "regions" else None
             paths = {k: out_dir / name for k, name in OUTPUT_NAMES[task].items()}
-            inputs = {k: p for k, p in (("t1", t1), ("flair", flair), ("brain", brain), ("checkpoint", seg.path)) if p}
+            inputs = {k: p for k, p in (("t1", t1), ("flair", flair), ("brain", brain), ("wm", wm),
+                                        ("checkpoint", seg.path)) if p}
             stamp = provenance.fingerprint(inputs, {"tta": tta, **{k: v for k, v in kwargs.items()
                                                                   if isinstance(v, (int, float, str, bool))}})
             done = out_dir / f"{task}_prediction.json"
             fresh = done.exists() and json.loads(done.read_text()) == stamp and all(p.exists() for p in paths.values())
             if not fresh:
-                predict(seg, t1, flair, out_paths=paths, tta=tta, brain_mask=brain, **kwargs)
+                predict(seg, t1, flair, out_paths=paths, tta=tta, brain_mask=brain, wm_mask=wm, **kwargs)
                 provenance.write_text_if_changed(done, json.dumps(stamp, indent=1))
             out.update({names[k]: str(p) for k, p in paths.items()})
         rows.append(out)
@@ -248,8 +267,9 @@ def predict_step(workdir: str | os.PathLike, lesion_checkpoint: str | os.PathLik
                  min_lesion_ml: float = 0.0, progress: bool = True) -> pd.DataFrame:
     """Notebook 06's step: predict the subjects of ``01_data/subjects.csv`` into ``06_evaluation/``.
 
-    The T1 on the FLAIR grid and the brain mask of notebook 03 are used when it made them: the
-    networks see only the brain and predict nothing outside it.
+    The T1 on the FLAIR grid, the brain mask and the WM mask of notebook 03 are used when it made them:
+    the networks see only the brain and predict nothing outside it, and the region network's labels
+    stay inside the subject's WM, as the registered atlas's do.
 
     Writes ``06_evaluation/predictions.csv`` (only when its content changes) and returns it.
     """
@@ -261,6 +281,7 @@ def predict_step(workdir: str | os.PathLike, lesion_checkpoint: str | os.PathLik
     out = workdir / "06_evaluation"
     predictions = predict_cohort(table, out, lesion_checkpoint, region_checkpoint, tta=tta, device=device,
                                  progress=progress, brain_col="brain_mask" if "brain_mask" in table else None,
+                                 wm_col="wm_mask" if "wm_mask" in table else None,
                                  min_lesion_ml=min_lesion_ml)
     provenance.write_table_if_changed(predictions, out / "predictions.csv", index=False)
     return predictions

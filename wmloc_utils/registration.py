@@ -409,7 +409,8 @@ def attach_authors_regions(qc: pd.DataFrame, subjects: pd.DataFrame, targets: st
 def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | None = None) -> pd.DataFrame:
     """The subjects table with ``t1`` replaced by notebook 03's ``t1_on_flair`` where it registered one.
 
-    With notebook 03's results, a ``brain_mask`` column gives each subject's brain mask (FLAIR grid).
+    With notebook 03's results, ``brain_mask`` and ``wm_mask`` columns give each subject's brain and WM
+    masks (FLAIR grid).
 
     Training (notebooks 04/05) and inference (06) need every channel on the FLAIR grid; the original
     path is kept as ``t1_native``. ``subjects`` defaults to ``workdir/01_data/subjects.csv`` (read as
@@ -430,8 +431,10 @@ def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | 
             moved = regions.set_index("subject")["t1_on_flair"]
             moved = table["subject"].map(moved[moved != ""])
             table["t1"] = moved.where(moved.notna(), table["t1"])
-        if "brain_mask" in regions:  # networks see only the brain (heads with skull: the challenge's pre/ images)
-            table["brain_mask"] = table["subject"].map(regions.set_index("subject")["brain_mask"]).fillna("")
+        # networks see only the brain (heads with skull: the challenge's pre/ images); region labels stay in WM
+        for mask in ("brain_mask", "wm_mask"):
+            if mask in regions:
+                table[mask] = table["subject"].map(regions.set_index("subject")[mask]).fillna("")
     if "t1_on_flair_grid" in table:
         off = table["t1_on_flair_grid"].astype(str).str.lower().eq("false") & table["t1"].eq(table["t1_native"])
         if off.any():
