@@ -290,10 +290,11 @@ def find_strings(site: Path, forbidden: list[str], context: int = 60) -> list[Le
 
 
 def machine_paths(*extra: str | Path) -> list[str]:
-    """Absolute paths of this machine that a published page must not show: the repository, home, ``extra``."""
-    from .book import REPO
+    """Absolute paths of this machine that a published page must not show: every path the book's scrub
+    replaces (:func:`wmloc_utils.book.machine_paths`: repository, atlas folder, Python prefix, home), ``extra``."""
+    from . import book
 
-    paths = [str(REPO), str(Path.home()), *(str(e) for e in extra)]
+    paths = [*book.machine_paths(book.REPO), *(str(e) for e in extra)]
     return list(dict.fromkeys(p for p in paths if p not in ("", "/")))
 
 
@@ -483,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd.add_argument("site", type=Path)
     cmd.add_argument("--browser", action="store_true", help="open every page in headless Chromium")
     cmd.add_argument("--screenshots", type=Path, help="folder for one full-page screenshot per page")
-    cmd.add_argument("--forbid", nargs="*", help="strings no page may contain (default: this repository's path and home)")
+    cmd.add_argument("--forbid", nargs="*", help="strings no page may contain (default: the paths the book's scrub replaces: repository, atlas folder, Python prefix, home)")
     args = parser.parse_args(argv)
     sys.exit(0 if check(args.site, args.browser or args.screenshots is not None, args.screenshots, args.forbid) else 1)
 
