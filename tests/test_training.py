@@ -249,6 +249,44 @@ def test_scanner_augmentation_keeps_background_zero_and_labels(cohort):
             assert background.any() and not patch["image"][1][background].any(), "augmented noise off the brain"
 
 
+def test_tissue_contrast_shifts_each_class_of_each_channel_by_its_own_offset():
+    """Inside each tissue class the shift is one constant per channel; the background stays zero."""
+    tissue = torch.zeros((1, 24, 24, 24), dtype=torch.int16)
+    tissue[0, 2:22, 2:22, 2:22] = 1
+    tissue[0, 4:20, 4:20, 4:20] = 2
+    tissue[0, 8:16, 8:16, 8:16] = 3
+    image = torch.where(tissue > 0, 1.0, 0.0).repeat(2, 1, 1, 1)
+    aug = training.RandTissueContrastd("image", max_offset=1.0, prob=1.0)
+    aug.set_random_state(3)
+    out = aug({"image": image.clone(), "tissue": tissue})
+    assert "tissue" not in out
+    shift = out["image"] - image
+    assert not out["image"][:, tissue[0] == 0].any(), "the background stays zero"
+    cores = {1: (slice(2, 3), slice(2, 22), slice(2, 22)), 2: (slice(5, 6), slice(5, 19), slice(5, 19)),
+             3: (slice(11, 13), slice(11, 13), slice(11, 13))}  # a voxel or more from other classes
+    offsets = np.array([[float(shift[c][cores[k]].mean()) for k in (1, 2, 3)] for c in range(2)])
+    assert np.abs(offsets).max() <= 1.0 and len(np.unique(offsets.round(3))) == 6, offsets
+    assert float(shift[0][cores[3]].std()) < 1e-4, "one offset for the class, smooth only at its borders"
+    unchanged = training.RandTissueContrastd("image", prob=0.0)({"image": image.clone(), "tissue": tissue})
+    assert torch.equal(unchanged["image"], image)
+
+
+def test_tissue_augmentation_needs_tissue_maps(headed, tmp_path):
+    table = headed.copy()
+    table["tissue"] = table["brain"]  # any label map on the FLAIR grid will do here: one tissue class
+    rec = training.make_records(table, "t1+flair", "lesion", brain_col="brain", tissue_col="tissue")[0]
+    assert rec["tissue"] == table["tissue"][0]
+    cfg = tiny_cfg(augment="tissue", brain_masked=True, spacing=(2.0, 2.0, 2.0), samples_per_volume=2)
+    transforms = training.training_transforms(cfg)
+    transforms.set_random_state(0)
+    for patch in transforms(rec):
+        assert "tissue" not in patch and patch["image"].shape == (2, 16, 16, 16)
+    plain = training.make_records(table, "t1+flair", "lesion", brain_col="brain")[0]
+    with pytest.raises(RuntimeError) as err:
+        transforms(plain)
+    assert isinstance(err.value.__cause__, InputError) and "subject s0: no tissue map" in str(err.value.__cause__)
+
+
 def test_brain_masked_training_records_it_in_the_checkpoint(headed, tmp_path):
     recs = training.make_records(headed, "t1+flair", "lesion", brain_col="brain")
     out = training.train(tiny_cfg(brain_masked=True), recs[:3], recs[3:], tmp_path, progress=False)
