@@ -131,15 +131,11 @@ class SegLoss(torch.nn.Module):
         self.ignore_label = ignore_label
         self.dice = MaskedDiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
 
-    def terms(self, logits: torch.Tensor, target: torch.Tensor, skeleton: torch.Tensor | None = None,
-              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def terms(self, logits: torch.Tensor, target: torch.Tensor, skeleton: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The three unweighted loss terms (``skeleton`` None gives a zero skeleton term).
 
-        ``reduce`` (data-parallel training: the batch is split over processes) sums the terms' voxel
-        statistics over the processes, see :meth:`global_terms`.
+        Data-parallel training, where each process holds part of the batch, uses :meth:`global_terms`.
         """
-        if reduce is not None:
-            return self.global_terms(logits, target, skeleton, reduce)
         target = target.long()
         if self.ignore_label is not None:
             keep = target != self.ignore_label
@@ -164,6 +160,9 @@ class SegLoss(torch.nn.Module):
         sums over processes first is. ``reduce`` gets one vector of sums and returns its total over the
         processes; with the identity this equals :meth:`terms` up to rounding (computed in float32).
         """
+        # plain tensors (MONAI's MetaTensor would try to carry its metadata through the sums)
+        logits, target, skeleton = (t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t
+                                    for t in (logits, target, skeleton))
         logits = logits.float()
         n = logits.shape[1]
         target = target.long()
