@@ -820,6 +820,9 @@ def _train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequenc
     _barrier(ranks)
     if not train_records:
         raise InputError("no training subjects")
+    if cfg.batch_size < ranks.world_size:
+        raise InputError(f"batch_size={cfg.batch_size} is smaller than the {ranks.world_size} processes: each trains on "
+                         f"a slice of every batch; give batch_size >= {ranks.world_size} (a multiple for equal slices)")
     runtime.set_seed(cfg.seed)  # the same on every process: the same weights, and rank 0's random states resume all
     config = model_config(cfg, [r["subject"] for r in train_records], [r["subject"] for r in val_records])
     finished = _finished_run(out_dir, config, cfg.epochs)
