@@ -55,7 +55,6 @@ import torch
 from monai.data import CacheDataset, DataLoader, list_data_collate
 from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric
-from monai.metrics.utils import do_metric_reduction
 from monai.transforms import (Compose, DeleteItemsd, EnsureChannelFirstd, EnsureTyped, Flip, LoadImaged, MapTransform,
                               MaskIntensityd, NormalizeIntensityd, Orientationd, RandAdjustContrastd, RandAffined,
                               RandBiasFieldd, RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised,
@@ -604,6 +603,8 @@ def validate(model: torch.nn.Module, dataset: Sequence[dict], cfg: TrainConfig, 
     Averaged in this process only: in a data-parallel run rank 0 alone validates (DiceMetric.aggregate
     would wait for the other processes to gather their scores).
     """
+    from monai.metrics.utils import do_metric_reduction
+
     task = TASKS[cfg.task]
     n = task["n_classes"]
     metric, scores = DiceMetric(include_background=False, reduction="mean", ignore_empty=True), []
