@@ -11,7 +11,7 @@ can be ignored everywhere in the loss.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -93,12 +93,8 @@ def label_skeleton(label: np.ndarray, n_classes: int, ignore_label: int | None =
     return out
 
 
-def skeleton_recall(probs: torch.Tensor, skeleton: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Soft recall of the foreground skeletons: sum(p_c * skel_c) / sum(skel_c), mean over present classes.
-
-    ``probs`` is (B, C, ...) softmax output; ``skeleton`` is a (B, 1, ...) label map from :func:`label_skeleton`.
-    Returns 1 when no class has a skeleton (nothing to recall).
-    """
+def _skeleton_sums(probs: torch.Tensor, skeleton: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class: the summed probability of its own class on its skeleton voxels, and their number."""
     n = probs.shape[1]
     lab = skeleton[:, 0].long().clamp(0, n - 1)
     on_skeleton = lab > 0
@@ -106,6 +102,16 @@ def skeleton_recall(probs: torch.Tensor, skeleton: torch.Tensor, eps: float = 1e
     p_own = probs.gather(1, lab[:, None])[:, 0][on_skeleton]
     hit = probs.new_zeros(n).index_add(0, lab[on_skeleton], p_own)
     total = torch.bincount(lab[on_skeleton], minlength=n).to(probs.dtype)
+    return hit, total
+
+
+def skeleton_recall(probs: torch.Tensor, skeleton: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Soft recall of the foreground skeletons: sum(p_c * skel_c) / sum(skel_c), mean over present classes.
+
+    ``probs`` is (B, C, ...) softmax output; ``skeleton`` is a (B, 1, ...) label map from :func:`label_skeleton`.
+    Returns 1 when no class has a skeleton (nothing to recall).
+    """
+    hit, total = _skeleton_sums(probs, skeleton)
     present = total > 0
     if not present.any():
         return probs.new_ones(())
@@ -126,7 +132,10 @@ class SegLoss(torch.nn.Module):
         self.dice = MaskedDiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
 
     def terms(self, logits: torch.Tensor, target: torch.Tensor, skeleton: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The three unweighted loss terms (``skeleton`` None gives a zero skeleton term)."""
+        """The three unweighted loss terms (``skeleton`` None gives a zero skeleton term).
+
+        Data-parallel training, where each process holds part of the batch, uses :meth:`global_terms`.
+        """
         target = target.long()
         if self.ignore_label is not None:
             keep = target != self.ignore_label
@@ -141,6 +150,43 @@ class SegLoss(torch.nn.Module):
         else:
             skel = 1.0 - skeleton_recall(torch.softmax(logits, 1), skeleton)
         return {"ce": ce, "dice": dice, "skeleton": skel}
+
+    def global_terms(self, logits: torch.Tensor, target: torch.Tensor, skeleton: torch.Tensor | None,
+                     reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The terms of a whole batch of which this process holds a part, from sums that ``reduce`` adds up.
+
+        Every term is a ratio of sums over the batch (cross-entropy over the kept voxels, batch-wise Dice,
+        skeleton recall per class), so a mean of per-process terms is not the batch's term; summing the
+        sums over processes first is. ``reduce`` gets one vector of sums and returns its total over the
+        processes; with the identity this equals :meth:`terms` up to rounding (computed in float32).
+        """
+        # plain tensors (MONAI's MetaTensor would try to carry its metadata through the sums)
+        logits, target, skeleton = (t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t
+                                    for t in (logits, target, skeleton))
+        logits = logits.float()
+        n = logits.shape[1]
+        target = target.long()
+        if self.ignore_label is not None:
+            keep = target != self.ignore_label
+            target = torch.where(keep, target, torch.zeros_like(target))
+        else:
+            keep = torch.ones_like(target, dtype=torch.bool)
+        ce = (F.cross_entropy(logits, target[:, 0], reduction="none") * keep[:, 0]).sum()
+        probs = torch.softmax(logits, 1)
+        pred = (probs * keep)[:, 1:]  # foreground classes inside the kept voxels (MaskedDiceLoss)
+        truth = F.one_hot(target[:, 0], n).movedim(-1, 1)[:, 1:].to(pred.dtype)
+        dims = [0, *range(2, pred.ndim)]
+        hit, total = (_skeleton_sums(probs, skeleton) if skeleton is not None
+                      else (probs.new_zeros(n), probs.new_zeros(n)))
+        sums = reduce(torch.cat([ce[None], keep.sum()[None].to(ce.dtype), (pred * truth).sum(dims),
+                                 pred.sum(dims), truth.sum(dims), hit, total]))
+        ce, kept, tp, p_sum, t_sum, hit, total = sums.split([1, 1, n - 1, n - 1, n - 1, n, n])
+        nr, dr = self.dice.smooth_nr, self.dice.smooth_dr
+        dice = (1.0 - (2.0 * tp + nr) / (p_sum + t_sum + dr)).mean()
+        present = total > 0
+        skel = (1.0 - (hit[present] / (total[present] + 1e-6)).mean() if skeleton is not None and present.any()
+                else logits.new_zeros(()))
+        return {"ce": (ce / kept.clamp_min(1))[0], "dice": dice, "skeleton": skel}
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, skeleton: torch.Tensor | None = None) -> torch.Tensor:
         t = self.terms(logits, target, skeleton)

@@ -10,11 +10,30 @@ Checkpoints hold only tensors and plain data and are loaded with ``weights_only=
 holding Python objects (which could run code) is refused. ``last.pt`` also holds the random states,
 and every epoch re-seeds its sampling and augmentation from (seed, epoch), so a resumed run gives
 exactly the weights and history of an uninterrupted one.
+
+Multi-GPU (data-parallel) training: the same :func:`train` under ``torchrun``, one process per GPU
+(DistributedDataParallel; "nccl" on CUDA, "gloo" on the CPU). Every process draws the epoch's global
+batches exactly as one process would and trains on its slice of each; the loss is computed from sums over
+the whole global batch and DDP averages the gradients, so N processes give the weights of one process up
+to rounding. Only rank 0 validates and writes ``best.pt``, ``last.pt`` and ``history.csv``, which are
+the checkpoints of a single-process run (same config). :func:`launch_files` writes the command line's
+inputs from a notebook's records::
+
+    # in a notebook: launch_files(cfg, train_records, val_records, "work/04_lesion_model/launch")
+    torchrun --standalone --nproc_per_node=4 -m wmloc_utils.training \
+        --config work/04_lesion_model/launch/config.json \
+        --train work/04_lesion_model/launch/train.json --val work/04_lesion_model/launch/val.json \
+        --out work/04_lesion_model
+
+``python -m wmloc_utils.training ...`` (no torchrun) trains the same run in one process.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import itertools
+import json
 import math
 import os
 import pickle
@@ -24,9 +43,10 @@ import re
 import sys
 import time
 import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Hashable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -629,10 +649,16 @@ def _onehot(labels: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def validate(model: torch.nn.Module, dataset: Sequence[dict], cfg: TrainConfig, device: torch.device) -> float:
-    """Mean foreground Dice (MONAI DiceMetric) over whole validation volumes, sliding-window inference."""
+    """Mean foreground Dice (MONAI DiceMetric) over whole validation volumes, sliding-window inference.
+
+    Averaged in this process only: in a data-parallel run rank 0 alone validates (DiceMetric.aggregate
+    would wait for the other processes to gather their scores).
+    """
+    from monai.metrics.utils import do_metric_reduction
+
     task = TASKS[cfg.task]
     n = task["n_classes"]
-    metric = DiceMetric(include_background=False, reduction="mean", ignore_empty=True)
+    metric, scores = DiceMetric(include_background=False, reduction="mean", ignore_empty=True), []
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
         for item in dataset:
@@ -643,8 +669,8 @@ def validate(model: torch.nn.Module, dataset: Sequence[dict], cfg: TrainConfig, 
             if task["ignore_label"] is not None:
                 ignored = label == task["ignore_label"]
                 label, pred = label.masked_fill(ignored, 0), pred.masked_fill(ignored, 0)
-            metric(_onehot(pred, n), _onehot(label, n))
-    value = metric.aggregate().item()
+            scores.append(metric(_onehot(pred, n), _onehot(label, n)))
+    value = do_metric_reduction(torch.cat(scores), "mean")[0].item()
     model.train()
     return float(value) if np.isfinite(value) else 0.0
 
@@ -697,6 +723,127 @@ def _with_seconds(history: list[dict], out_dir: Path) -> list[dict]:
             for r in history]
 
 
+# ----------------------------------------------------------------------------- data-parallel training
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a data-parallel run (torchrun's RANK, LOCAL_RANK, WORLD_SIZE); one process: 0, 0, 1."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        """The ranks torchrun sets in the environment (a plain run: a world of one)."""
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that validates and writes every file."""
+        return self.rank == 0
+
+
+def rank_device(device: str, ranks: Ranks) -> torch.device:
+    """The device of this process: ``cfg.device`` alone, or under torchrun its own GPU (cuda:LOCAL_RANK) or the CPU.
+
+    Any CUDA request ("auto" with GPUs, "cuda", "cuda:0") becomes cuda:LOCAL_RANK, so that N processes use N
+    GPUs, never all the first; DDP has no Apple MPS backend, so "auto" on a Mac trains on the CPU.
+    """
+    dev = runtime.resolve_device(device)
+    if not ranks.distributed:
+        return dev
+    if dev.type != "cuda":
+        return torch.device("cpu")
+    if ranks.local_rank >= torch.cuda.device_count():
+        raise InputError(f"local rank {ranks.local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
+                         f"give torchrun --nproc_per_node={torch.cuda.device_count()} at most")
+    torch.cuda.set_device(ranks.local_rank)
+    return torch.device("cuda", ranks.local_rank)
+
+
+@contextmanager
+def _process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
+    """Join torchrun's process group ("nccl" on CUDA, "gloo" on the CPU) unless already joined; leave it after."""
+    import torch.distributed as dist
+
+    own = ranks.distributed and not dist.is_initialized()
+    if own:  # rank 0 validates while the others wait: allow hours, not the default 30 minutes
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    try:
+        yield
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def _barrier(ranks: Ranks) -> None:
+    """Wait for every process (nothing to wait for in a single-process run)."""
+    if ranks.distributed:
+        torch.distributed.barrier()
+
+
+def _broadcast(value: float, ranks: Ranks) -> float:
+    """Rank 0's ``value`` on every process (the validation Dice, which only rank 0 computes)."""
+    if not ranks.distributed:
+        return value
+    backend = torch.distributed.get_backend()
+    t = torch.tensor([value], dtype=torch.float64, device=f"cuda:{ranks.local_rank}" if backend == "nccl" else "cpu")
+    torch.distributed.broadcast(t, 0)
+    return float(t.item())
+
+
+def rank_share(batch: dict, ranks: Ranks) -> tuple[dict, float]:
+    """This process's slice of a global batch, and its weight in the loss (1, or 0 for a stand-in).
+
+    Every process draws the same global batch (:func:`_epoch_batches`, seeded per epoch), so the union of
+    the slices is exactly the batch one process would train on. Slices differ by one patch at most when
+    the batch does not divide (an epoch's last pass over the subjects may give a short batch); a process
+    left without a patch trains on the batch's first with weight 0, so that it still takes part in the
+    gradient averaging but adds nothing to it.
+    """
+    n = len(batch["image"])
+    if not ranks.distributed:
+        return batch, 1.0
+    bounds = np.linspace(0, n, ranks.world_size + 1).round().astype(int)
+    lo, hi = int(bounds[ranks.rank]), int(bounds[ranks.rank + 1])
+    weight = 1.0 if hi > lo else 0.0
+    lo, hi = (lo, hi) if hi > lo else (0, 1)
+    return {k: v[lo:hi] if isinstance(v, (torch.Tensor, list, tuple)) and len(v) == n else v
+            for k, v in batch.items()}, weight
+
+
+def _sum_over_ranks(ranks: Ranks, weight: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ``reduce`` of :meth:`SegLoss.global_terms`: a vector of loss sums, totalled over the processes.
+
+    The total's value comes from an all-reduce, its gradient from this process's own sums; the caller
+    multiplies the loss by the world size before backward, so that DDP's gradient average gives the
+    gradient of the whole batch's loss (what one process computes).
+    """
+    def reduce(local: torch.Tensor) -> torch.Tensor:
+        local = local * weight
+        total = local.detach().clone()
+        torch.distributed.all_reduce(total)
+        return local + (total - local.detach())
+
+    return reduce
+
+
+def _data_parallel(model: torch.nn.Module, device: torch.device, ranks: Ranks) -> torch.nn.Module:
+    """``model`` wrapped in DistributedDataParallel (batch norm synchronised on GPUs); itself in one process."""
+    if not ranks.distributed:
+        return model
+    if device.type == "cuda" and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics of the global batch
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence[dict], out_dir: str | os.PathLike,
           resume: bool = False, progress: bool = True) -> dict:
     """Train with validation each epoch; write ``best.pt``, ``last.pt`` and ``history.csv`` in ``out_dir``.
@@ -704,19 +851,35 @@ def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence
     ``resume=True`` continues from ``last.pt`` when it exists (same task, architecture and inputs).
     A finished run of the same configuration and subjects in ``out_dir`` is reused: nothing is trained
     or written (a rerun of the book retrains nothing). Returns {"best": path, "last": path, "history": DataFrame, "best_dice": float}.
+
+    Under ``torchrun`` each process trains on its share of every global batch of ``cfg.batch_size`` patches
+    (``batch_size / world size`` each) on its own GPU; rank 0 alone validates and writes, and every process
+    returns the same result. See the module docstring.
     """
-    out_dir = Path(out_dir)
-    with write_errors(out_dir):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(out_dir)
+    ranks = Ranks.from_env()
+    device = rank_device(cfg.device, ranks)
+    with _process_group(ranks, device):
+        return _train(cfg, train_records, val_records, Path(out_dir), resume, progress, ranks, device)
+
+
+def _train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence[dict], out_dir: Path,
+           resume: bool, progress: bool, ranks: Ranks, device: torch.device) -> dict:
+    """:func:`train` in one process of ``ranks`` on ``device``."""
+    if ranks.main:
+        with write_errors(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temps(out_dir)
+    _barrier(ranks)
     if not train_records:
         raise InputError("no training subjects")
-    runtime.set_seed(cfg.seed)
-    device = runtime.resolve_device(cfg.device)
+    if cfg.batch_size < ranks.world_size:
+        raise InputError(f"batch_size={cfg.batch_size} is smaller than the {ranks.world_size} processes: each trains on "
+                         f"a slice of every batch; give batch_size >= {ranks.world_size} (a multiple for equal slices)")
+    runtime.set_seed(cfg.seed)  # the same on every process: the same weights, and rank 0's random states resume all
     config = model_config(cfg, [r["subject"] for r in train_records], [r["subject"] for r in val_records])
     finished = _finished_run(out_dir, config, cfg.epochs)
     if finished is not None:
-        if progress:
+        if progress and ranks.main:
             print(f"{out_dir}: a finished run with the same configuration and subjects is there, reused "
                   f"(best validation Dice {finished['best_dice']:.3f}); delete its last.pt to train again")
         return finished
@@ -741,6 +904,7 @@ def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence
         scaler.load_state_dict(ckpt["scaler"])
         start, best, rng = ckpt["epoch"] + 1, ckpt["best_dice"], ckpt.get("rng")
         history = _with_seconds(ckpt["history"], out_dir)
+    net = _data_parallel(model, device, ranks)  # what trains; ``model`` (the same weights) validates and is saved
 
     train_ds, val_ds = cached_datasets(cfg, train_records, val_records)
     loader = DataLoader(train_ds, batch_size=max(1, cfg.batch_size // cfg.samples_per_volume), shuffle=True,
@@ -748,22 +912,25 @@ def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence
     if rng is not None:  # the global random states at the end of the saved epoch (older last.pt files have none)
         _set_rng_state(rng)
     model.train()
-    bar = tqdm(range(start, cfg.epochs), desc=f"{cfg.task} {cfg.architecture} {cfg.inputs}", disable=not progress,
-               initial=start, total=cfg.epochs)
+    bar = tqdm(range(start, cfg.epochs), desc=f"{cfg.task} {cfg.architecture} {cfg.inputs}",
+               disable=not (progress and ranks.main), initial=start, total=cfg.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "ce": 0.0, "dice": 0.0, "skeleton": 0.0}
         for step, batch in enumerate(_epoch_batches(loader, train_ds, cfg.seed + epoch, cfg.iters_per_epoch)):
+            batch, weight = rank_share(batch, ranks)
             x, y, s = (batch[k].to(device) for k in ("image", "label", "skeleton"))
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, enabled=use_amp):
-                terms = loss_fn.terms(model(x), y, s)
+                logits = net(x)
+                terms = (loss_fn.global_terms(logits, y, s, _sum_over_ranks(ranks, weight)) if ranks.distributed
+                         else loss_fn.terms(logits, y, s))
                 loss = (cfg.ce_weight * terms["ce"] + cfg.dice_weight * terms["dice"]
                         + cfg.skeleton_weight * terms["skeleton"])
-            value = loss.item()
+            value = loss.item()  # the whole global batch's loss, the same on every process
             if not math.isfinite(value):
                 raise _non_finite_loss(value, epoch, step, batch, x, cfg)
-            scaler.scale(loss).backward()
+            scaler.scale(loss * ranks.world_size).backward()  # DDP divides by the world size (_sum_over_ranks)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -771,7 +938,8 @@ def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence
             for k in ("ce", "dice", "skeleton"):
                 sums[k] += terms[k].item()
         _check_finite_weights(model, epoch, cfg)
-        val_dice = validate(model, val_ds, cfg, device) if len(val_ds) else float("nan")
+        val_dice = validate(model, val_ds, cfg, device) if len(val_ds) and ranks.main else float("nan")
+        val_dice = _broadcast(val_dice, ranks)
         row = {"epoch": epoch, **{k: v / cfg.iters_per_epoch for k, v in sums.items()}, "val_dice": val_dice,
                "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         history.append(row)
@@ -781,11 +949,81 @@ def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence
         # wall-clock seconds go to history.csv only: the same seed gives byte-identical checkpoints
         state = {"config": config, "model": model.state_dict(), "epoch": epoch, "best_dice": best,
                  "history": [{k: v for k, v in r.items() if k != "seconds"} for r in history], "val_dice": val_dice}
-        if improved:
-            _save(state, best_path)
-        _save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-               "scaler": scaler.state_dict(), "rng": _rng_state()}, last_path)
-        with write_errors(out_dir / "history.csv"):
-            write_table_atomic(pd.DataFrame(history), out_dir / "history.csv", index=False)
+        if ranks.main:
+            if improved:
+                _save(state, best_path)
+            _save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "scaler": scaler.state_dict(), "rng": _rng_state()}, last_path)
+            with write_errors(out_dir / "history.csv"):
+                write_table_atomic(pd.DataFrame(history), out_dir / "history.csv", index=False)
+        _barrier(ranks)
         bar.set_postfix(loss=f"{row['loss']:.3f}", val_dice=f"{val_dice:.3f}")
     return {"best": best_path, "last": last_path, "history": pd.DataFrame(history), "best_dice": best}
+
+
+# ----------------------------------------------------------------------------- command line (torchrun)
+
+def launch_files(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence[dict],
+                 folder: str | os.PathLike, out_dir: str | os.PathLike | None = None, nproc: int | str = "gpu") -> str:
+    """Write ``config.json``, ``train.json`` and ``val.json`` in ``folder``; return the torchrun command that trains on them.
+
+    The run is the one ``train(cfg, train_records, val_records, out_dir)`` would do in the notebook, so a
+    notebook can hand a multi-GPU machine the same configuration and subjects, and, run again after the
+    command finished, reuse its checkpoints (a finished identical run is not retrained). The records' paths
+    are written as given: give absolute ones when the command runs from another folder. ``nproc``: the
+    processes (one per GPU; torchrun's "gpu" takes every GPU of the machine). ``out_dir`` defaults to ``folder``.
+    """
+    folder = Path(folder)
+    with write_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    paths = {"config": folder / "config.json", "train": folder / "train.json", "val": folder / "val.json"}
+    for key, value in (("config", asdict(cfg)), ("train", list(train_records)), ("val", list(val_records))):
+        with write_errors(paths[key]), atomic_path(paths[key]) as tmp:
+            Path(tmp).write_text(json.dumps(plain_data(value, key), indent=1) + "\n")
+    args = " ".join(f"--{k} {paths[k]}" for k in ("config", "train", "val"))
+    return f"torchrun --standalone --nproc_per_node={nproc} -m wmloc_utils.training {args} --out {Path(out_dir or folder)}"
+
+
+def read_config(path: str | os.PathLike) -> TrainConfig:
+    """A :class:`TrainConfig` from a JSON file: its fields (as :func:`launch_files` writes them), or a
+    checkpoint's whole config (its "training" section is used)."""
+    try:
+        data = json.loads(runtime.require(path, "launch_files()").read_text())
+        return TrainConfig(**data.get("training", data))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise InputError(f"{path}: not a training configuration ({err})") from None
+
+
+def _read_records(path: str | os.PathLike) -> list[dict]:
+    """Pipeline records (:func:`make_records`) from a JSON list."""
+    try:
+        records = json.loads(runtime.require(path, "launch_files()").read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not JSON ({err})") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "subject" in r and "image" in r for r in records):
+        raise InputError(f"{path}: not a list of records (each with 'subject' and 'image', see make_records)")
+    return records
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line ``python -m wmloc_utils.training`` (alone, or under torchrun; see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m wmloc_utils.training",
+                                     description="Train a wmloc network (one process, or one per GPU under torchrun).")
+    parser.add_argument("--config", required=True, help="TrainConfig fields as JSON (launch_files' config.json)")
+    parser.add_argument("--train", required=True, help="training records as JSON (launch_files' train.json)")
+    parser.add_argument("--val", required=True, help="validation records as JSON (launch_files' val.json)")
+    parser.add_argument("--out", required=True, help="output folder: best.pt, last.pt, history.csv")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        out = train(read_config(args.config), _read_records(args.train), _read_records(args.val), args.out,
+                    resume=args.resume, progress=not args.quiet)
+    except (InputError, FileNotFoundError) as err:
+        raise SystemExit(f"wmloc training: {err}") from None
+    if Ranks.from_env().main:
+        print(f"best: {out['best']} (validation Dice {out['best_dice']:.3f})\nlast: {out['last']}")
+
+
+if __name__ == "__main__":
+    main()
