@@ -26,12 +26,16 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import pandas as pd
 
 from . import atlas, cluster, inference, localization, registration, runtime, subjects
 from .images import InputError, write_table_atomic
+
+if TYPE_CHECKING:
+    from dask.distributed import Client
 
 REGION_SOURCES = {"atlas": "regions", "network": "regions_pred"}  # region source -> region column of the records
 
@@ -106,7 +110,7 @@ def cohort_table(tidy: pd.DataFrame, pairing: str = "automatic") -> pd.DataFrame
 def run(data: str | os.PathLike, workdir: str | os.PathLike, lesion_checkpoint: str | os.PathLike,
         region_checkpoint: str | os.PathLike | None = None, region_source: str = "atlas",
         n_subjects: int | None = None, tta: bool = False, device: str = "auto", n_jobs: int | None = None,
-        progress: bool = True, scheduler="processes",
+        progress: bool = True, scheduler: str | Client = "processes",
         cluster_config: str | os.PathLike | dict | None = None) -> dict[str, Path]:
     """The whole apply path on a folder or manifest; returns the paths of the tables it wrote.
 

@@ -37,9 +37,14 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import ITK_THREADS
 from .images import InputError
+
+if TYPE_CHECKING:
+    from dask.distributed import Client
+    from dask_jobqueue import SLURMCluster
 
 SCHEDULERS = ("processes", "local", "slurm")
 #: SLURM defaults: one-core, one-thread workers (ANTs single-threaded); overridden by config and arguments.
@@ -72,7 +77,7 @@ def slurm_settings(config: str | os.PathLike | dict | None = None, **kwargs) -> 
     return out
 
 
-def slurm_cluster(config: str | os.PathLike | dict | None = None, **kwargs):
+def slurm_cluster(config: str | os.PathLike | dict | None = None, **kwargs) -> SLURMCluster:
     """A ``dask_jobqueue.SLURMCluster`` (no job submitted until it is scaled); see :func:`slurm_settings`."""
     from dask_jobqueue import SLURMCluster
 
@@ -80,7 +85,7 @@ def slurm_cluster(config: str | os.PathLike | dict | None = None, **kwargs):
 
 
 def client(n_workers: int | None = None, kind: str = "local", config: str | os.PathLike | dict | None = None,
-           **jobqueue_kwargs):
+           **jobqueue_kwargs) -> Client:
     """A ``dask.distributed.Client`` on a new cluster of ``n_workers`` single-threaded worker processes.
 
     ``kind="local"``: a ``LocalCluster`` on this machine (None: one worker per CPU core); ``"slurm"``: a
@@ -102,7 +107,7 @@ def client(n_workers: int | None = None, kind: str = "local", config: str | os.P
     return Client(cluster)
 
 
-def run_each(fn: Callable, jobs: Sequence, n_workers: int, scheduler="processes", names: Sequence[str] | None = None,
+def run_each(fn: Callable, jobs: Sequence, n_workers: int | None, scheduler: str | Client = "processes", names: Sequence[str] | None = None,
              config: str | os.PathLike | dict | None = None) -> Iterator[tuple[int, object]]:
     """Run ``fn(job)`` for every job on ``scheduler``; yield ``(index, result)`` as each finishes.
 

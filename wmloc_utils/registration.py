@@ -13,6 +13,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ants
 import nibabel as nib
@@ -28,6 +29,9 @@ from .metrics import dice, region_dice  # noqa: F401  (region_dice re-exported f
 from .subjects import register_t1_to_flair
 from .tissue import brain_mask as make_brain_mask
 from .tissue import _remove, seed_ants, segment_tissues, to_ants
+
+if TYPE_CHECKING:
+    from dask.distributed import Client
 
 METHODS = ("Affine", "AffineFast", "SyN")
 ERRORS = ("raise", "record")  # run_cohort: stop at a failed subject, or record it and go on
@@ -366,7 +370,7 @@ def _qc_row(qc: dict) -> dict:
 def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, method: str = "Affine",
                n_jobs: int | None = None, overwrite: bool = False, n_subjects: int | None = None,
                reg_spacing: float | None = 3.0, progress: bool = True, full_hash: bool = False,
-               region_targets: str = "registered", scheduler="processes", errors: str = "raise",
+               region_targets: str = "registered", scheduler: str | Client = "processes", errors: str = "raise",
                cluster_config: str | os.PathLike | dict | None = None) -> pd.DataFrame:
     """Regions for every subject of ``subjects.csv`` into ``workdir/03_regions/<subject>/``; re-runnable.
 
