@@ -10,6 +10,7 @@ One module per step of the method, in the order the notebooks use them:
 - :mod:`wmloc_utils.wmdepth`      -- periventricular/deep WM and the bullseye parcellation
 - :mod:`wmloc_utils.tissue`       -- brain extraction and tissue segmentation (ANTsPy)
 - :mod:`wmloc_utils.registration` -- atlas-to-subject registration and label propagation (ANTsPy)
+- :mod:`wmloc_utils.cluster`      -- where the per-subject steps run: processes, a local Dask cluster, SLURM
 - :mod:`wmloc_utils.networks`     -- segmentation networks (MONAI) and the training loss
 - :mod:`wmloc_utils.training`     -- data pipeline, training loop, checkpoints, subject split
 - :mod:`wmloc_utils.inference`    -- whole-volume prediction on each subject's native FLAIR grid

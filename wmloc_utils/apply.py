@@ -8,10 +8,16 @@ Command line::
 
     wmloc-apply DATA WORKDIR --lesion-checkpoint best.pt [--region-checkpoint best.pt]
                 [--region-source atlas|network] [--n-subjects N] [--tta] [--device auto]
+                [--scheduler processes|local|slurm] [--n-workers N] [--cluster-config slurm.yaml]
 
 ``DATA`` is a challenge-layout folder, a BIDS data set or a CSV manifest (see :mod:`wmloc_utils.subjects`).
 The cohort table ``WORKDIR/cohort_loads.csv`` has one row per subject: its total lesion volume, the
-volume left in no region (QC) and the lesion volume in each region.
+volume left in no region (QC) and the lesion volume in each region, with its ``status`` ("ok", or
+"failed" and the ``error``: a subject whose images could not be processed does not stop the others).
+
+The per-subject registration step (brain mask, tissues, atlas registration, labels) runs on
+``--scheduler``: this machine's processes (default), a local Dask cluster or SLURM jobs through
+``dask-jobqueue`` (:mod:`wmloc_utils.cluster`, whose docstring has an example ``--cluster-config``).
 """
 
 from __future__ import annotations
@@ -20,12 +26,16 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import pandas as pd
 
-from . import atlas, inference, localization, registration, runtime, subjects
+from . import atlas, cluster, inference, localization, registration, runtime, subjects
 from .images import InputError, write_table_atomic
+
+if TYPE_CHECKING:
+    from dask.distributed import Client
 
 REGION_SOURCES = {"atlas": "regions", "network": "regions_pred"}  # region source -> region column of the records
 
@@ -100,8 +110,13 @@ def cohort_table(tidy: pd.DataFrame, pairing: str = "automatic") -> pd.DataFrame
 def run(data: str | os.PathLike, workdir: str | os.PathLike, lesion_checkpoint: str | os.PathLike,
         region_checkpoint: str | os.PathLike | None = None, region_source: str = "atlas",
         n_subjects: int | None = None, tta: bool = False, device: str = "auto", n_jobs: int | None = None,
-        progress: bool = True) -> dict[str, Path]:
-    """The whole apply path on a folder or manifest; returns the paths of the tables it wrote."""
+        progress: bool = True, scheduler: str | Client = "processes",
+        cluster_config: str | os.PathLike | dict | None = None) -> dict[str, Path]:
+    """The whole apply path on a folder or manifest; returns the paths of the tables it wrote.
+
+    Registration runs on ``scheduler`` with ``n_jobs`` workers (:func:`registration.run_cohort`); a subject
+    that fails there is skipped by the later steps and reported in the cohort table (``status``, ``error``).
+    """
     if region_source == "network" and region_checkpoint is None:
         raise InputError("region_source='network' needs a region checkpoint")
     workdir = runtime.resolve_workdir(workdir)
@@ -110,19 +125,32 @@ def run(data: str | os.PathLike, workdir: str | os.PathLike, lesion_checkpoint: 
     subjects_csv = prepare_subjects(data, workdir, n_subjects, progress)
     lut = prepare_atlas(workdir)
     timings["subjects"] = time.perf_counter() - start
-    registration.run_cohort(subjects_csv, workdir, n_jobs=n_jobs, progress=progress)
+    regions = registration.run_cohort(subjects_csv, workdir, n_jobs=n_jobs, progress=progress, scheduler=scheduler,
+                                      errors="record", cluster_config=cluster_config)
+    if (regions["status"] == "failed").all():
+        raise InputError(f"every subject failed in the registration step, nothing to segment: {regions['error'].iloc[0]}")
     timings["regions"] = time.perf_counter() - start - sum(timings.values())
     inference.predict_step(workdir, lesion_checkpoint, region_checkpoint, tta=tta, device=device, progress=progress)
     timings["segmentation"] = time.perf_counter() - start - sum(timings.values())
     recs = records(workdir)
     tidy = cohort_loads(recs, lut, region_source, progress=progress)
     paths = localization.write_loads(tidy, runtime.step_dir(workdir, "07_localization"))
-    paths["cohort"] = write_table_atomic(cohort_table(tidy), workdir / "cohort_loads.csv", index=False,
-                                         float_format="%.6g")
+    paths["cohort"] = write_table_atomic(with_status(cohort_table(tidy), regions), workdir / "cohort_loads.csv",
+                                         index=False, float_format="%.6g")
     timings["loads"] = time.perf_counter() - start - sum(timings.values())
     if progress:
         print(f"{len(recs)} subjects; seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+        registration.failed_subjects(regions, "registration")  # printed again, last: not to be missed
     return paths
+
+
+def with_status(table: pd.DataFrame, regions: pd.DataFrame) -> pd.DataFrame:
+    """The cohort table with ``status`` and ``error`` per subject, a row (no loads) for each failed subject."""
+    failed = regions.loc[regions.get("status", pd.Series("ok", regions.index)) == "failed", ["subject", "error"]]
+    out = pd.concat([table.assign(status="ok", error=""), failed.assign(status="failed")], ignore_index=True)
+    order = {s: i for i, s in enumerate(regions["subject"])}
+    out = out.sort_values("subject", key=lambda s: s.map(order), kind="stable", ignore_index=True)
+    return out[["subject", "status", "error", *[c for c in table if c != "subject"]]]
 
 
 def evaluate(workdir: str | os.PathLike, references: dict[str, str | os.PathLike],
@@ -175,11 +203,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-subjects", type=int, help="only the first N subjects")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (slower)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--n-jobs", type=int, help="worker processes for the registration step (default: one per CPU core)")
+    parser.add_argument("--scheduler", choices=cluster.SCHEDULERS, default="processes",
+                        help="where the registration step runs: this machine's processes (default), a local Dask "
+                             "cluster, or SLURM jobs (dask-jobqueue)")
+    parser.add_argument("--n-workers", "--n-jobs", dest="n_workers", type=int,
+                        help="workers of the registration step, one subject each (default: one per CPU core; "
+                             "required for slurm)")
+    parser.add_argument("--cluster-config", help="YAML file of SLURMCluster options (queue, account, memory, walltime"
+                                                 ", ...; see wmloc_utils.cluster)")
     args = parser.parse_args(argv)
     try:
         paths = run(args.data, args.workdir, args.lesion_checkpoint, args.region_checkpoint, args.region_source,
-                    args.n_subjects, args.tta, args.device, args.n_jobs)
+                    args.n_subjects, args.tta, args.device, args.n_workers, scheduler=args.scheduler,
+                    cluster_config=args.cluster_config)
     except (InputError, FileNotFoundError) as err:
         raise SystemExit(f"wmloc-apply: {err}") from None
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))

@@ -415,8 +415,11 @@ def bar_figure(tidy: pd.DataFrame, subject: str | None = None, value: str = "les
 
 
 def cohort_heatmap(wide: pd.DataFrame, title: str = "Regional lesion load", label: str = "mL") -> go.Figure:
-    """Interactive heatmap of a subjects x regions matrix (hover shows subject, region and value)."""
-    fig = px.imshow(wide.astype(float), aspect="auto", color_continuous_scale="Inferno",
+    """Interactive heatmap of a subjects x regions matrix (hover shows subject, region and value).
+
+    Only numeric columns are drawn (a cohort table's ``status`` and ``error`` are not regions).
+    """
+    fig = px.imshow(wide.select_dtypes("number").astype(float), aspect="auto", color_continuous_scale="Inferno",
                     labels=dict(x="region", y="subject", color=label), title=title)
     fig.update_xaxes(tickangle=-60)
     fig.update_layout(height=max(350, 18 * len(wide) + 200))

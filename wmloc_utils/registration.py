@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ants
 import nibabel as nib
@@ -29,7 +30,11 @@ from .subjects import register_t1_to_flair
 from .tissue import brain_mask as make_brain_mask
 from .tissue import _remove, seed_ants, segment_tissues, to_ants
 
+if TYPE_CHECKING:
+    from dask.distributed import Client
+
 METHODS = ("Affine", "AffineFast", "SyN")
+ERRORS = ("raise", "record")  # run_cohort: stop at a failed subject, or record it and go on
 REGION_TARGETS = ("registered", "authors")  # the region maps regions.csv hands on: ours, or the paper authors'
 REGION_IDS = tuple(range(1, 35))
 LABEL_IDS = tuple(range(1, 37))
@@ -271,12 +276,55 @@ def _workers(n_jobs: int | None, n_tasks: int) -> int:
     return min(n_tasks, n_jobs or os.cpu_count() or 1)
 
 
-def _worker(args: tuple) -> dict:
-    """Process-pool entry (one ITK thread per process, as everywhere: :data:`wmloc_utils.ITK_THREADS`)."""
+def _worker(args: tuple, atlas: dict | None = None) -> dict:
+    """One subject of :func:`run_cohort` in a worker (one ITK thread per process: :data:`wmloc_utils.ITK_THREADS`)."""
     row, outdir, workdir, method, reg_spacing, fp = args
-    return process_subject(row["subject"], row["t1"], row["flair"], outdir, atlas_inputs(workdir),
-                           lesion=row.get("lesion"), method=method, reg_spacing=reg_spacing,
-                           truth_dir=row.get("truth_dir"), fingerprint=fp)
+    return process_subject(row["subject"], row["t1"], row["flair"], outdir,
+                           atlas if atlas is not None else atlas_inputs(workdir), lesion=row.get("lesion"),
+                           method=method, reg_spacing=reg_spacing, truth_dir=row.get("truth_dir"), fingerprint=fp)
+
+
+def _run_jobs(jobs: list[tuple], workdir, n_jobs: int | None, scheduler, cluster_config):
+    """``(job, qc or exception)`` of every :func:`_worker` job as it finishes: here (one process pool worker) or on
+    ``scheduler`` (:func:`wmloc_utils.cluster.run_each`)."""
+    if not jobs:
+        return
+    if scheduler == "slurm":
+        n = min(n_jobs, len(jobs)) if n_jobs else None  # the cluster asks for it
+    else:
+        n = _workers(n_jobs, len(jobs))
+    if scheduler in (None, "processes") and n <= 1:
+        atlas = atlas_inputs(workdir)  # loaded once for every subject
+        for job in jobs:
+            try:
+                yield job, _worker(job, atlas)
+            except Exception as err:  # noqa: BLE001 (the caller raises it or records it)
+                yield job, err
+        return
+    from . import cluster
+
+    for i, result in cluster.run_each(_worker, jobs, n, scheduler, [job[0]["subject"] for job in jobs],
+                                      cluster_config):
+        yield jobs[i], result
+
+
+def _failure(subject: str, err: Exception) -> dict:
+    """The table row of a failed subject: ``status`` "failed" and the ``error``, naming the subject."""
+    message = f"{type(err).__name__}: {err}"
+    if f"subject {subject}" not in message:
+        message = f"subject {subject}: {message}"
+    return {"subject": subject, "status": "failed", "error": message}
+
+
+def _report_failures(failed: dict[str, dict], n_subjects: int) -> None:
+    """Print the failed subjects of a cohort run, with what to do: fix their input and run again."""
+    if not failed:
+        return
+    bar = "!" * 72
+    lines = [bar, f"{len(failed)} of {n_subjects} subjects FAILED (status 'failed' in regions.csv; the others finished):"]
+    lines += [f"  {qc['error']}" for qc in failed.values()]
+    lines += ["Fix their input and run again: finished subjects are reused, failed ones retried.", bar]
+    print("\n".join(lines), flush=True)
 
 
 def atlas_sources(workdir: str | os.PathLike | None = None, data_dir=None) -> dict[str, Path]:
@@ -322,7 +370,8 @@ def _qc_row(qc: dict) -> dict:
 def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, method: str = "Affine",
                n_jobs: int | None = None, overwrite: bool = False, n_subjects: int | None = None,
                reg_spacing: float | None = 3.0, progress: bool = True, full_hash: bool = False,
-               region_targets: str = "registered") -> pd.DataFrame:
+               region_targets: str = "registered", scheduler: str | Client = "processes", errors: str = "raise",
+               cluster_config: str | os.PathLike | dict | None = None) -> pd.DataFrame:
     """Regions for every subject of ``subjects.csv`` into ``workdir/03_regions/<subject>/``; re-runnable.
 
     A finished subject is reused while its fingerprint (input files, ``method``/``reg_spacing``, version,
@@ -333,9 +382,19 @@ def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, meth
     any machine). Returns ``03_regions/regions.csv`` (one QC row each), rewritten only when its content
     changes: an unchanged rerun writes nothing. ``region_targets="authors"`` (WMH challenge subjects only)
     hands on the paper authors' maps as ``regions`` instead of ours (:func:`attach_authors_regions`).
+
+    ``scheduler`` (:mod:`wmloc_utils.cluster`): ``"processes"`` (this machine's process pool; one subject
+    runs here when ``n_jobs`` is 1), ``"local"`` (a Dask cluster of ``n_jobs`` single-threaded workers),
+    ``"slurm"`` (``n_jobs`` SLURM worker jobs, settings from ``cluster_config``) or a ``dask.distributed.Client``;
+    every scheduler gives the same bytes. ``errors="raise"`` stops at the first failed subject;
+    ``"record"`` lets the others finish, gives the failed ones a row with ``status`` "failed" and the
+    ``error`` (every row has ``status`` and ``error``) and prints them; a rerun retries them (a failed
+    subject has no finished result) and reuses the others.
     """
     if region_targets not in REGION_TARGETS:
         raise InputError(f"region_targets={region_targets!r}: expected one of {REGION_TARGETS}")
+    if errors not in ERRORS:
+        raise InputError(f"errors={errors!r}: expected one of {ERRORS}")
     table = pd.read_csv(subjects_csv, dtype={"subject": str}, keep_default_na=False)
     if n_subjects:
         table = table.head(int(n_subjects))
@@ -352,27 +411,24 @@ def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, meth
             print(f"subject {row['subject']}: {'; '.join(why)}, recomputing")
         todo.append((row, fp))
     bar = tqdm(total=len(todo), desc=f"regions ({method})", disable=not progress or not todo)
-    n_jobs = _workers(n_jobs, len(todo))
-    if todo and n_jobs <= 1:
-        atlas = atlas_inputs(workdir)
-        for row, fp in todo:
-            rows[row["subject"]] = process_subject(row["subject"], row["t1"], row["flair"], step / row["subject"],
-                                                   atlas, lesion=row.get("lesion"), method=method,
-                                                   reg_spacing=reg_spacing, truth_dir=row.get("truth_dir"),
-                                                   fingerprint=fp)
-            bar.update()
-    elif todo:
-        with ProcessPoolExecutor(max_workers=n_jobs) as pool:
-            futures = [pool.submit(_worker, (row, step / row["subject"], str(workdir), method, reg_spacing, fp))
-                       for row, fp in todo]
-            for fut in as_completed(futures):
-                qc = fut.result()
-                rows[qc["subject"]] = qc
-                bar.update()
+    jobs = [(row, step / row["subject"], str(workdir), method, reg_spacing, fp) for row, fp in todo]
+    failed = {}
+    for (row, *_), result in _run_jobs(jobs, workdir, n_jobs, scheduler, cluster_config):
+        bar.update()
+        if not isinstance(result, Exception):
+            rows[row["subject"]] = result
+        elif errors == "raise":
+            raise result
+        else:
+            failed[row["subject"]] = rows[row["subject"]] = _failure(row["subject"], result)
     bar.close()
     qc = pd.DataFrame([_qc_row(rows[s]) for s in table["subject"]])
+    if errors == "record":
+        qc = qc.assign(status=qc.get("status", pd.Series(index=qc.index, dtype=object)).fillna("ok"),
+                       error=qc.get("error", pd.Series(index=qc.index, dtype=object)).fillna(""))
+        _report_failures(failed, len(table))
     if region_targets == "authors":
-        qc = attach_authors_regions(qc, table, targets="authors")
+        qc = attach_authors_regions(qc[qc["status"] == "ok"] if "status" in qc else qc, table, targets="authors")
     provenance.write_table_if_changed(qc, step / "regions.csv", index=False)
     return qc
 
@@ -406,6 +462,16 @@ def attach_authors_regions(qc: pd.DataFrame, subjects: pd.DataFrame, targets: st
     return out
 
 
+def failed_subjects(qc: pd.DataFrame, step: str = "the regions step") -> list[str]:
+    """The subjects of a :func:`run_cohort` table that failed (``status`` "failed"), each printed as skipped."""
+    if "status" not in qc:
+        return []
+    failed = qc[qc["status"] == "failed"]
+    for row in failed.itertuples():
+        print(f"skipping subject {row.subject}: it failed in {step} ({row.error})")
+    return failed["subject"].astype(str).tolist()
+
+
 def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | None = None) -> pd.DataFrame:
     """The subjects table with ``t1`` replaced by notebook 03's ``t1_on_flair`` where it registered one.
 
@@ -415,6 +481,8 @@ def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | 
     Training (notebooks 04/05) and inference (06) need every channel on the FLAIR grid; the original
     path is kept as ``t1_native``. ``subjects`` defaults to ``workdir/01_data/subjects.csv`` (read as
     the notebooks read it). A T1 flagged off-grid by notebook 01 without a registered copy is an error.
+    Subjects whose regions failed (``status`` "failed", :func:`run_cohort` with ``errors="record"``) are
+    left out, each named in a printed line.
     """
     from .runtime import require  # (runtime imports torch: only here)
 
@@ -427,6 +495,7 @@ def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | 
     regions_csv = workdir / STEP / "regions.csv"
     if regions_csv.exists():
         regions = pd.read_csv(regions_csv, dtype={"subject": str}, keep_default_na=False)
+        table = table[~table["subject"].isin(failed_subjects(regions, "notebook 03 (regions)"))]
         if "t1_on_flair" in regions:
             moved = regions.set_index("subject")["t1_on_flair"]
             moved = table["subject"].map(moved[moved != ""])

@@ -1,0 +1,128 @@
+"""Speed-up of the per-subject registration step on a local Dask cluster (1 vs 2 workers), and a 1,000-subject projection.
+
+The registration step of ``wmloc-apply`` (brain mask, tissues, atlas registration, labels: ``run_cohort``)
+runs on N demo subjects on the challenge grids (per-site voxels, LPS, oblique) with a local Dask cluster of
+1 worker, then of 2 workers (one thread each; the cluster is started before the clock starts). Prints the
+wall seconds per subject, the speed-up ratio, the CPU share the workers got (CPU seconds of the worker
+processes / wall seconds x workers: below 1 when something else runs on the cores), the speed-up per core
+obtained (the ratio corrected by these shares: what dedicated cores, e.g. SLURM's, give) and the load average.
+
+From the measured per-subject seconds of each step (brain mask and tissues, registration, label
+propagation: ``qc.json``; regional loads: measured here on the demo lesion masks; segmentation: a
+parameter, default the README's CPU inference of a 1 mm FLAIR, lesions 2.2 s + regions 10.3 s, no TTA)
+it projects a 1,000-subject cohort on 2..256 single-core workers: wall time = rounds of ``workers`` subjects x
+seconds per subject / efficiency, with the efficiency measured at 2 workers (per core obtained, and as measured
+on this machine), and the core-hours billed
+(workers x wall) at ``--price`` per core-hour.
+
+    python benchmarks/bench_cluster.py [--subjects 4] [--price 0.05] [--segmentation-seconds 12.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from wmloc_utils import apply, atlas, cluster, demo, localization
+from wmloc_utils import registration as reg
+
+WORKERS = (2, 16, 64, 256)
+
+
+def _cpu(client) -> float:
+    """CPU seconds used so far by all the client's worker processes."""
+    return sum(client.run(time.process_time).values())
+
+
+def timed_run(csv: Path, workdir: Path, n_workers: int) -> dict:
+    """run_cohort on a fresh local cluster of ``n_workers``: wall seconds, worker CPU seconds, the QC table."""
+    start = time.perf_counter()
+    with cluster.client(n_workers, "local") as client:
+        startup = time.perf_counter() - start
+        cpu0, t0 = _cpu(client), time.perf_counter()
+        qc = reg.run_cohort(csv, workdir, n_jobs=n_workers, scheduler=client, errors="record", progress=False)
+        wall = time.perf_counter() - t0
+        cpu = _cpu(client) - cpu0
+        client.cluster.close()
+    if (qc["status"] != "ok").any():
+        raise SystemExit(f"a subject failed: {qc.loc[qc['status'] != 'ok', 'error'].tolist()}")
+    return {"workers": n_workers, "startup": startup, "wall": wall, "cpu": cpu, "qc": qc}
+
+
+def step_seconds(workdir: Path, qc: pd.DataFrame, lut: Path, lesions: dict) -> pd.DataFrame:
+    """Seconds per subject of each step: mask and tissues, registration, propagation (qc.json), loads (timed here)."""
+    rows = []
+    for row in qc.itertuples():
+        done = json.loads((workdir / reg.STEP / row.subject / reg.DONE).read_text())
+        t0 = time.perf_counter()
+        localization.regional_loads_img(lesions[row.subject], row.regions, lut, subject=row.subject,
+                                        fill_from=atlas.WM_REGIONS, brain_img=row.brain_mask)
+        rows.append({"subject": row.subject,
+                     "mask_and_tissues": done["seconds"] - done["registration_seconds"] - done["propagation_seconds"],
+                     "registration": done["registration_seconds"], "propagation": done["propagation_seconds"],
+                     "loads": time.perf_counter() - t0})
+    return pd.DataFrame(rows).set_index("subject")
+
+
+def projection(per_subject: float, efficiency: float, price: float, n: int = 1000) -> pd.DataFrame:
+    """Wall hours and billed core-hours of ``n`` subjects on each of :data:`WORKERS` single-core workers."""
+    rows = []
+    for w in WORKERS:
+        wall = math.ceil(n / w) * per_subject / efficiency  # whole rounds of subjects
+        rows.append({"workers": w, "wall_h": wall / 3600, "core_h": w * wall / 3600, "cost": w * wall / 3600 * price})
+    return pd.DataFrame(rows).set_index("workers")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subjects", type=int, default=4)
+    parser.add_argument("--price", type=float, default=0.05, help="price of one core-hour (default 0.05, e.g. USD)")
+    parser.add_argument("--segmentation-seconds", type=float, default=12.5,
+                        help="lesion + region inference seconds per subject (default: README, CPU, 1 mm, no TTA)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="wmloc-bench-cluster-") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        demo.generate(tmp / "data", n_subjects=args.subjects, grid="challenge", progress=False)
+        csv = apply.prepare_subjects(tmp / "data", tmp / "work1", progress=False)
+        lut = apply.prepare_atlas(tmp / "work1")
+        print(f"{args.subjects} demo subjects (challenge grids) made in {time.perf_counter() - t0:.0f} s; "
+              f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f}")
+        runs = [timed_run(csv, tmp / "work1", 1), timed_run(csv, tmp / "work2", 2)]
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        same = all((tmp / "work1" / reg.STEP / s / "regions.nii.gz").read_bytes()
+                   == (tmp / "work2" / reg.STEP / s / "regions.nii.gz").read_bytes() for s in runs[0]["qc"]["subject"])
+        print("\nregistration step (mask, tissues, registration, labels) on a local Dask cluster:")
+        for r in runs:
+            print(f"  {r['workers']} worker(s): {r['wall']:.1f} s wall, {r['wall'] / args.subjects:.1f} s per subject, "
+                  f"worker CPU share {r['cpu'] / (r['wall'] * r['workers']):.2f}; cluster start {r['startup']:.1f} s")
+        ratio = runs[0]["wall"] / runs[1]["wall"]
+        shares = [r["cpu"] / (r["wall"] * r["workers"]) for r in runs]
+        per_core = ratio * shares[0] / shares[1]  # the speed-up had each worker had its core to itself
+        print(f"  speed-up 1 -> 2 workers: {ratio:.2f} (ideal 2); region maps byte-identical: {same}")
+        print(f"  worker CPU seconds per subject: {runs[0]['cpu'] / args.subjects:.1f} (1 worker), "
+              f"{runs[1]['cpu'] / args.subjects:.1f} (2 workers); speed-up per core obtained "
+              f"(ratio x CPU share 1 / CPU share 2, what dedicated cores such as SLURM's give): {per_core:.2f}")
+        lesions = pd.read_csv(csv, dtype={"subject": str}).set_index("subject")["lesion"].to_dict()
+        steps = step_seconds(tmp / "work1", runs[0]["qc"], lut, lesions)
+        steps["segmentation"] = args.segmentation_seconds
+        overhead = runs[0]["wall"] / args.subjects - steps[["mask_and_tissues", "registration", "propagation"]].sum(axis=1).mean()
+        steps["scheduling_and_io"] = max(overhead, 0.0)
+        print("\nseconds per subject and step (1 worker; segmentation: parameter):")
+        print(steps.describe().loc[["mean", "min", "max"]].round(2).to_string())
+        per_subject = float(steps.sum(axis=1).mean())
+        for name, efficiency in (("dedicated cores", min(1.0, per_core / 2)), ("this machine", min(1.0, ratio / 2))):
+            print(f"\n1,000 subjects at {per_subject:.1f} s each, parallel efficiency {efficiency:.2f} ({name}, "
+                  f"measured at 2 workers), {args.price:g} per core-hour:")
+            print(projection(per_subject, efficiency, args.price).round(2).to_string())
+
+
+if __name__ == "__main__":
+    main()
