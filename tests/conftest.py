@@ -58,3 +58,19 @@ def workdir(tmp_path_factory) -> Path:
 def executed(tmp_path_factory) -> Path:
     """Where the book runner writes the executed notebooks (as book/notebooks/ in ``make book``)."""
     return tmp_path_factory.mktemp("book-executed")
+
+
+@pytest.fixture
+def fake_download(monkeypatch) -> dict:
+    """``pooch.retrieve`` replaced by a stand-in that writes a placeholder file; the dict records its url and hash."""
+    import pooch
+
+    seen = {}
+
+    def fake_retrieve(url, known_hash, fname, path, progressbar):
+        seen.update(url=url, known_hash=known_hash)
+        (path / fname).write_text("x")
+        return str(path / fname)
+
+    monkeypatch.setattr(pooch, "retrieve", fake_retrieve)
+    return seen

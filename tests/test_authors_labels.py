@@ -76,15 +76,8 @@ def test_unpublished_id_names_the_id_and_the_files_looked_for():
         authors_labels.fetch_map("0", split="Validation")
 
 
-def test_missing_map_downloads_into_its_split_folder_or_says_how_to_provide_it(monkeypatch, tmp_path):
-    seen = {}
-
-    def fake_retrieve(url, known_hash, fname, path, progressbar):
-        seen.update(url=url, known_hash=known_hash)
-        (path / fname).write_text("x")
-        return str(path / fname)
-
-    monkeypatch.setattr(pooch, "retrieve", fake_retrieve)
+def test_missing_map_downloads_into_its_split_folder_or_says_how_to_provide_it(monkeypatch, tmp_path, fake_download):
+    seen = fake_download
     out = authors_labels.fetch_map("1", path=tmp_path)  # a test-set subject
     assert out == tmp_path / "Test" / "WMH_1.nii.gz"
     assert seen == {"url": authors_labels.registry()["Test/WMH_1.nii.gz"].url,

@@ -49,15 +49,8 @@ def test_offline_error_names_file_folder_and_remedy(monkeypatch, tmp_path):
     assert NAME in msg and str(tmp_path) in msg and "WMLOC_DATA" in msg and "https://github.com" in msg
 
 
-def test_download_goes_through_pooch_with_the_registered_hash(monkeypatch, tmp_path):
-    seen = {}
-
-    def fake_retrieve(url, known_hash, fname, path, progressbar):
-        seen.update(url=url, known_hash=known_hash)
-        (path / fname).write_text("x")
-        return str(path / fname)
-
-    monkeypatch.setattr(pooch, "retrieve", fake_retrieve)
+def test_download_goes_through_pooch_with_the_registered_hash(tmp_path, fake_download):
+    seen = fake_download
     out = fetch.fetch(NAME, tmp_path / "cache")
     assert out == tmp_path / "cache" / NAME
     assert seen["known_hash"] == "sha256:" + fetch.registry()[NAME].sha256

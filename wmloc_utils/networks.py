@@ -131,17 +131,20 @@ class SegLoss(torch.nn.Module):
         self.ignore_label = ignore_label
         self.dice = MaskedDiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
 
+    def _kept(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target as class indices with the ignored label set to 0, and where it is not ignored."""
+        target = target.long()
+        if self.ignore_label is None:
+            return target, torch.ones_like(target, dtype=torch.bool)
+        keep = target != self.ignore_label
+        return torch.where(keep, target, torch.zeros_like(target)), keep
+
     def terms(self, logits: torch.Tensor, target: torch.Tensor, skeleton: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The three unweighted loss terms (``skeleton`` None gives a zero skeleton term).
 
         Data-parallel training, where each process holds part of the batch, uses :meth:`global_terms`.
         """
-        target = target.long()
-        if self.ignore_label is not None:
-            keep = target != self.ignore_label
-            target = torch.where(keep, target, torch.zeros_like(target))
-        else:
-            keep = torch.ones_like(target, dtype=torch.bool)
+        target, keep = self._kept(target)
         ce = F.cross_entropy(logits, target[:, 0], reduction="none")
         ce = (ce * keep[:, 0]).sum() / keep.sum().clamp_min(1)
         dice = self.dice(logits, target, mask=keep.to(logits.dtype))
@@ -165,12 +168,7 @@ class SegLoss(torch.nn.Module):
                                     for t in (logits, target, skeleton))
         logits = logits.float()
         n = logits.shape[1]
-        target = target.long()
-        if self.ignore_label is not None:
-            keep = target != self.ignore_label
-            target = torch.where(keep, target, torch.zeros_like(target))
-        else:
-            keep = torch.ones_like(target, dtype=torch.bool)
+        target, keep = self._kept(target)
         ce = (F.cross_entropy(logits, target[:, 0], reduction="none") * keep[:, 0]).sum()
         probs = torch.softmax(logits, 1)
         pred = (probs * keep)[:, 1:]  # foreground classes inside the kept voxels (MaskedDiceLoss)
