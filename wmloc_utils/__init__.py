@@ -10,9 +10,11 @@ One module per step of the method, in the order the notebooks use them:
 - :mod:`wmloc_utils.wmdepth`      -- periventricular/deep WM and the bullseye parcellation
 - :mod:`wmloc_utils.tissue`       -- brain extraction and tissue segmentation (ANTsPy)
 - :mod:`wmloc_utils.registration` -- atlas-to-subject registration and label propagation (ANTsPy)
+- :mod:`wmloc_utils.authors_labels` -- the paper authors' published region maps of the challenge subjects
 - :mod:`wmloc_utils.cluster`      -- where the per-subject steps run: processes, a local Dask cluster, SLURM
 - :mod:`wmloc_utils.networks`     -- segmentation networks (MONAI) and the training loss
-- :mod:`wmloc_utils.training`     -- data pipeline, training loop, checkpoints, subject split
+- :mod:`wmloc_utils.multiresunet` -- the 3D MultiResUNet (Ibtehaz and Rahman 2020) from MONAI blocks
+- :mod:`wmloc_utils.training`     -- data pipeline, training loop (one process or torchrun), checkpoints, split
 - :mod:`wmloc_utils.inference`    -- whole-volume prediction on each subject's native FLAIR grid
 - :mod:`wmloc_utils.metrics`      -- the MICCAI 2017 WMH challenge metrics and region Dice
 - :mod:`wmloc_utils.localization` -- regional lesion loads per subject and cohort
