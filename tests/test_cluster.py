@@ -143,3 +143,47 @@ def test_cohort_table_reports_failed_subjects():
     assert out.columns.tolist() == ["subject", "status", "error", "lesion_ml", "1"]
     assert out["subject"].tolist() == ["a", "b", "c"] and out["status"].tolist() == ["ok", "failed", "ok"]
     assert out["lesion_ml"].isna().tolist() == [False, True, False]
+
+
+@pytest.fixture(scope="module")
+def lesion_checkpoint(cohort, tmp_path_factory):
+    """A lesion network trained for one step on the cohort's first subject (enough to predict with)."""
+    from wmloc_utils import training
+
+    table = pd.read_csv(cohort, dtype={"subject": str}).head(1)
+    cfg = training.TrainConfig(patch_size=16, spacing=4.0, epochs=1, iters_per_epoch=1, batch_size=2,
+                               model_overrides={"channels": (4, 8, 16, 32)})
+    out = tmp_path_factory.mktemp("model")
+    return training.train(cfg, training.make_records(table, "t1+flair", "lesion"), [], out, progress=False)["best"]
+
+
+def test_segmentation_on_a_local_dask_cluster_with_a_failing_subject(cohort, lesion_checkpoint, corrupt_flair, tmp_path):
+    """One task per subject on 2 workers: the predictions of this process, and a bad FLAIR recorded, not raised."""
+    import nibabel as nib
+    import numpy as np
+
+    from wmloc_utils import inference
+
+    table = pd.read_csv(cohort, dtype={"subject": str})
+    ids = table["subject"].tolist()
+    with pytest.raises(InputError, match="FLAIR"):
+        inference.predict_cohort(table, tmp_path / "here", lesion_checkpoint, progress=False)
+    here = inference.predict_cohort(table.head(2), tmp_path / "here", lesion_checkpoint, progress=False)
+    dask = inference.predict_cohort(table, tmp_path / "dask", lesion_checkpoint, progress=False, scheduler="local",
+                                    n_jobs=2, errors="record")
+    assert dask["subject"].tolist() == ids and dask["status"].tolist() == ["ok", "ok", "failed"]
+    assert "FLAIR" in dask["error"].iloc[2] and ids[2] in dask["error"].iloc[2]
+    for a, b in zip(here.itertuples(), dask.head(2).itertuples()):
+        prob_a, prob_b = (np.asanyarray(nib.load(p).dataobj) for p in (a.lesion_prob, b.lesion_prob))
+        assert prob_a.shape == prob_b.shape and np.allclose(prob_a, prob_b, atol=1e-4)  # 2 threads here, 1 there
+
+
+def test_a_changed_checkpoint_file_is_loaded_again(lesion_checkpoint):
+    """Networks are loaded once per process, but a checkpoint rewritten in place (a retrained network) is reloaded."""
+    from wmloc_utils import inference
+
+    first = inference._loaded(str(lesion_checkpoint), "cpu")
+    assert inference._loaded(str(lesion_checkpoint), "cpu") is first
+    st = os.stat(lesion_checkpoint)
+    os.utime(lesion_checkpoint, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert inference._loaded(str(lesion_checkpoint), "cpu") is not first

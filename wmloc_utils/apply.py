@@ -15,9 +15,10 @@ The cohort table ``WORKDIR/cohort_loads.csv`` has one row per subject: its total
 volume left in no region (QC) and the lesion volume in each region, with its ``status`` ("ok", or
 "failed" and the ``error``: a subject whose images could not be processed does not stop the others).
 
-The per-subject registration step (brain mask, tissues, atlas registration, labels) runs on
-``--scheduler``: this machine's processes (default), a local Dask cluster or SLURM jobs through
-``dask-jobqueue`` (:mod:`wmloc_utils.cluster`, whose docstring has an example ``--cluster-config``).
+The per-subject steps run on ``--scheduler``: this machine's processes (default; the networks then run in
+this process, their threads on every core), a local Dask cluster or SLURM jobs through ``dask-jobqueue``
+(registration and segmentation, one task per subject; :mod:`wmloc_utils.cluster`, whose docstring has an
+example ``--cluster-config``).
 """
 
 from __future__ import annotations
@@ -114,8 +115,10 @@ def run(data: str | os.PathLike, workdir: str | os.PathLike, lesion_checkpoint: 
         cluster_config: str | os.PathLike | dict | None = None) -> dict[str, Path]:
     """The whole apply path on a folder or manifest; returns the paths of the tables it wrote.
 
-    Registration runs on ``scheduler`` with ``n_jobs`` workers (:func:`registration.run_cohort`); a subject
-    that fails there is skipped by the later steps and reported in the cohort table (``status``, ``error``).
+    Registration runs on ``scheduler`` with ``n_jobs`` workers (:func:`registration.run_cohort`), and so does
+    segmentation on a Dask scheduler (``"local"``, ``"slurm"``, a client; with ``"processes"`` the networks run
+    in this process, their threads on every core). A subject that fails in either is skipped by the later
+    steps and reported in the cohort table (``status``, ``error``).
     """
     if region_source == "network" and region_checkpoint is None:
         raise InputError("region_source='network' needs a region checkpoint")
@@ -130,9 +133,18 @@ def run(data: str | os.PathLike, workdir: str | os.PathLike, lesion_checkpoint: 
     if (regions["status"] == "failed").all():
         raise InputError(f"every subject failed in the registration step, nothing to segment: {regions['error'].iloc[0]}")
     timings["regions"] = time.perf_counter() - start - sum(timings.values())
-    inference.predict_step(workdir, lesion_checkpoint, region_checkpoint, tta=tta, device=device, progress=progress)
+    preds = inference.predict_step(workdir, lesion_checkpoint, region_checkpoint, tta=tta, device=device,
+                                   progress=progress, scheduler=None if scheduler == "processes" else scheduler,
+                                   n_jobs=n_jobs, errors="record", cluster_config=cluster_config)
     timings["segmentation"] = time.perf_counter() - start - sum(timings.values())
+    failed = preds.loc[preds["status"] == "failed", ["subject", "status", "error"]]
+    regions, err = regions.copy(), failed.set_index("subject")["error"]  # each subject's status: now segmentation's too
+    hit = regions["subject"].isin(err.index)
+    regions.loc[hit, "status"], regions.loc[hit, "error"] = "failed", regions.loc[hit, "subject"].map(err)
     recs = records(workdir)
+    recs = recs[~recs["subject"].isin(registration.failed_subjects(failed, "segmentation"))]
+    if recs.empty:
+        raise InputError(f"every subject failed in the segmentation step: {failed['error'].iloc[0]}")
     tidy = cohort_loads(recs, lut, region_source, progress=progress)
     paths = localization.write_loads(tidy, runtime.step_dir(workdir, "07_localization"))
     paths["cohort"] = write_table_atomic(with_status(cohort_table(tidy), regions), workdir / "cohort_loads.csv",
@@ -140,7 +152,7 @@ def run(data: str | os.PathLike, workdir: str | os.PathLike, lesion_checkpoint: 
     timings["loads"] = time.perf_counter() - start - sum(timings.values())
     if progress:
         print(f"{len(recs)} subjects; seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-        registration.failed_subjects(regions, "registration")  # printed again, last: not to be missed
+        registration.failed_subjects(regions, "registration or segmentation")  # printed again, last: not to be missed
     return paths
 
 

@@ -7,11 +7,13 @@ checkpoint's config and inverted with MONAI ``Invertd``, so outputs land on the 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -26,6 +28,9 @@ from . import runtime
 from .images import InputError, check_same_grid, like, load_nifti, save_nifti
 from .metrics import lesions
 from .training import check_inputs, load_checkpoint, preprocessing
+
+if TYPE_CHECKING:
+    from dask.distributed import Client
 
 OUTPUT_NAMES = {"lesion": {"mask": "lesion_pred.nii.gz", "prob": "lesion_prob.nii.gz"},
                 "regions": {"labels": "regions_pred.nii.gz"}}
@@ -218,7 +223,9 @@ def split_of(config: dict, subject: str) -> str:
 def predict_cohort(table: pd.DataFrame, out_root: str | os.PathLike, lesion_checkpoint: str | os.PathLike | None = None,
                    region_checkpoint: str | os.PathLike | None = None, split: pd.DataFrame | None = None,
                    tta: bool = False, device: str = "auto", progress: bool = True,
-                   brain_col: str | None = None, wm_col: str | None = None, **kwargs) -> pd.DataFrame:
+                   brain_col: str | None = None, wm_col: str | None = None, scheduler: str | Client | None = None,
+                   n_jobs: int | None = None, errors: str = "raise", cluster_config: str | os.PathLike | dict | None = None,
+                   **kwargs) -> pd.DataFrame:
     """Predict every subject of ``table`` into ``out_root/<subject>/`` with each given checkpoint.
 
     A subject whose outputs exist and whose inputs, checkpoints and settings are unchanged (same
@@ -227,44 +234,109 @@ def predict_cohort(table: pd.DataFrame, out_root: str | os.PathLike, lesion_chec
     :func:`segment`, as are ``kwargs``. Returns one row per subject: subject,
     split, lesion_pred, lesion_prob, regions_pred. The split comes from ``split`` when given, else from
     the lesion checkpoint: "train"/"val" for subjects it was trained on, "test" for all others.
+
+    ``scheduler`` None: every subject in this process, each network loaded once (on one machine the
+    network's own threads use every core). ``"local"``, ``"slurm"`` or a Dask client: one task per subject
+    on ``n_jobs`` workers (:func:`wmloc_utils.cluster.run_each`), each worker loading each network once.
+    ``errors="record"``: a subject that fails gets ``status`` "failed" and its ``error`` (the others go on).
+    """
+    from . import cluster
+
+    if errors not in ("raise", "record"):
+        raise ValueError(f"errors must be 'raise' or 'record', got {errors!r}")
+    checkpoints = {k: str(c) for k, c in (("lesion", lesion_checkpoint), ("regions", region_checkpoint)) if c}
+    if not checkpoints:
+        raise ValueError("give lesion_checkpoint and/or region_checkpoint")
+    here = scheduler in (None, "in-process")
+    loaded = [_loaded(c, device if here else "cpu") for c in checkpoints.values()]  # each checked before any subject
+    first = loaded[0]  # its config names the split
+    which = dict(zip(split["subject"].astype(str), split["split"])) if split is not None else {}
+    jobs = []
+    for row in table.itertuples(index=False):
+        subject = str(row.subject)
+        jobs.append({"subject": subject, "split": which.get(subject, split_of(first.config, subject)),
+                     "out_dir": str(Path(out_root) / subject), "checkpoints": checkpoints, "device": device,
+                     "tta": tta, "kwargs": kwargs,
+                     **{k: (getattr(row, col, None) or None) if col else None
+                        for k, col in (("t1", "t1"), ("flair", "flair"), ("brain", brain_col), ("wm", wm_col))}})
+    if here:
+        outcomes = ((i, _outcome(predict_subject, job, errors)) for i, job in enumerate(jobs))
+    else:
+        outcomes = cluster.run_each(predict_subject, jobs, n_jobs, scheduler, names=[j["subject"] for j in jobs],
+                                    config=cluster_config)
+    rows: list[dict] = [{} for _ in jobs]
+    for i, result in tqdm(outcomes, total=len(jobs), desc="predicting subjects", disable=not progress):
+        if isinstance(result, Exception):
+            if errors == "raise":
+                raise result
+            result = {"subject": jobs[i]["subject"], "split": jobs[i]["split"], "status": "failed",
+                      "error": f"{type(result).__name__}: {result}"}
+        rows[i] = result
+    out = pd.DataFrame(rows)
+    if errors == "record":
+        out["status"] = out.get("status", pd.Series("ok", out.index)).fillna("ok")
+        out["error"] = out.get("error", pd.Series("", out.index)).fillna("")
+    return out
+
+
+def _outcome(fn, job, errors: str):
+    """``fn(job)``, or (``errors="record"``) the exception it raised."""
+    if errors == "raise":
+        return fn(job)
+    try:
+        return fn(job)
+    except Exception as err:  # noqa: BLE001 (one subject's failure is recorded by the caller)
+        return err
+
+
+def _loaded(checkpoint: str, device: str) -> Segmenter:
+    """A checkpoint loaded once per process (the cohort's subjects, a Dask worker's tasks), again when the file changes."""
+    if not os.path.isfile(checkpoint):
+        return load_segmenter(checkpoint, device)  # its clear error
+    st = os.stat(checkpoint)
+    return _load_once(checkpoint, device, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_once(checkpoint: str, device: str, mtime_ns: int, size: int) -> Segmenter:
+    return load_segmenter(checkpoint, device)
+
+
+def predict_subject(job: dict) -> dict:
+    """One subject of :func:`predict_cohort` (``job``: its images, checkpoints and settings); its row.
+
+    A module-level function, so that a Dask worker can import it; it skips a subject whose outputs are
+    up to date (same inputs, checkpoints and settings as its ``<task>_prediction.json``).
     """
     import json
 
     from . import provenance
 
-    models = {k: load_segmenter(c, device) for k, c in (("lesion", lesion_checkpoint), ("regions", region_checkpoint)) if c}
-    if not models:
-        raise ValueError("give lesion_checkpoint and/or region_checkpoint")
-    which = dict(zip(split["subject"].astype(str), split["split"])) if split is not None else {}
+    out_dir, kwargs = Path(job["out_dir"]), job["kwargs"]
     names = {"mask": "lesion_pred", "prob": "lesion_prob", "labels": "regions_pred"}
-    first = next(iter(models.values()))
-    rows = []
-    for row in tqdm(list(table.itertuples(index=False)), desc="predicting subjects", disable=not progress):
-        subject = str(row.subject)
-        out = {"subject": subject, "split": which.get(subject, split_of(first.config, subject))}
-        out_dir = Path(out_root) / subject
-        t1, flair = getattr(row, "t1", None), getattr(row, "flair", None)
-        for task, seg in models.items():
-            brain = getattr(row, brain_col) if brain_col else None
-            wm = (getattr(row, wm_col) or None) if wm_col and task == "regions" else None
-            paths = {k: out_dir / name for k, name in OUTPUT_NAMES[task].items()}
-            inputs = {k: p for k, p in (("t1", t1), ("flair", flair), ("brain", brain), ("wm", wm),
-                                        ("checkpoint", seg.path)) if p}
-            stamp = provenance.fingerprint(inputs, {"tta": tta, **{k: v for k, v in kwargs.items()
-                                                                  if isinstance(v, (int, float, str, bool))}})
-            done = out_dir / f"{task}_prediction.json"
-            fresh = done.exists() and json.loads(done.read_text()) == stamp and all(p.exists() for p in paths.values())
-            if not fresh:
-                predict(seg, t1, flair, out_paths=paths, tta=tta, brain_mask=brain, wm_mask=wm, **kwargs)
-                provenance.write_text_if_changed(done, json.dumps(stamp, indent=1))
-            out.update({names[k]: str(p) for k, p in paths.items()})
-        rows.append(out)
-    return pd.DataFrame(rows)
+    row = {"subject": job["subject"], "split": job["split"]}
+    for task, checkpoint in job["checkpoints"].items():
+        wm = job["wm"] if task == "regions" else None
+        paths = {k: out_dir / name for k, name in OUTPUT_NAMES[task].items()}
+        inputs = {k: p for k, p in (("t1", job["t1"]), ("flair", job["flair"]), ("brain", job["brain"]), ("wm", wm),
+                                    ("checkpoint", checkpoint)) if p}
+        stamp = provenance.fingerprint(inputs, {"tta": job["tta"], **{k: v for k, v in kwargs.items()
+                                                                      if isinstance(v, (int, float, str, bool))}})
+        done = out_dir / f"{task}_prediction.json"
+        fresh = done.exists() and json.loads(done.read_text()) == stamp and all(p.exists() for p in paths.values())
+        if not fresh:
+            predict(_loaded(checkpoint, job["device"]), job["t1"], job["flair"], out_paths=paths, tta=job["tta"],
+                    brain_mask=job["brain"], wm_mask=wm, **kwargs)
+            provenance.write_text_if_changed(done, json.dumps(stamp, indent=1))
+        row.update({names[k]: str(p) for k, p in paths.items()})
+    return row
 
 
 def predict_step(workdir: str | os.PathLike, lesion_checkpoint: str | os.PathLike | None = None,
                  region_checkpoint: str | os.PathLike | None = None, tta: bool = False, device: str = "auto",
-                 min_lesion_ml: float = 0.0, progress: bool = True) -> pd.DataFrame:
+                 min_lesion_ml: float = 0.0, progress: bool = True, scheduler: str | Client | None = None,
+                 n_jobs: int | None = None, errors: str = "raise",
+                 cluster_config: str | os.PathLike | dict | None = None) -> pd.DataFrame:
     """Notebook 06's step: predict the subjects of ``01_data/subjects.csv`` into ``06_evaluation/``.
 
     The T1 on the FLAIR grid, the brain mask and the WM mask of notebook 03 are used when it made them:
@@ -272,6 +344,7 @@ def predict_step(workdir: str | os.PathLike, lesion_checkpoint: str | os.PathLik
     stay inside the subject's WM, as the registered atlas's do.
 
     Writes ``06_evaluation/predictions.csv`` (only when its content changes) and returns it.
+    ``scheduler``, ``n_jobs``, ``errors``, ``cluster_config``: where the subjects run (:func:`predict_cohort`).
     """
     from . import provenance
     from .registration import subjects_on_flair_grid
@@ -281,7 +354,8 @@ def predict_step(workdir: str | os.PathLike, lesion_checkpoint: str | os.PathLik
     out = workdir / "06_evaluation"
     predictions = predict_cohort(table, out, lesion_checkpoint, region_checkpoint, tta=tta, device=device,
                                  progress=progress, brain_col="brain_mask" if "brain_mask" in table else None,
-                                 wm_col="wm_mask" if "wm_mask" in table else None,
+                                 wm_col="wm_mask" if "wm_mask" in table else None, scheduler=scheduler,
+                                 n_jobs=n_jobs, errors=errors, cluster_config=cluster_config,
                                  min_lesion_ml=min_lesion_ml)
     provenance.write_table_if_changed(predictions, out / "predictions.csv", index=False)
     return predictions
