@@ -9,13 +9,15 @@ obtained (the ratio corrected by these shares: what dedicated cores, e.g. SLURM'
 
 From the measured per-subject seconds of each step (brain mask and tissues, registration, label
 propagation: ``qc.json``; regional loads: measured here on the demo lesion masks; segmentation: a
-parameter, default the README's CPU inference of a 1 mm FLAIR, lesions 2.2 s + regions 10.3 s, no TTA)
-it projects a 1,000-subject cohort on 2..256 single-core workers: wall time = rounds of ``workers`` subjects x
+parameter, default the README's CPU inference of a 1 mm FLAIR, lesions 2.2 s + regions 10.3 s, no TTA; or, with
+``--lesion-checkpoint`` (and ``--region-checkpoint``), measured here: the segmentation step on the same local
+cluster, 1 then 2 workers, one task per subject, each worker loading each network once) it projects a 1,000-subject cohort on 2..256 single-core workers: wall time = rounds of ``workers`` subjects x
 seconds per subject / efficiency, with the efficiency measured at 2 workers (per core obtained, and as measured
 on this machine), and the core-hours billed
 (workers x wall) at ``--price`` per core-hour.
 
     python benchmarks/bench_cluster.py [--subjects 4] [--price 0.05] [--segmentation-seconds 12.5]
+                                       [--lesion-checkpoint best.pt] [--region-checkpoint best.pt]
 """
 
 from __future__ import annotations
@@ -56,6 +58,23 @@ def timed_run(csv: Path, workdir: Path, n_workers: int) -> dict:
     return {"workers": n_workers, "startup": startup, "wall": wall, "cpu": cpu, "qc": qc}
 
 
+def timed_segmentation(workdir: Path, n_workers: int, lesion: str, regions: str | None) -> dict:
+    """The segmentation step (both networks, brain and WM masks of the registration step) on a fresh local cluster."""
+    from wmloc_utils import inference
+
+    out = workdir.parent / f"{workdir.name}-seg{n_workers}"
+    table = reg.subjects_on_flair_grid(workdir)
+    with cluster.client(n_workers, "local") as client:
+        cpu0, t0 = _cpu(client), time.perf_counter()
+        preds = inference.predict_cohort(table, out, lesion, regions, progress=False, scheduler=client,
+                                         n_jobs=n_workers, errors="record", brain_col="brain_mask", wm_col="wm_mask")
+        wall, cpu = time.perf_counter() - t0, _cpu(client) - cpu0
+        client.cluster.close()
+    if (preds["status"] != "ok").any():
+        raise SystemExit(f"a subject failed: {preds.loc[preds['status'] != 'ok', 'error'].tolist()}")
+    return {"workers": n_workers, "wall": wall, "cpu": cpu, "preds": preds}
+
+
 def step_seconds(workdir: Path, qc: pd.DataFrame, lut: Path, lesions: dict) -> pd.DataFrame:
     """Seconds per subject of each step: mask and tissues, registration, propagation (qc.json), loads (timed here)."""
     rows = []
@@ -86,6 +105,8 @@ def main() -> None:
     parser.add_argument("--price", type=float, default=0.05, help="price of one core-hour (default 0.05, e.g. USD)")
     parser.add_argument("--segmentation-seconds", type=float, default=12.5,
                         help="lesion + region inference seconds per subject (default: README, CPU, 1 mm, no TTA)")
+    parser.add_argument("--lesion-checkpoint", help="measure the segmentation step with this lesion network")
+    parser.add_argument("--region-checkpoint", help="... and this region network")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="wmloc-bench-cluster-") as tmp:
         tmp = Path(tmp)
@@ -113,9 +134,17 @@ def main() -> None:
         lesions = pd.read_csv(csv, dtype={"subject": str}).set_index("subject")["lesion"].to_dict()
         steps = step_seconds(tmp / "work1", runs[0]["qc"], lut, lesions)
         steps["segmentation"] = args.segmentation_seconds
+        if args.lesion_checkpoint:
+            seg = [timed_segmentation(tmp / "work1", w, args.lesion_checkpoint, args.region_checkpoint) for w in (1, 2)]
+            print("\nsegmentation step (one task per subject, each worker loading each network once), local Dask cluster:")
+            for r in seg:
+                print(f"  {r['workers']} worker(s): {r['wall']:.1f} s wall, {r['wall'] / args.subjects:.1f} s per subject, "
+                      f"worker CPU share {r['cpu'] / (r['wall'] * r['workers']):.2f}")
+            print(f"  speed-up 1 -> 2 workers: {seg[0]['wall'] / seg[1]['wall']:.2f} (ideal 2)")
+            steps["segmentation"] = seg[0]["wall"] / args.subjects
         overhead = runs[0]["wall"] / args.subjects - steps[["mask_and_tissues", "registration", "propagation"]].sum(axis=1).mean()
         steps["scheduling_and_io"] = max(overhead, 0.0)
-        print("\nseconds per subject and step (1 worker; segmentation: parameter):")
+        print(f"\nseconds per subject and step (1 worker; segmentation: {'measured' if args.lesion_checkpoint else 'parameter'}):")
         print(steps.describe().loc[["mean", "min", "max"]].round(2).to_string())
         per_subject = float(steps.sum(axis=1).mean())
         for name, efficiency in (("dedicated cores", min(1.0, per_core / 2)), ("this machine", min(1.0, ratio / 2))):
