@@ -101,6 +101,10 @@ def test_rerun_of_a_finished_book_writes_nothing(workdir, executed, capsys):
     os.utime(flair, ns=(flair.stat().st_atime_ns, flair.stat().st_mtime_ns + 10**9))
     ran = book.run(workdir, executed, only=["08"], per_notebook={"08_clustering": {**TINY["08_clustering"], "n_boot": 4}})
     assert list(ran) == ["08_clustering"] and "(the cohort's images changed)" in capsys.readouterr().out
+    # the finished tiny book back as it was, so that the site's book run (tests/test_site.py) reruns nothing
+    os.utime(flair, ns=(flair.stat().st_atime_ns, flair.stat().st_mtime_ns - 10**9))
+    assert list(book.run(workdir, executed, only=["08"], per_notebook=TINY)) == ["08_clustering"]
+    assert book.run(workdir, executed, per_notebook=TINY) == {}
 
 
 # The bring-your-own-cohort path: a new cohort without masks, the networks trained by the chain above.
@@ -144,20 +148,25 @@ def test_apply_chain_without_masks(workdir, tmp_path):
     assert (new_work / "08_clustering" / "clusters.csv").exists()
 
 
-def test_a_chapter_opened_alone_prepares_what_it_needs(tmp_path, monkeypatch):
-    """Chapter 07 in a fresh work directory: its set-up call runs 01..06 (tiny preset), says so, then 07 runs."""
+def test_a_chapter_opened_alone_prepares_what_it_needs(workdir, tmp_path, monkeypatch):
+    """Chapter 07 in a work directory that holds only 01..03 (the chain's): its set-up call runs 04..06
+    (tiny preset), says so, then 07 runs."""
+    import shutil
+
     if _failed:
         pytest.fail(f"the book chain failed at {_failed}")
     work = tmp_path / "work"
     assert book.missing_chapters(work, "07") == ["01_data", "02_atlas", "03_regions", "04_train_lesions",
                                                   "05_train_regions", "06_evaluate"]
+    for step in ("01_data", "02_atlas", "03_regions"):
+        shutil.copytree(workdir / step, work / step)
+    assert book.missing_chapters(work, "07") == ["04_train_lesions", "05_train_regions", "06_evaluate"]
     monkeypatch.setenv(book.PRESET_ENV, "tiny")
     out = tmp_path / "07_localization.ipynb"
     pm.execute_notebook(str(next(p for p in NOTEBOOKS if p.stem == "07_localization")), str(out),
                         parameters={"workdir": str(work)}, cwd=str(tmp_path), kernel_name="python3", progress_bar=False)
     text = out.read_text()
-    assert "07_localization needs the results of 01_data, 02_atlas, 03_regions, 04_train_lesions, 05_train_regions, 06_evaluate" in text
+    assert "07_localization needs the results of 04_train_lesions, 05_train_regions, 06_evaluate" in text
     assert (work / "07_localization" / "regional_loads_wide.csv").exists()
     assert book.missing_chapters(work, "08") == [] and sorted(p.name for p in (work / "prepared").glob("*.ipynb")) == [
-        "01_data.ipynb", "02_atlas.ipynb", "03_regions.ipynb", "04_train_lesions.ipynb", "05_train_regions.ipynb",
-        "06_evaluate.ipynb"]
+        "04_train_lesions.ipynb", "05_train_regions.ipynb", "06_evaluate.ipynb"]
