@@ -7,14 +7,14 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from wmloc_utils import book
+from wmloc_utils import artefacts, book
 
 
 def _finish(work: Path, *chapters: str) -> None:
     for chapter in chapters:
-        for rel in book.FINISHED[chapter]:
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            (work / rel).write_text("x")
+        for artefact in book.FINISHED[chapter]:
+            artefacts.path(work, artefact).parent.mkdir(parents=True, exist_ok=True)
+            artefacts.path(work, artefact).write_text("x")
 
 
 def test_missing_chapters_follow_the_needs(tmp_path):
@@ -27,8 +27,8 @@ def test_missing_chapters_follow_the_needs(tmp_path):
     assert book.missing_chapters(tmp_path, "07", provided=["04", "05"]) == ["06_evaluate"]
     assert book.missing_chapters(tmp_path, "06", provided=["04_train_lesions", "05"]) == []
     # a chapter counts as run only when all its files are there
-    (tmp_path / "04_lesion_model").mkdir()
-    (tmp_path / "04_lesion_model" / "split.csv").write_text("x")
+    artefacts.folder(tmp_path, artefacts.SPLIT)
+    artefacts.path(tmp_path, artefacts.SPLIT).write_text("x")
     assert "04_train_lesions" in book.missing_chapters(tmp_path, "05")
     with pytest.raises(ValueError, match="no chapter"):
         book.missing_chapters(tmp_path, "99")

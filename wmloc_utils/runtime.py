@@ -39,21 +39,6 @@ def resolve_workdir(workdir: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def step_dir(workdir: str | os.PathLike, name: str) -> Path:
-    """A notebook's own output folder inside the work directory (created if needed)."""
-    path = Path(workdir) / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def require(path: str | os.PathLike, made_by: str) -> Path:
-    """Return ``path`` if it exists, else say which notebook must run first."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist yet: run {made_by} first (with the same workdir)")
-    return path
-
-
 def config_report(**params) -> str:
     """A printable block of versions, device, threads and the notebook's parameters."""
     import ants
@@ -73,3 +58,4 @@ def config_report(**params) -> str:
     ]
     lines += [f"  {k} = {v!r}" for k, v in params.items()]
     return "\n".join(lines)
+
