@@ -71,6 +71,23 @@ def test_every_folder_or_notebook_named_anywhere_is_a_notebook():
         assert named <= set(STEMS), f"{name} names {sorted(named - set(STEMS))}, which are no notebook"
 
 
+def test_notebooks_quote_no_work_directory_folder():
+    """Notebooks' code cells quote no ``"NN_..."`` string: they ask wmloc_utils.artefacts (and runtime.start("NN"))."""
+    for path in book.notebooks():
+        code = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+        quoted = re.findall(r"""["']\d\d_\w*""", code)
+        assert not quoted, f"{path.name}: use wmloc_utils.artefacts, not {quoted}"
+
+
+def test_every_notebook_starts_with_the_same_set_up_call():
+    """The first code cell after the parameters is ``workdir = runtime.start("NN", workdir, seed, ...)``."""
+    for path in book.notebooks():
+        code = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+        params = next(i for i, c in enumerate(code) if "parameters" in c["metadata"].get("tags", []))
+        setup = "".join(code[params + 1]["source"])
+        assert setup.startswith(f'workdir = runtime.start("{path.stem[:2]}", workdir, seed'), f"{path.name}: {setup[:80]}"
+
+
 def test_the_package_and_benchmarks_join_no_work_directory_path():
     """Only wmloc_utils/artefacts.py spells ``NN_name/...``: the package and benchmarks ask it."""
     for name, text in _sources().items():

@@ -79,3 +79,16 @@ def test_scrub_paths_removes_machine_paths(tmp_path, monkeypatch):
 def test_chapter_times_table():
     text = book.chapter_times({"01_data": 60.0, "03_regions": 90.0})
     assert "| 01 | data | 1.0 |" in text and "| 03 | regions | 1.5 |" in text and "**2.5**" in text
+
+
+def test_start_is_a_notebooks_set_up(tmp_path, capsys):
+    """runtime.start: the work directory, the chapters it needs (here all there), the seed and the printed parameters."""
+    from wmloc_utils import runtime
+
+    _finish(tmp_path, *book.NEEDS)
+    assert runtime.start("08", tmp_path, 3, k=2) == tmp_path.resolve()
+    out = capsys.readouterr().out
+    assert "08_clustering: the results it needs from earlier chapters are in the work directory" in out
+    assert f"  workdir = '{tmp_path.resolve()}'\n  seed = 3\n  k = 2" in out
+    assert runtime.start("01", tmp_path / "new", 0) == (tmp_path / "new").resolve()  # 01 needs nothing: no word of it
+    assert "results it needs" not in capsys.readouterr().out

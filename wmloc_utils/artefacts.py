@@ -97,6 +97,7 @@ BOOK_TIMINGS = "book_timings.json"  # book.run: seconds per chapter
 PREPARED = "prepared"  # book.prepare: executed copies of the chapters it ran for a chapter opened alone
 ARCHITECTURES_TABLE = "bench_architectures/table.csv"  # benchmarks/bench_architectures.py, read by results
 
+# Every artefact above, in the order of the notebooks, and the notebooks that write them.
 ARTEFACTS: tuple[Artefact, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Artefact))
 NOTEBOOKS: tuple[str, ...] = tuple(sorted({a.notebook for a in ARTEFACTS}))
 
