@@ -177,7 +177,8 @@ def atlas_inputs(workdir: str | os.PathLike | None = None, data_dir=None) -> dic
     check_same_grid(eve["tissue"], labels, "the Eve atlas", f"refined atlas ({path})")
     check_labels(labels, LABEL_IDS + (0,), path, what="refined atlas")
     if not np.isin(np.asanyarray(labels.dataobj), REGION_IDS).any():
-        raise InputError(f"{path}: the refined atlas holds none of the WM regions 1..34: rerun notebook 02")
+        raise InputError(f"{path}: the refined atlas holds none of the WM regions 1..34: rerun notebook "
+                         f"{artefacts.REFINED_ATLAS.notebook}.ipynb")
     return {"wm": wm, "labels": labels}
 
 

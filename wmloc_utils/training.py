@@ -209,8 +209,9 @@ def labelled_subjects(subjects: pd.DataFrame, label_col: str = "lesion", minimum
     has = subjects[label_col].fillna("").astype(str) != "" if label_col in subjects else pd.Series(False, subjects.index)
     if has.sum() < minimum:
         raise InputError(f"{int(has.sum())} of {len(subjects)} subjects have a {label_col} mask; training needs at least "
-                         f"{minimum}. To apply networks trained elsewhere to this cohort, skip training: run notebook 06 "
-                         f"with lesion_checkpoint=<best.pt> (or notebook 09, or the wmloc-apply command)")
+                         f"{minimum}. To apply networks trained elsewhere to this cohort, skip training: run notebook "
+                         f"06_evaluate.ipynb with lesion_checkpoint=<best.pt> (or 09_new_cohort.ipynb, or the wmloc-apply "
+                         f"command)")
     return subjects[has]
 
 
