@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from wmloc_utils import apply, demo, localization, registration
+from wmloc_utils import apply, artefacts, demo, inference, localization, registration
 
 
 #: A demo setting the book's networks never trained on: another brain, the challenge's scanner grids (LPS,
@@ -35,8 +35,8 @@ UNSEEN = {"brain": "eve", "grid": "challenge", "skull": "mixed", "contrast": 0.3
 
 def book_numbers(workdir: Path) -> None:
     """Agreement of the automatic loads with the reference loads on the book's test subjects."""
-    loads = pd.read_csv(workdir / "07_localization" / "regional_loads.csv", dtype={"subject": str})
-    preds = pd.read_csv(workdir / "06_evaluation" / "predictions.csv", dtype={"subject": str})
+    loads = pd.read_csv(artefacts.require(workdir, artefacts.REGIONAL_LOADS), dtype={"subject": str})
+    preds = pd.read_csv(artefacts.require(workdir, artefacts.PREDICTIONS), dtype={"subject": str})
     test = set(preds.loc[preds["split"] == "test", "subject"])
     tidy = loads[loads["pairing"].isin(["reference", "lesion_pred", "predicted"]) & loads["subject"].isin(test)]
     print(f"book run, {len(test)} demo test subjects: automatic regional loads vs reference loads")
@@ -54,16 +54,14 @@ def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta
     data = out / "data"
     demo.generate(data, n_subjects=n_subjects, seed=seed, progress=False, **options)
     withheld = demo.withhold_masks(data, out / "withheld")
-    lesion_ckpt = workdir / "04_lesion_model" / "best.pt"
-    region_ckpt = workdir / "05_region_model" / "best.pt"
-    region_ckpt = region_ckpt if region_ckpt.exists() else None
+    lesion_ckpt, region_ckpt = inference.checkpoints(workdir)
     start = time.perf_counter()  # one subject alone, cold (a new user's first subject); prints its steps
     apply.run(data, out / "one_subject", lesion_ckpt, region_ckpt, n_subjects=1, tta=tta, progress=True)
     one = time.perf_counter() - start
     start = time.perf_counter()
     apply.run(data, out / "work", lesion_ckpt, region_ckpt, tta=tta, progress=False)
     seconds = (time.perf_counter() - start) / n_subjects
-    truth = registration.demo_template_regions(options.get("brain", "mni152"), workdir / "03_regions" / "template_truth")
+    truth = registration.demo_template_regions(options.get("brain", "mni152"), artefacts.path(workdir, artefacts.TEMPLATE_TRUTH))
     scores = apply.evaluate(out / "work", withheld, lesion_ckpt, truth_regions=truth, progress=False)
     les = scores["lesions"]
     free = les[les["reference_ml"] == 0]
@@ -95,7 +93,7 @@ def main() -> None:
     parser.add_argument("--no-tta", action="store_true")
     args = parser.parse_args()
     workdir = Path(args.workdir)
-    if not (workdir / "04_lesion_model" / "best.pt").exists():
+    if not artefacts.path(workdir, artefacts.LESION_MODEL).exists():
         raise SystemExit(f"{workdir}: run `make book` first (this benchmark reuses its checkpoints)")
     book_numbers(workdir)
     unseen_numbers(workdir, args.n_subjects, json.loads(args.demo), args.seed, not args.no_tta)

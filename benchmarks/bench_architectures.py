@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wmloc_utils import inference, metrics, runtime, training
+from wmloc_utils import artefacts, inference, metrics, runtime, training
 
 # Patch edges must be multiples of 16 for unetr/mednext/multiresunet; 48 suits all five.
 NOTEBOOK_04 = dict(spacing=2.0, patch_size=48, batch_size=4, lr=3e-3, skeleton_weight=1.0, iters_per_epoch=40)
@@ -68,12 +68,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.workdir).resolve()
-    table = pd.read_csv(runtime.require(work / "01_data" / "subjects.csv", "notebooks/01_data.ipynb"), dtype={"subject": str})
+    table = pd.read_csv(artefacts.require(work, artefacts.SUBJECTS), dtype={"subject": str})
     table = table[table["lesion"].notna()]
-    split = training.read_split(work / "04_lesion_model" / "split.csv")
+    split = training.read_split(work)
     pairs = [(a, i) for a in args.archs for i in args.inputs]
     pairs += [("unet", i) for i in args.unet_inputs if ("unet", i) not in pairs]
-    root = work / "bench_architectures"
+    table_csv = work / artefacts.ARCHITECTURES_TABLE
+    root = table_csv.parent
     print(f"device {runtime.resolve_device(args.device)}, {args.threads} threads, {args.epochs} epochs x "
           f"{NOTEBOOK_04['iters_per_epoch']} steps, test subjects: {int((split['split'] == 'test').sum())}", flush=True)
     rows = []
@@ -85,8 +86,8 @@ def main() -> None:
               f"{r['dice_no_tta']:.3f} F1 {r['f1_no_tta']:.3f}  [{r['params_k']}k params, train {r['train_s']:.0f} s, "
               f"inference {r['infer_s_no_tta']:.1f} s/subject, {r['infer_s_tta']:.1f} s with TTA]", flush=True)
     out = pd.DataFrame(rows)
-    out.to_csv(root / "table.csv", index=False)
-    print(f"table: {root / 'table.csv'}; checkpoints: {', '.join(str(p) for p in sorted(root.glob('*/best.pt')))}")
+    out.to_csv(table_csv, index=False)
+    print(f"table: {table_csv}; checkpoints: {', '.join(str(p) for p in sorted(root.glob('*/best.pt')))}")
     if not np.isfinite(out["dice_mean"]).all():
         raise SystemExit("a network produced no valid score")
 

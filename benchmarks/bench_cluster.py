@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from wmloc_utils import apply, atlas, cluster, demo, localization
+from wmloc_utils import apply, artefacts, atlas, cluster, demo, localization
 from wmloc_utils import registration as reg
 
 WORKERS = (2, 16, 64, 256)
@@ -79,7 +79,7 @@ def step_seconds(workdir: Path, qc: pd.DataFrame, lut: Path, lesions: dict) -> p
     """Seconds per subject of each step: mask and tissues, registration, propagation (qc.json), loads (timed here)."""
     rows = []
     for row in qc.itertuples():
-        done = json.loads((workdir / reg.STEP / row.subject / reg.DONE).read_text())
+        done = json.loads((artefacts.path(workdir, artefacts.SUBJECT_REGIONS, subject=row.subject) / reg.DONE).read_text())
         t0 = time.perf_counter()
         localization.regional_loads_img(lesions[row.subject], row.regions, lut, subject=row.subject,
                                         fill_from=atlas.WM_REGIONS, brain_img=row.brain_mask)
@@ -118,8 +118,9 @@ def main() -> None:
               f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f}")
         runs = [timed_run(csv, tmp / "work1", 1), timed_run(csv, tmp / "work2", 2)]
         print(f"load average after: {os.getloadavg()[0]:.2f}")
-        same = all((tmp / "work1" / reg.STEP / s / "regions.nii.gz").read_bytes()
-                   == (tmp / "work2" / reg.STEP / s / "regions.nii.gz").read_bytes() for s in runs[0]["qc"]["subject"])
+        maps = [{s: artefacts.path(tmp / w, artefacts.SUBJECT_REGIONS, subject=s) / "regions.nii.gz"
+                 for s in runs[0]["qc"]["subject"]} for w in ("work1", "work2")]
+        same = all(maps[0][s].read_bytes() == maps[1][s].read_bytes() for s in maps[0])
         print("\nregistration step (mask, tissues, registration, labels) on a local Dask cluster:")
         for r in runs:
             print(f"  {r['workers']} worker(s): {r['wall']:.1f} s wall, {r['wall'] / args.subjects:.1f} s per subject, "

@@ -7,14 +7,14 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from wmloc_utils import book
+from wmloc_utils import artefacts, book
 
 
 def _finish(work: Path, *chapters: str) -> None:
     for chapter in chapters:
-        for rel in book.FINISHED[chapter]:
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            (work / rel).write_text("x")
+        for artefact in book.FINISHED[chapter]:
+            artefacts.path(work, artefact).parent.mkdir(parents=True, exist_ok=True)
+            artefacts.path(work, artefact).write_text("x")
 
 
 def test_missing_chapters_follow_the_needs(tmp_path):
@@ -27,8 +27,8 @@ def test_missing_chapters_follow_the_needs(tmp_path):
     assert book.missing_chapters(tmp_path, "07", provided=["04", "05"]) == ["06_evaluate"]
     assert book.missing_chapters(tmp_path, "06", provided=["04_train_lesions", "05"]) == []
     # a chapter counts as run only when all its files are there
-    (tmp_path / "04_lesion_model").mkdir()
-    (tmp_path / "04_lesion_model" / "split.csv").write_text("x")
+    artefacts.folder(tmp_path, artefacts.SPLIT)
+    artefacts.path(tmp_path, artefacts.SPLIT).write_text("x")
     assert "04_train_lesions" in book.missing_chapters(tmp_path, "05")
     with pytest.raises(ValueError, match="no chapter"):
         book.missing_chapters(tmp_path, "99")
@@ -79,3 +79,16 @@ def test_scrub_paths_removes_machine_paths(tmp_path, monkeypatch):
 def test_chapter_times_table():
     text = book.chapter_times({"01_data": 60.0, "03_regions": 90.0})
     assert "| 01 | data | 1.0 |" in text and "| 03 | regions | 1.5 |" in text and "**2.5**" in text
+
+
+def test_start_is_a_notebooks_set_up(tmp_path, capsys):
+    """runtime.start: the work directory, the chapters it needs (here all there), the seed and the printed parameters."""
+    from wmloc_utils import runtime
+
+    _finish(tmp_path, *book.NEEDS)
+    assert runtime.start("08", tmp_path, 3, k=2) == tmp_path.resolve()
+    out = capsys.readouterr().out
+    assert "08_clustering: the results it needs from earlier chapters are in the work directory" in out
+    assert f"  workdir = '{tmp_path.resolve()}'\n  seed = 3\n  k = 2" in out
+    assert runtime.start("01", tmp_path / "new", 0) == (tmp_path / "new").resolve()  # 01 needs nothing: no word of it
+    assert "results it needs" not in capsys.readouterr().out

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from wmloc_utils import apply, cluster
+from wmloc_utils import apply, artefacts, cluster
 from wmloc_utils import registration as reg
 from wmloc_utils.images import InputError
 
@@ -39,6 +39,11 @@ def corrupt_flair(cohort):
     path.write_bytes(b"not a NIfTI file")
     yield path, good
     path.write_bytes(good)
+
+
+def _subject(workdir: Path, subject: str) -> Path:
+    """A subject's folder of the regions step."""
+    return artefacts.path(workdir, artefacts.SUBJECT_REGIONS, subject=subject)
 
 
 def _tree(folder: Path) -> dict:
@@ -69,22 +74,22 @@ def test_local_dask_cluster_with_a_failing_subject(cohort, corrupt_flair, tmp_pa
     error = qc.set_index("subject").loc[ids[2], "error"]
     assert f"subject {ids[2]}" in error and "FLAIR is not a readable NIfTI file" in error
     assert "1 of 3 subjects FAILED" in printed and error in printed
-    saved = pd.read_csv(tmp_path / "dask" / reg.STEP / "regions.csv", dtype={"subject": str}, keep_default_na=False)
+    saved = pd.read_csv(artefacts.path(tmp_path / "dask", artefacts.REGIONS), dtype={"subject": str}, keep_default_na=False)
     assert saved["status"].tolist() == ["ok", "ok", "failed"]
     for subject in ids[:2]:  # the Dask workers wrote the bytes a serial run writes
-        dask_out = _outputs(tmp_path / "dask" / reg.STEP / subject)
-        assert "regions.nii.gz" in dask_out and dask_out == _outputs(tmp_path / "serial" / reg.STEP / subject)
+        dask_out = _outputs(_subject(tmp_path / "dask", subject))
+        assert "regions.nii.gz" in dask_out and dask_out == _outputs(_subject(tmp_path / "serial", subject))
     # later steps leave the failed subject out, and say so
     table = reg.subjects_on_flair_grid(tmp_path / "dask", pd.read_csv(cohort, dtype={"subject": str}))
     assert table["subject"].tolist() == ids[:2]
     assert f"skipping subject {ids[2]}: it failed" in capsys.readouterr().out
     # the input fixed, a rerun (a cluster made for it) processes only the failed subject
     bad.write_bytes(good)
-    finished = {s: _tree(tmp_path / "dask" / reg.STEP / s) for s in ids[:2]}
+    finished = {s: _tree(_subject(tmp_path / "dask", s)) for s in ids[:2]}
     again = reg.run_cohort(cohort, tmp_path / "dask", scheduler="local", n_jobs=2, **kw)
     assert again["status"].tolist() == ["ok"] * 3 and (again["error"] == "").all()
-    assert {s: _tree(tmp_path / "dask" / reg.STEP / s) for s in ids[:2]} == finished, "finished subjects were redone"
-    assert (tmp_path / "dask" / reg.STEP / ids[2] / "regions.nii.gz").exists()
+    assert {s: _tree(_subject(tmp_path / "dask", s)) for s in ids[:2]} == finished, "finished subjects were redone"
+    assert (_subject(tmp_path / "dask", ids[2]) / "regions.nii.gz").exists()
     assert "FAILED" not in capsys.readouterr().out
 
 

@@ -255,3 +255,21 @@ def test_predict_cohort_reuses_an_unchanged_subject_and_redoes_a_changed_one(tmp
     os.utime(s.flair, ns=(written + 10**9, written + 10**9))
     inference.predict_cohort(table, tmp_path / "p", best, progress=False)
     assert stamp.stat().st_mtime_ns != written  # the FLAIR changed: predicted again
+
+
+def test_checkpoints_default_to_notebooks_04_and_05(tmp_path):
+    """The networks a notebook applies: those given, else notebook 04's (required) and 05's (when there)."""
+    from wmloc_utils import artefacts
+
+    with pytest.raises(FileNotFoundError, match="run notebook 04_train_lesions.ipynb first"):
+        inference.checkpoints(tmp_path)
+    lesion = artefacts.folder(tmp_path, artefacts.LESION_MODEL) / artefacts.LESION_MODEL.path
+    lesion.write_text("x")
+    assert inference.checkpoints(tmp_path) == (lesion, None)
+    region = artefacts.folder(tmp_path, artefacts.REGION_MODEL) / artefacts.REGION_MODEL.path
+    region.write_text("x")
+    assert inference.checkpoints(tmp_path) == (lesion, region)
+    assert inference.checkpoints(tmp_path, region=False) == (lesion, None)
+    assert inference.checkpoints(tmp_path / "other", lesion, region) == (lesion, region)
+    with pytest.raises(FileNotFoundError, match="check the path given for the region network"):
+        inference.checkpoints(tmp_path, region=tmp_path / "missing.pt")

@@ -14,7 +14,7 @@ import nbformat
 import papermill as pm
 import pytest
 
-from wmloc_utils import book
+from wmloc_utils import artefacts, book
 from wmloc_utils.book import notebooks
 
 NOTEBOOKS = notebooks()
@@ -125,8 +125,8 @@ def test_apply_chain_without_masks(workdir, tmp_path):
     params = {
         "01_data": {"data_dir": str(data), "n_subjects": None},
         "03_regions": {"score_truth": False, "eve_spacing": 3.0, "show_subjects": 1},
-        "06_evaluate": {"tta": False, "lesion_checkpoint": str(workdir / "04_lesion_model" / "best.pt"),
-                        "region_checkpoint": str(workdir / "05_region_model" / "best.pt")},
+        "06_evaluate": {"tta": False, "lesion_checkpoint": str(artefacts.path(workdir, artefacts.LESION_MODEL)),
+                        "region_checkpoint": str(artefacts.path(workdir, artefacts.REGION_MODEL))},
         "08_clustering": {"k_range": [2], "n_boot": 3},
     }
     for stem in APPLY_CHAIN:

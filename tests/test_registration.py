@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from nilearn.image import resample_img
 
+from wmloc_utils import artefacts
 from wmloc_utils import registration as reg
 from wmloc_utils.fetch import DataError
 from wmloc_utils.images import InputError, like
@@ -301,7 +302,7 @@ def test_run_cohort_real_rerun_writes_nothing_even_read_only(demo_csv, tmp_path,
     work = tmp_path / "work"
     first = reg.run_cohort(demo_csv, work, reg_spacing=4.0, progress=False)
     assert "t1_on_flair" in first and (first["t1_on_flair"] == "").all(), "2 mm demo T1s are on the FLAIR grid"
-    qc = json.loads((work / reg.STEP / "001" / reg.DONE).read_text())
+    qc = json.loads((artefacts.path(work, artefacts.SUBJECT_REGIONS, subject="001") / reg.DONE).read_text())
     assert qc["fingerprint"]["params"] == {"method": "Affine", "reg_spacing": 4.0}
     assert {"regions.nii.gz", "wm_mask.nii.gz", "brain_mask.nii.gz"} <= set(qc["outputs"])
     before = _tree(work)
@@ -318,7 +319,7 @@ def test_run_cohort_real_rerun_writes_nothing_even_read_only(demo_csv, tmp_path,
     pd.testing.assert_frame_equal(reg.run_cohort(demo_csv, work, reg_spacing=4.0, progress=False), first)
     monkeypatch.undo()
     # a deleted output is not a finished result
-    (work / reg.STEP / "002" / "regions.nii.gz").unlink()
+    (artefacts.path(work, artefacts.SUBJECT_REGIONS, subject="002") / "regions.nii.gz").unlink()
     calls = []
     monkeypatch.setattr(reg, "process_subject", lambda subject, *a, **k: calls.append(subject) or dict(qc, subject=subject))
     reg.run_cohort(demo_csv, work, reg_spacing=4.0, progress=False)
@@ -359,7 +360,7 @@ def test_t1_on_its_own_grid_is_registered_once_and_used_downstream(tmp_path):
     subjects_csv = _manifest(tmp_path, work, source=manifest)
     qc = reg.run_cohort(subjects_csv, work, progress=False)
 
-    path = work / reg.STEP / "001" / reg.T1_ON_FLAIR
+    path = artefacts.path(work, artefacts.SUBJECT_REGIONS, subject="001") / reg.T1_ON_FLAIR
     assert qc.loc[0, "t1_on_flair"] == str(path)
     flair, on_flair = nib.load(aniso / "pre" / "FLAIR.nii.gz"), nib.load(path)
     assert on_flair.shape == flair.shape and np.allclose(on_flair.affine, flair.affine, atol=1e-3)
@@ -392,9 +393,9 @@ def test_subjects_on_flair_grid_refuses_an_unregistered_off_grid_t1(tmp_path):
                   "t1_on_flair_grid": [True, False]}).to_csv(tmp_path / "01_data" / "subjects.csv", index=False)
     with pytest.raises(InputError, match="subject.s. 002: the T1 is not on the FLAIR grid.*03_regions"):
         reg.subjects_on_flair_grid(tmp_path)
-    (tmp_path / reg.STEP).mkdir()
+    artefacts.folder(tmp_path, artefacts.REGIONS)
     pd.DataFrame({"subject": ["001", "002"], "t1_on_flair": ["", "/w/002/t1_on_flair.nii.gz"]}).to_csv(
-        tmp_path / reg.STEP / "regions.csv", index=False)
+        artefacts.path(tmp_path, artefacts.REGIONS), index=False)
     table = reg.subjects_on_flair_grid(tmp_path)
     assert table["t1"].tolist() == ["a.nii.gz", "/w/002/t1_on_flair.nii.gz"]
     assert table["t1_native"].tolist() == ["a.nii.gz", "b.nii.gz"]

@@ -19,7 +19,8 @@ One module per step of the method, in the order the notebooks use them:
 - :mod:`wmloc_utils.metrics`      -- the MICCAI 2017 WMH challenge metrics and region Dice
 - :mod:`wmloc_utils.localization` -- regional lesion loads per subject and cohort
 - :mod:`wmloc_utils.clustering`   -- clustering subjects by lesion pattern, stability, associations
-- :mod:`wmloc_utils.runtime`      -- seeds, device selection, printed configuration, work directory
+- :mod:`wmloc_utils.artefacts`    -- every file a notebook hands on in the work directory, named once
+- :mod:`wmloc_utils.runtime`      -- a notebook's set-up in one call (start): work directory, seed, printed configuration
 - :mod:`wmloc_utils.figures`      -- plotly set-up for the book and an overlay slice viewer
 - :mod:`wmloc_utils.book`         -- runs the notebooks in order with papermill
 """

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import nibabel as nib
 import pandas as pd
 
-from . import atlas, cluster, inference, localization, registration, runtime, subjects
+from . import artefacts, atlas, cluster, inference, localization, registration, runtime, subjects
 from .images import InputError, write_table_atomic
 
 if TYPE_CHECKING:
@@ -43,29 +43,26 @@ REGION_SOURCES = {"atlas": "regions", "network": "regions_pred"}  # region sourc
 
 def prepare_subjects(data: str | os.PathLike, workdir: str | os.PathLike, n_subjects: int | None = None,
                      progress: bool = True) -> Path:
-    """Notebook 01's step: find and validate the subjects, write ``01_data/subjects.csv``; its path."""
+    """Notebook 01's step: find and validate the subjects, write :data:`artefacts.SUBJECTS`; its path."""
     found = subjects.discover(data)[:n_subjects]
     table = subjects.validate(found, progress=progress)
     participants = subjects.read_participants(data, table["subject"].tolist())
-    return subjects.write_manifest(table, participants, runtime.step_dir(workdir, "01_data"))["subjects"]
+    return subjects.write_manifest(table, participants, artefacts.folder(workdir, artefacts.SUBJECTS))["subjects"]
 
 
 def prepare_atlas(workdir: str | os.PathLike) -> Path:
     """Notebook 02's output that later steps read: the refined atlas and its table (written once)."""
-    out = Path(workdir) / "02_atlas"
-    if not (out / "refined_atlas.nii.gz").exists() or not (out / "refined_atlas_lut.tsv").exists():
-        atlas.write_refined_atlas(out)
-    return out / "refined_atlas_lut.tsv"
+    lut = artefacts.path(workdir, artefacts.REFINED_LUT)
+    if not artefacts.path(workdir, artefacts.REFINED_ATLAS).exists() or not lut.exists():
+        atlas.write_refined_atlas(artefacts.folder(workdir, artefacts.REFINED_LUT))
+    return lut
 
 
 def records(workdir: str | os.PathLike) -> pd.DataFrame:
     """One row per subject with what notebooks 01, 03 and 06 wrote: images, masks, regions and predictions."""
-    workdir = Path(workdir)
-    table = pd.read_csv(runtime.require(workdir / "01_data" / "subjects.csv", "notebook 01"), dtype={"subject": str},
-                        keep_default_na=False)
-    regions = pd.read_csv(runtime.require(workdir / "03_regions" / "regions.csv", "notebook 03"), dtype={"subject": str})
-    preds = pd.read_csv(runtime.require(workdir / "06_evaluation" / "predictions.csv", "notebook 06"),
-                        dtype={"subject": str}, keep_default_na=False)
+    table = pd.read_csv(artefacts.require(workdir, artefacts.SUBJECTS), dtype={"subject": str}, keep_default_na=False)
+    regions = pd.read_csv(artefacts.require(workdir, artefacts.REGIONS), dtype={"subject": str})
+    preds = pd.read_csv(artefacts.require(workdir, artefacts.PREDICTIONS), dtype={"subject": str}, keep_default_na=False)
     keep = [c for c in ("subject", "site", "group", "t1", "flair", "lesion", "truth_dir") if c in table]
     out = (table[keep].merge(regions.drop(columns=["group"], errors="ignore"), on="subject")
            .merge(preds.drop(columns=["t1", "flair", "lesion"], errors="ignore"), on="subject"))
@@ -146,8 +143,8 @@ def run(data: str | os.PathLike, workdir: str | os.PathLike, lesion_checkpoint: 
     if recs.empty:
         raise InputError(f"every subject failed in the segmentation step: {failed['error'].iloc[0]}")
     tidy = cohort_loads(recs, lut, region_source, progress=progress)
-    paths = localization.write_loads(tidy, runtime.step_dir(workdir, "07_localization"))
-    paths["cohort"] = write_table_atomic(with_status(cohort_table(tidy), regions), workdir / "cohort_loads.csv",
+    paths = localization.write_loads(tidy, artefacts.folder(workdir, artefacts.REGIONAL_LOADS))
+    paths["cohort"] = write_table_atomic(with_status(cohort_table(tidy), regions), workdir / artefacts.COHORT_LOADS,
                                          index=False, float_format="%.6g")
     timings["loads"] = time.perf_counter() - start - sum(timings.values())
     if progress:
@@ -180,7 +177,7 @@ def evaluate(workdir: str | os.PathLike, references: dict[str, str | os.PathLike
     recs["lesion"] = recs["subject"].map({str(k): str(v) for k, v in references.items()}).fillna("")
     if (recs["lesion"] == "").any():
         raise InputError(f"no reference mask for subjects {recs.loc[recs['lesion'] == '', 'subject'].tolist()[:5]}")
-    lut = Path(workdir) / "02_atlas" / "refined_atlas_lut.tsv"
+    lut = artefacts.path(workdir, artefacts.REFINED_LUT)
     tidy = cohort_loads(recs, lut, region_source, progress=progress)
     qc = localization.lesion_qc(tidy)
     volumes = qc.pivot(index="subject", columns="pairing", values="lesion_ml")

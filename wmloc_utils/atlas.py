@@ -22,6 +22,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from scipy import ndimage
 
+from . import artefacts
 from .fetch import fetch
 from .images import InputError, like, load_nifti, save_nifti, write_table_atomic
 
@@ -166,8 +167,8 @@ def write_refined_atlas(outdir: str | os.PathLike, data_dir: str | os.PathLike |
     Returns ``{"atlas": path, "lut": path}``.
     """
     outdir = Path(outdir)
-    atlas = save_nifti(refined_atlas(data_dir), outdir / "refined_atlas.nii.gz")
-    lut = write_table_atomic(regions_table(), outdir / "refined_atlas_lut.tsv", index=False)
+    atlas = save_nifti(refined_atlas(data_dir), outdir / artefacts.REFINED_ATLAS.path)
+    lut = write_table_atomic(regions_table(), outdir / artefacts.REFINED_LUT.path, index=False)
     return {"atlas": atlas, "lut": lut}
 
 

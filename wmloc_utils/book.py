@@ -19,6 +19,7 @@ import sys
 import nbformat
 import papermill as pm
 
+from . import artefacts
 from .provenance import write_text_if_changed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,27 +62,17 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "09_new_cohort": ("04_train_lesions", "05_train_regions"),  # apply.run makes its own atlas folder
     "10_results": ("03_regions", "06_evaluate", "07_localization", "08_clustering"),
 }
-FINISHED: dict[str, tuple[str, ...]] = {
-    "01_data": ("01_data/subjects.csv", "01_data/participants.tsv"),
-    "02_atlas": ("02_atlas/refined_atlas.nii.gz", "02_atlas/refined_atlas_lut.tsv"),
-    "03_regions": ("03_regions/regions.csv",),
-    "04_train_lesions": ("04_lesion_model/split.csv", "04_lesion_model/best.pt"),
-    "05_train_regions": ("05_region_model/best.pt",),
-    "06_evaluate": ("06_evaluation/predictions.csv",),
-    "07_localization": ("07_localization/regional_loads_wide.csv",),
-    "08_clustering": ("08_clustering/clusters.csv",),
-    "09_new_cohort": ("09_new_cohort/work/cohort_loads.csv",),
-    "10_results": ("10_results/clusters.csv",),
-}
+FINISHED: dict[str, tuple[artefacts.Artefact, ...]] = {files[0].notebook: files for files in (
+    (artefacts.SUBJECTS, artefacts.PARTICIPANTS), (artefacts.REFINED_ATLAS, artefacts.REFINED_LUT),
+    (artefacts.REGIONS,), (artefacts.SPLIT, artefacts.LESION_MODEL), (artefacts.REGION_MODEL,),
+    (artefacts.PREDICTIONS,), (artefacts.REGIONAL_LOADS_WIDE,), (artefacts.CLUSTERS,), (artefacts.NEW_COHORT_LOADS,),
+    (artefacts.RESULT_CLUSTERS,))}
 
 
 def notebooks(folder: Path = REPO / "notebooks") -> list[Path]:
     """The book's notebooks, in order (their names start with a two-digit number)."""
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
 
-
-RECORD = "book_runs.json"  # in the work directory: what each notebook was run with, for reruns
-TIMINGS = "book_timings.json"
 
 
 def _sha256_files(paths: list[Path]) -> str:
@@ -123,7 +114,7 @@ def _upstream(workdir: Path, number: int) -> dict[str, list[int]]:
 
 def _cohort(workdir: Path) -> dict[str, dict]:
     """The images of the cohort that notebook 01 listed (wherever they are): every later step reads them."""
-    table = workdir / "01_data" / "subjects.csv"
+    table = artefacts.path(workdir, artefacts.SUBJECTS)
     if not table.exists():
         return {}
     rows = list(csv.DictReader(table.open()))
@@ -148,27 +139,19 @@ def missing_chapters(workdir: str | Path, chapter: str, provided: tuple[str, ...
     ``provided``: chapters whose results come from elsewhere (e.g. notebook 06 given checkpoints needs
     neither 04 nor 05).
     """
-    workdir, provided = Path(workdir), {_stem(c) for c in provided}
+    workdir, provided = Path(workdir), {artefacts.notebook(c) for c in provided}
     needed: set[str] = set()
 
     def visit(name: str) -> None:
         for dep in NEEDS[name]:
             if dep in provided or dep in needed:
                 continue
-            if not all((workdir / f).exists() for f in FINISHED[dep]):
+            if not all(artefacts.path(workdir, a).exists() for a in FINISHED[dep]):
                 needed.add(dep)
                 visit(dep)
 
-    visit(_stem(chapter))
+    visit(artefacts.notebook(chapter))
     return sorted(needed)
-
-
-def _stem(chapter: str) -> str:
-    """``"07"``, ``"07_localization"`` or ``"07_localization.ipynb"`` -> ``"07_localization"``."""
-    matches = [nb.stem for nb in notebooks() if nb.stem.startswith(Path(chapter).stem[:2])]
-    if len(matches) != 1:
-        raise ValueError(f"no chapter {chapter!r}: the chapters are {[nb.stem for nb in notebooks()]}")
-    return matches[0]
 
 
 def prepare(workdir: str | Path, chapter: str, provided: tuple[str, ...] | list[str] = (),
@@ -179,22 +162,22 @@ def prepare(workdir: str | Path, chapter: str, provided: tuple[str, ...] | list[
     minutes), their executed copies in ``workdir/prepared/``; says what it runs and how long it should take.
     Nothing runs when the work directory already holds their results (as after ``make book``).
     """
-    workdir = Path(workdir)
+    workdir, chapter = Path(workdir), artefacts.notebook(chapter)
     missing = missing_chapters(workdir, chapter, provided)
     if not missing:
-        print(f"{_stem(chapter)}: the results it needs from earlier chapters are in the work directory")
+        print(f"{chapter}: the results it needs from earlier chapters are in the work directory")
         return {}
     preset = preset or os.environ.get(PRESET_ENV, "quick")
     params = PRESETS[preset]
     seconds = json.loads((REPO / "wmloc_utils" / "data" / "preset_seconds.json").read_text()).get(preset, {})
     estimate = sum(seconds.get(m, 60) for m in missing) / 60
-    print(f"{_stem(chapter)} needs the results of {', '.join(missing)}, which have not run in this work directory.\n"
+    print(f"{chapter} needs the results of {', '.join(missing)}, which have not run in this work directory.\n"
           f"Running them now with the {preset!r} parameters (about {estimate:.0f} min on 2 CPU cores); "
           f"for the book's own results run every chapter with its defaults (make book):")
     for name in missing:
         print(f"  {name}: {params.get(name, {})}")
     sys.stdout.flush()
-    return run(workdir, workdir / "prepared", only=missing, per_notebook=params, announce=False)
+    return run(workdir, workdir / artefacts.PREPARED, only=missing, per_notebook=params, announce=False)
 
 
 def _why_rerun(old: dict | None, new: dict) -> str | None:
@@ -224,7 +207,7 @@ def run(workdir: str | Path, out_dir: str | Path = REPO / "book" / "notebooks", 
     out_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    record_path, timings_path = workdir / RECORD, workdir / TIMINGS
+    record_path, timings_path = workdir / artefacts.BOOK_RUNS, workdir / artefacts.BOOK_TIMINGS
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     all_timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     code, timings = package_sha256(), {}

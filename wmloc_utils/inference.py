@@ -24,7 +24,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Invertd
 from tqdm.auto import tqdm
 
-from . import runtime
+from . import artefacts, runtime
 from .images import InputError, check_same_grid, like, load_nifti, save_nifti
 from .metrics import lesions
 from .training import check_inputs, load_checkpoint, preprocessing
@@ -337,13 +337,13 @@ def predict_step(workdir: str | os.PathLike, lesion_checkpoint: str | os.PathLik
                  min_lesion_ml: float = 0.0, progress: bool = True, scheduler: str | Client | None = None,
                  n_jobs: int | None = None, errors: str = "raise",
                  cluster_config: str | os.PathLike | dict | None = None) -> pd.DataFrame:
-    """Notebook 06's step: predict the subjects of ``01_data/subjects.csv`` into ``06_evaluation/``.
+    """Notebook 06's step: predict the subjects of notebook 01's table into notebook 06's folder of ``workdir``.
 
     The T1 on the FLAIR grid, the brain mask and the WM mask of notebook 03 are used when it made them:
     the networks see only the brain and predict nothing outside it, and the region network's labels
     stay inside the subject's WM, as the registered atlas's do.
 
-    Writes ``06_evaluation/predictions.csv`` (only when its content changes) and returns it.
+    Writes :data:`artefacts.PREDICTIONS` (only when its content changes) and returns it.
     ``scheduler``, ``n_jobs``, ``errors``, ``cluster_config``: where the subjects run (:func:`predict_cohort`).
     """
     from . import provenance
@@ -351,13 +351,13 @@ def predict_step(workdir: str | os.PathLike, lesion_checkpoint: str | os.PathLik
 
     workdir = Path(workdir)
     table = subjects_on_flair_grid(workdir).fillna({"t1": "", "flair": ""})
-    out = workdir / "06_evaluation"
+    out = artefacts.folder(workdir, artefacts.PREDICTIONS)
     predictions = predict_cohort(table, out, lesion_checkpoint, region_checkpoint, tta=tta, device=device,
                                  progress=progress, brain_col="brain_mask" if "brain_mask" in table else None,
                                  wm_col="wm_mask" if "wm_mask" in table else None, scheduler=scheduler,
                                  n_jobs=n_jobs, errors=errors, cluster_config=cluster_config,
                                  min_lesion_ml=min_lesion_ml)
-    provenance.write_table_if_changed(predictions, out / "predictions.csv", index=False)
+    provenance.write_table_if_changed(predictions, artefacts.path(workdir, artefacts.PREDICTIONS), index=False)
     return predictions
 
 
@@ -379,10 +379,16 @@ def score_lesions(models: dict, subjects: pd.DataFrame, test: list[str], progres
     return pd.DataFrame(rows)
 
 
-def default_checkpoint(given: str | os.PathLike | bool | None, default: Path) -> Path | None:
-    """A checkpoint parameter: a path (must exist), ``None`` (``default`` if it exists) or ``False`` (none)."""
-    if given is False:
-        return None
-    if given:
-        return runtime.require(given, "the notebook that trains it")
-    return default if Path(default).exists() else None
+def checkpoints(workdir: str | os.PathLike, lesion: str | os.PathLike | None = None,
+                region: str | os.PathLike | bool | None = None) -> tuple[Path, Path | None]:
+    """The lesion and region networks a notebook applies: the checkpoints given, else notebooks 04's and 05's.
+
+    ``region`` None takes notebook 05's only when it exists; ``False``: no region network.
+    """
+    lesion = artefacts.require(workdir, artefacts.LESION_MODEL, given=lesion)
+    if region is False:
+        return lesion, None
+    if region:
+        return lesion, artefacts.require(workdir, artefacts.REGION_MODEL, given=region)
+    default = artefacts.path(workdir, artefacts.REGION_MODEL)
+    return lesion, default if default.exists() else None

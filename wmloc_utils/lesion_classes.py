@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from . import artefacts
 from .images import InputError, check_labels, check_same_grid, like, load_nifti
 from .metrics import lesions
 from .wmdepth import _bounding_box, cortex_mask, lateral_ventricles, nearest_region
@@ -263,7 +264,7 @@ def classify_cohort(records: pd.DataFrame, lesion: str, out_dir: str | os.PathLi
     """Location classes of every subject's lesions, from notebook 03's outputs (tissue, regions, brain mask, transform).
 
     The brainstem and cerebellum come from the Eve atlas through each subject's own atlas transform.
-    Writes ``<out_dir>/<subject>_lesion_classes.nii.gz``; returns the per-lesion table of all subjects
+    Writes each subject's map in ``out_dir`` (:data:`artefacts.LESION_CLASS_MAPS`); returns the per-lesion table of all subjects
     and a records table (subject, lesion, classes) for :func:`wmloc_utils.localization.cohort_loads`.
     """
     from tqdm.auto import tqdm
@@ -278,7 +279,7 @@ def classify_cohort(records: pd.DataFrame, lesion: str, out_dir: str | os.PathLi
         infra = like(tissue, registration.warp_mask(infra_atlas, str(r.transform).split(";"), tissue), np.uint8)
         result = classify_subject(getattr(r, lesion), tissue, r.regions, r.brain_mask, infratentorial=infra,
                                   subject=r.subject, ignore_label=2)
-        path = save_nifti(result["classes"], os.path.join(out_dir, f"{r.subject}_lesion_classes.nii.gz"))
+        path = save_nifti(result["classes"], os.path.join(out_dir, artefacts.LESION_CLASS_MAPS.path.format(subject=r.subject)))
         tables.append(result["table"])
         rows.append({"subject": r.subject, "lesion": getattr(r, lesion), "classes": str(path)})
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(), pd.DataFrame(rows)

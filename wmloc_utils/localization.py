@@ -29,6 +29,7 @@ import plotly.graph_objects as go
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from . import artefacts
 from .images import InputError, check_same_grid, load_nifti, write_table_atomic
 
 UNLABELLED = "unlabelled"
@@ -309,12 +310,12 @@ def write_loads(tidy: pd.DataFrame, out: str | os.PathLike, extra: Sequence[pd.D
     Each is rewritten only when its bytes change."""
     out = Path(out)
     wide = pd.concat({p: wide_matrix(t) for p, t in tidy.groupby("pairing")}, names=["pairing", "subject"])
-    paths = {"loads": write_table_atomic(pd.concat([tidy, *extra], ignore_index=True), out / "regional_loads.csv",
-                                         index=False, float_format="%.6g"),
-             "wide": write_table_atomic(wide, out / "regional_loads_wide.csv", float_format="%.6g"),
-             "qc": write_table_atomic(lesion_qc(tidy), out / "lesion_qc.csv", index=False)}
+    paths = {"loads": write_table_atomic(pd.concat([tidy, *extra], ignore_index=True),
+                                         out / artefacts.REGIONAL_LOADS.path, index=False, float_format="%.6g"),
+             "wide": write_table_atomic(wide, out / artefacts.REGIONAL_LOADS_WIDE.path, float_format="%.6g"),
+             "qc": write_table_atomic(lesion_qc(tidy), out / artefacts.LESION_QC.path, index=False)}
     if lesions is not None:
-        paths["lesions"] = write_table_atomic(lesions, out / "lesions.csv", index=False, float_format="%.6g")
+        paths["lesions"] = write_table_atomic(lesions, out / artefacts.LESIONS.path, index=False, float_format="%.6g")
     return paths
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from . import provenance
+from . import artefacts, provenance
 from .images import (InputError, atomic_path, check_labels, check_same_grid, like, load_nifti, same_grid, save_nifti,
                      write_table_atomic)
 from .metrics import dice, region_dice  # noqa: F401  (region_dice re-exported for the notebook)
@@ -38,7 +38,6 @@ ERRORS = ("raise", "record")  # run_cohort: stop at a failed subject, or record 
 REGION_TARGETS = ("registered", "authors")  # the region maps regions.csv hands on: ours, or the paper authors'
 REGION_IDS = tuple(range(1, 35))
 LABEL_IDS = tuple(range(1, 37))
-STEP = "03_regions"
 DONE = "qc.json"
 T1_ON_FLAIR = "t1_on_flair.nii.gz"
 T1_REG_SPACING = 2.0  # mm: grid of the rigid T1-to-FLAIR registration (the transform resamples the full T1)
@@ -166,19 +165,20 @@ def warp_mask(mask: nib.spatialimages.SpatialImage, transforms: list[str],
 
 # ---------------------------------------------------------------- one subject, a cohort
 def atlas_inputs(workdir: str | os.PathLike | None = None, data_dir=None) -> dict:
-    """Atlas WM (Eve tissue class 3) and refined labels; labels from ``workdir/02_atlas`` when notebook 02 ran."""
+    """Atlas WM (Eve tissue class 3) and refined labels; labels from ``workdir`` when notebook 02 wrote them there."""
     from .atlas import load_eve, refined_atlas
 
     eve = load_eve(data_dir)
     wm = like(eve["tissue"], (np.asanyarray(eve["tissue"].dataobj) == 3).astype(np.float32))
-    path = Path(workdir) / "02_atlas" / "refined_atlas.nii.gz" if workdir else None
+    path = artefacts.path(workdir, artefacts.REFINED_ATLAS) if workdir else None
     if path is None or not path.exists():
         return {"wm": wm, "labels": refined_atlas(data_dir)}
     labels = load_nifti(path, what="refined atlas")  # a user may edit it: it must still be a refined Eve atlas
     check_same_grid(eve["tissue"], labels, "the Eve atlas", f"refined atlas ({path})")
     check_labels(labels, LABEL_IDS + (0,), path, what="refined atlas")
     if not np.isin(np.asanyarray(labels.dataobj), REGION_IDS).any():
-        raise InputError(f"{path}: the refined atlas holds none of the WM regions 1..34: rerun notebook 02")
+        raise InputError(f"{path}: the refined atlas holds none of the WM regions 1..34: rerun notebook "
+                         f"{artefacts.REFINED_ATLAS.notebook}.ipynb")
     return {"wm": wm, "labels": labels}
 
 
@@ -333,7 +333,7 @@ def atlas_sources(workdir: str | os.PathLike | None = None, data_dir=None) -> di
     from .fetch import data_dir as eve_dir
 
     folder = eve_dir(data_dir)
-    refined = Path(workdir) / "02_atlas" / "refined_atlas.nii.gz" if workdir else None
+    refined = artefacts.path(workdir, artefacts.REFINED_ATLAS) if workdir else None
     return {"Eve tissue": folder / EVE_FILES["tissue"],
             "refined atlas": refined if refined is not None and refined.exists() else folder / EVE_FILES["type2"]}
 
@@ -372,14 +372,14 @@ def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, meth
                reg_spacing: float | None = 3.0, progress: bool = True, full_hash: bool = False,
                region_targets: str = "registered", scheduler: str | Client = "processes", errors: str = "raise",
                cluster_config: str | os.PathLike | dict | None = None) -> pd.DataFrame:
-    """Regions for every subject of ``subjects.csv`` into ``workdir/03_regions/<subject>/``; re-runnable.
+    """Regions for every subject of ``subjects.csv`` into ``workdir`` (:data:`artefacts.SUBJECT_REGIONS`); re-runnable.
 
     A finished subject is reused while its fingerprint (input files, ``method``/``reg_spacing``, version,
     atlas files; :mod:`wmloc_utils.provenance`) and its outputs are unchanged, else recomputed with the
     reason printed; ``overwrite`` redoes all, ``full_hash`` compares file contents (SHA-256) rather than
     mtimes (the atlas files are always compared by content). Subjects run in ``n_jobs`` worker processes
     (None: one per CPU core; ANTs runs single-threaded so that every result is repeatable, and the same on
-    any machine). Returns ``03_regions/regions.csv`` (one QC row each), rewritten only when its content
+    any machine). Returns :data:`artefacts.REGIONS` (one QC row each), rewritten only when its content
     changes: an unchanged rerun writes nothing. ``region_targets="authors"`` (WMH challenge subjects only)
     hands on the paper authors' maps as ``regions`` instead of ours (:func:`attach_authors_regions`).
 
@@ -398,12 +398,11 @@ def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, meth
     table = pd.read_csv(subjects_csv, dtype={"subject": str}, keep_default_na=False)
     if n_subjects:
         table = table.head(int(n_subjects))
-    step = Path(workdir) / STEP
     upstream = provenance.upstream_fingerprints(atlas_sources(workdir))
     rows, todo = {}, []
     for row in table.to_dict("records"):
         fp = subject_fingerprint(row, method, reg_spacing, upstream, full_hash)
-        why, qc = (["overwrite=True"], None) if overwrite else _stale(step / row["subject"], fp)
+        why, qc = (["overwrite=True"], None) if overwrite else _stale(artefacts.path(workdir, artefacts.SUBJECT_REGIONS, subject=row["subject"]), fp)
         if not why:
             rows[row["subject"]] = qc
             continue
@@ -411,7 +410,8 @@ def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, meth
             print(f"subject {row['subject']}: {'; '.join(why)}, recomputing")
         todo.append((row, fp))
     bar = tqdm(total=len(todo), desc=f"regions ({method})", disable=not progress or not todo)
-    jobs = [(row, step / row["subject"], str(workdir), method, reg_spacing, fp) for row, fp in todo]
+    jobs = [(row, artefacts.path(workdir, artefacts.SUBJECT_REGIONS, subject=row["subject"]), str(workdir), method,
+             reg_spacing, fp) for row, fp in todo]
     failed = {}
     for (row, *_), result in _run_jobs(jobs, workdir, n_jobs, scheduler, cluster_config):
         bar.update()
@@ -429,7 +429,7 @@ def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, meth
         _report_failures(failed, len(table))
     if region_targets == "authors":
         qc = attach_authors_regions(qc[qc["status"] == "ok"] if "status" in qc else qc, table, targets="authors")
-    provenance.write_table_if_changed(qc, step / "regions.csv", index=False)
+    provenance.write_table_if_changed(qc, artefacts.path(workdir, artefacts.REGIONS), index=False)
     return qc
 
 
@@ -479,20 +479,16 @@ def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | 
     masks (FLAIR grid).
 
     Training (notebooks 04/05) and inference (06) need every channel on the FLAIR grid; the original
-    path is kept as ``t1_native``. ``subjects`` defaults to ``workdir/01_data/subjects.csv`` (read as
+    path is kept as ``t1_native``. ``subjects`` defaults to notebook 01's :data:`artefacts.SUBJECTS` (read as
     the notebooks read it). A T1 flagged off-grid by notebook 01 without a registered copy is an error.
     Subjects whose regions failed (``status`` "failed", :func:`run_cohort` with ``errors="record"``) are
     left out, each named in a printed line.
     """
-    from .runtime import require  # (runtime imports torch: only here)
-
-    workdir = Path(workdir)
     if subjects is None:
-        subjects = pd.read_csv(require(workdir / "01_data" / "subjects.csv", "notebooks/01_data.ipynb"),
-                               dtype={"subject": str})
+        subjects = pd.read_csv(artefacts.require(workdir, artefacts.SUBJECTS), dtype={"subject": str})
     table = subjects.copy()
     table["t1_native"] = table["t1"]
-    regions_csv = workdir / STEP / "regions.csv"
+    regions_csv = artefacts.path(workdir, artefacts.REGIONS)
     if regions_csv.exists():
         regions = pd.read_csv(regions_csv, dtype={"subject": str}, keep_default_na=False)
         table = table[~table["subject"].isin(failed_subjects(regions, "notebook 03 (regions)"))]
@@ -509,7 +505,7 @@ def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | 
         if off.any():
             raise InputError(f"subject(s) {', '.join(table.loc[off, 'subject'])}: the T1 is not on the FLAIR grid and "
                              f"notebook 03 has not registered it ({regions_csv} has no t1_on_flair for them): run "
-                             f"notebooks/03_regions.ipynb on these subjects first (same workdir)")
+                             f"notebook {artefacts.REGIONS.notebook}.ipynb on these subjects first, with the same work directory")
     return table
 
 
@@ -608,20 +604,21 @@ def score_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, sy
                  progress: bool = True, n_jobs: int | None = None) -> pd.DataFrame:
     """Demo cohort only: per-region Dice vs the true regions, for the affine result and (first ``syn_subjects``) SyN.
 
-    Needs ``run_cohort`` first. SyN re-labels each subject's WM into ``03_regions/syn/<subject>``
+    Needs ``run_cohort`` first. SyN re-labels each subject's WM into :data:`artefacts.SYN_REGIONS`
     (reused while its fingerprint is unchanged); these and the truth's placement in the template (once,
     cached) run side by side in ``n_jobs`` processes (None: one per CPU core). Writes and returns
-    ``03_regions/region_dice.csv`` (subject, method, region, dice).
+    :data:`artefacts.REGION_DICE` (subject, method, region, dice).
     """
     table = pd.read_csv(subjects_csv, dtype={"subject": str}, keep_default_na=False)
-    step = Path(workdir) / STEP
-    qc = pd.read_csv(step / "regions.csv", dtype={"subject": str}).set_index("subject")
+    qc = pd.read_csv(artefacts.path(workdir, artefacts.REGIONS), dtype={"subject": str}).set_index("subject")
     table = table[table["subject"].isin(qc.index) & (table.get("truth_dir", "") != "")]
     if table.empty:
         raise InputError(f"{subjects_csv}: no subject with a truth_dir (demo truth) among those processed")
     upstream = provenance.upstream_fingerprints(atlas_sources(workdir))
-    jobs = [(None, None, step / "template_truth", None, None)]
-    jobs += [(step / row["subject"], row["flair"], step / "syn" / row["subject"], str(workdir), upstream)
+    template_dir = artefacts.path(workdir, artefacts.TEMPLATE_TRUTH)
+    jobs = [(None, None, template_dir, None, None)]
+    jobs += [(artefacts.path(workdir, artefacts.SUBJECT_REGIONS, subject=row["subject"]), row["flair"],
+              artefacts.path(workdir, artefacts.SYN_REGIONS, subject=row["subject"]), str(workdir), upstream)
              for row in table.head(max(0, syn_subjects)).to_dict("records")]
     n_jobs = _workers(n_jobs, len(jobs))
     if n_jobs > 1:
@@ -629,7 +626,7 @@ def score_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, sy
             syn = list(pool.map(_syn_worker, jobs))[1:]
     else:
         syn = [_syn_worker(job) for job in jobs][1:]
-    template = truth_regions_in_template(step / "template_truth")
+    template = truth_regions_in_template(template_dir)
     rows = []
     for i, row in enumerate(tqdm(table.to_dict("records"), desc="scoring regions", disable=not progress)):
         truth = truth_regions(template, row["truth_dir"])
@@ -640,5 +637,5 @@ def score_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, sy
             scores = score_regions(load_nifti(path, row["subject"], "regions"), truth)
             rows += [{"subject": row["subject"], "method": method, "region": str(k), "dice": v} for k, v in scores.items()]
     out = pd.DataFrame(rows)
-    write_table_atomic(out, step / "region_dice.csv", index=False)
+    write_table_atomic(out, artefacts.path(workdir, artefacts.REGION_DICE), index=False)
     return out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import localization
+from . import artefacts, localization
 
 LESION_METRICS = ("dice", "hd95", "avd", "recall", "f1")
 # Pairings of lesions x regions compared with the reference loads (notebook 07), as the paper's stages.
@@ -21,12 +21,14 @@ LOAD_STAGES = {"lesion network (predicted lesions x atlas regions)": "lesion_pre
                "fully automatic (the book's region source)": "automatic"}
 
 
-def _read(path: Path, **kwargs) -> pd.DataFrame | None:
+def _read(workdir: str | os.PathLike, artefact: artefacts.Artefact, **kwargs) -> pd.DataFrame | None:
+    """A chapter's table, None when the chapter did not write it."""
+    path = artefacts.path(workdir, artefact)
     return pd.read_csv(path, **kwargs) if path.exists() else None
 
 
 def _test_subjects(workdir: Path) -> set[str]:
-    split = _read(workdir / "04_lesion_model" / "split.csv", dtype={"subject": str})
+    split = _read(workdir, artefacts.SPLIT, dtype={"subject": str})
     return set(split.loc[split["split"] == "test", "subject"]) if split is not None else set()
 
 
@@ -42,15 +44,16 @@ def _mean_sd(table: pd.DataFrame, by: list[str], columns: tuple[str, ...]) -> pd
 def lesion_table(workdir: str | os.PathLike) -> pd.DataFrame:
     """Lesion segmentation on the test subjects, mean (sd) per architecture x inputs (the challenge's metrics).
 
-    The book's networks come from notebook 06 (``06_evaluation/lesion_scores.csv``); the other
-    architectures and inputs from ``bench_architectures/table.csv`` when that benchmark ran in ``workdir``.
+    The book's networks come from notebook 06 (:data:`artefacts.LESION_SCORES`); the other architectures and
+    inputs from :data:`artefacts.ARCHITECTURES_TABLE` when that benchmark ran in ``workdir``.
     """
     workdir = Path(workdir)
     rows = []
-    scores = _read(workdir / "06_evaluation" / "lesion_scores.csv", dtype={"subject": str})
+    scores = _read(workdir, artefacts.LESION_SCORES, dtype={"subject": str})
     if scores is not None and len(scores):
         rows.append(_mean_sd(scores, ["architecture", "inputs"], LESION_METRICS).assign(source="notebook 06"))
-    bench = _read(workdir / "bench_architectures" / "table.csv")
+    bench_table = workdir / artefacts.ARCHITECTURES_TABLE
+    bench = pd.read_csv(bench_table) if bench_table.exists() else None
     if bench is not None:
         fmt = {k: bench[f"{k}_mean"].map("{:.3f}".format) + " (" + bench[f"{k}_sd"].map("{:.3f}".format) + ")"
                for k in LESION_METRICS}
@@ -64,13 +67,13 @@ def region_table(workdir: str | os.PathLike) -> pd.DataFrame:
     region network of notebook 06 vs the registered atlas on the test subjects)."""
     workdir = Path(workdir)
     rows = []
-    truth = _read(workdir / "03_regions" / "region_dice.csv", dtype={"subject": str})
+    truth = _read(workdir, artefacts.REGION_DICE, dtype={"subject": str})
     if truth is not None and len(truth):
         per_subject = truth.groupby(["method", "subject"])["dice"].mean().reset_index()
         for method, t in per_subject.groupby("method"):
             rows.append({"regions": f"atlas registration ({method})", "against": "true regions (demo)",
                          "subjects": len(t), "mean Dice": t["dice"].mean(), "min": t["dice"].min()})
-    net = _read(workdir / "06_evaluation" / "region_scores.csv", index_col=0)
+    net = _read(workdir, artefacts.REGION_SCORES, index_col=0)
     if net is not None and "mean" in net:
         rows.append({"regions": "region network (notebook 05)", "against": "registered atlas, test subjects",
                      "subjects": len(net), "mean Dice": net["mean"].mean(), "min": net["mean"].min()})
@@ -81,7 +84,7 @@ def load_agreement_table(workdir: str | os.PathLike) -> pd.DataFrame:
     """Regional lesion loads against the reference loads, per stage: median relative error and Pearson r
     over the test subjects (notebook 07's ``regional_loads.csv``); empty without reference masks."""
     workdir = Path(workdir)
-    tidy = _read(workdir / "07_localization" / "regional_loads.csv", dtype={"subject": str})
+    tidy = _read(workdir, artefacts.REGIONAL_LOADS, dtype={"subject": str})
     if tidy is None or "reference" not in set(tidy["pairing"]):
         return pd.DataFrame(columns=["stage", "pairing", "subjects", "median rel. error", "median Pearson r"])
     test = _test_subjects(workdir)
@@ -92,7 +95,7 @@ def load_agreement_table(workdir: str | os.PathLike) -> pd.DataFrame:
             agree = localization.load_agreement(tidy, pairing)
             rows.append({"stage": stage, "pairing": pairing, "subjects": len(agree),
                          "median rel. error": agree["rel_error"].median(), "median Pearson r": agree["pearson_r"].median()})
-    qc = _read(workdir / "07_localization" / "lesion_qc.csv", dtype={"subject": str})
+    qc = _read(workdir, artefacts.LESION_QC, dtype={"subject": str})
     out = pd.DataFrame(rows)
     if qc is not None and len(out):
         out["median lesion volume in no region"] = out["pairing"].map(qc.groupby("pairing")["unassigned_fraction"].median())
@@ -101,8 +104,8 @@ def load_agreement_table(workdir: str | os.PathLike) -> pd.DataFrame:
 
 def clustering_table(workdir: str | os.PathLike) -> pd.DataFrame:
     """How well clustering by regional pattern recovers the subjects' groups (notebook 08): ARI per pairing."""
-    agreement = _read(Path(workdir) / "08_clustering" / "agreement.csv")
-    clusters = _read(Path(workdir) / "08_clustering" / "clusters.csv", dtype={"subject": str})
+    agreement = _read(workdir, artefacts.CLUSTER_AGREEMENT)
+    clusters = _read(workdir, artefacts.CLUSTERS, dtype={"subject": str})
     if agreement is None:
         return pd.DataFrame(columns=["pairing", "ari_vs_group"])
     if clusters is not None and len(clusters):
@@ -111,7 +114,7 @@ def clustering_table(workdir: str | os.PathLike) -> pd.DataFrame:
 
 
 def run_times(workdir: str | os.PathLike) -> pd.Series:
-    """Minutes per chapter in the work directory's last book run (``book_timings.json``)."""
-    path = Path(workdir) / "book_timings.json"
+    """Minutes per chapter in the work directory's last book run (:data:`artefacts.BOOK_TIMINGS`)."""
+    path = Path(workdir) / artefacts.BOOK_TIMINGS
     seconds = json.loads(path.read_text()) if path.exists() else {}
     return (pd.Series(seconds, name="minutes", dtype=float) / 60).round(1)

@@ -1,4 +1,4 @@
-"""Run-time set-up shared by all notebooks: seeds, device, work directory and printed config."""
+"""Run-time set-up shared by all notebooks: seeds, device, work directory and printed config, in one call (start)."""
 
 from __future__ import annotations
 
@@ -39,21 +39,6 @@ def resolve_workdir(workdir: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def step_dir(workdir: str | os.PathLike, name: str) -> Path:
-    """A notebook's own output folder inside the work directory (created if needed)."""
-    path = Path(workdir) / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def require(path: str | os.PathLike, made_by: str) -> Path:
-    """Return ``path`` if it exists, else say which notebook must run first."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist yet: run {made_by} first (with the same workdir)")
-    return path
-
-
 def config_report(**params) -> str:
     """A printable block of versions, device, threads and the notebook's parameters."""
     import ants
@@ -73,3 +58,21 @@ def config_report(**params) -> str:
     ]
     lines += [f"  {k} = {v!r}" for k, v in params.items()]
     return "\n".join(lines)
+
+
+def start(chapter: str, workdir: str | os.PathLike | None = None, seed: int = 0,
+          provided: tuple[str, ...] | list[str] = (), **params) -> Path:
+    """A notebook's set-up in one call; returns its work directory (resolved, created).
+
+    Runs the earlier chapters it needs that have not run there (:func:`wmloc_utils.book.prepare`; ``provided``:
+    chapters whose results come from elsewhere), seeds everything and prints the configuration and ``params``.
+    """
+    from . import artefacts, book  # (book imports papermill: only here)
+
+    workdir = resolve_workdir(workdir)
+    name = artefacts.notebook(chapter)
+    if book.NEEDS[name]:
+        book.prepare(workdir, name, provided)
+    set_seed(seed)
+    print(config_report(workdir=str(workdir), seed=seed, **params))
+    return workdir

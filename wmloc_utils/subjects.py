@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from . import artefacts
 from .images import (InputError, check_intensities, check_labels, check_lesion_volume, check_same_grid,
                      check_voxel_sizes, grid_of, load_nifti, same_grid)
 
@@ -428,8 +429,8 @@ def write_manifest(table: pd.DataFrame, participants: pd.DataFrame, outdir: str 
         if c not in manifest:
             manifest[c] = ""
     rest = [c for c in manifest.columns if c not in cols]
-    return {"subjects": write_table_atomic(manifest[cols + rest], outdir / "subjects.csv", index=False),
-            "participants": write_table_atomic(participants, outdir / "participants.tsv", index=False)}
+    return {"subjects": write_table_atomic(manifest[cols + rest], outdir / artefacts.SUBJECTS.path, index=False),
+            "participants": write_table_atomic(participants, outdir / artefacts.PARTICIPANTS.path, index=False)}
 
 
 NO_MASKS = "no reference lesion masks: evaluation sections will be skipped"

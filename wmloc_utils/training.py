@@ -19,11 +19,11 @@ to rounding. Only rank 0 validates and writes ``best.pt``, ``last.pt`` and ``his
 the checkpoints of a single-process run (same config). :func:`launch_files` writes the command line's
 inputs from a notebook's records::
 
-    # in a notebook: launch_files(cfg, train_records, val_records, "work/04_lesion_model/launch")
+    # in a notebook: launch_files(cfg, train_records, val_records, "work/04_train_lesions/launch")
     torchrun --standalone --nproc_per_node=4 -m wmloc_utils.training \
-        --config work/04_lesion_model/launch/config.json \
-        --train work/04_lesion_model/launch/train.json --val work/04_lesion_model/launch/val.json \
-        --out work/04_lesion_model
+        --config work/04_train_lesions/launch/config.json \
+        --train work/04_train_lesions/launch/train.json --val work/04_train_lesions/launch/val.json \
+        --out work/04_train_lesions
 
 ``python -m wmloc_utils.training ...`` (no torchrun) trains the same run in one process.
 """
@@ -63,7 +63,7 @@ from monai.transforms import (Compose, DeleteItemsd, EnsureChannelFirstd, Ensure
                               RandShiftIntensityd, RandSimulateLowResolutiond, Spacingd, SpatialPadd)
 from tqdm.auto import tqdm
 
-from . import __version__, atlas, runtime
+from . import __version__, artefacts, atlas, runtime
 from .images import InputError, atomic_path, check_same_grid, write_errors, write_table_atomic
 from .networks import PATCH_DIVISOR, SegLoss, build_model, label_skeleton, model_kwargs
 
@@ -195,9 +195,10 @@ def make_split(table: pd.DataFrame, val_fraction: float = 0.15, test_fraction: f
     return out[["subject", "group", "split"]].sort_values("subject").reset_index(drop=True)
 
 
-def read_split(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a split saved by notebook 04 (never re-split: every later notebook reuses it)."""
-    split = pd.read_csv(runtime.require(path, "notebooks/04_train_lesions.ipynb"), dtype={"subject": str})
+def read_split(workdir: str | os.PathLike) -> pd.DataFrame:
+    """The split notebook 04 saved in ``workdir`` (never re-split: every later notebook reuses it)."""
+    path = artefacts.require(workdir, artefacts.SPLIT)
+    split = pd.read_csv(path, dtype={"subject": str})
     if not {"subject", "split"} <= set(split.columns) or not set(split["split"]) <= {"train", "val", "test"}:
         raise InputError(f"{path}: not a split table (needs columns subject, split with train/val/test)")
     return split
@@ -208,8 +209,9 @@ def labelled_subjects(subjects: pd.DataFrame, label_col: str = "lesion", minimum
     has = subjects[label_col].fillna("").astype(str) != "" if label_col in subjects else pd.Series(False, subjects.index)
     if has.sum() < minimum:
         raise InputError(f"{int(has.sum())} of {len(subjects)} subjects have a {label_col} mask; training needs at least "
-                         f"{minimum}. To apply networks trained elsewhere to this cohort, skip training: run notebook 06 "
-                         f"with lesion_checkpoint=<best.pt> (or notebook 09, or the wmloc-apply command)")
+                         f"{minimum}. To apply networks trained elsewhere to this cohort, skip training: run notebook "
+                         f"06_evaluate.ipynb with lesion_checkpoint=<best.pt> (or 09_new_cohort.ipynb, or the wmloc-apply "
+                         f"command)")
     return subjects[has]
 
 
@@ -988,7 +990,7 @@ def read_config(path: str | os.PathLike) -> TrainConfig:
     """A :class:`TrainConfig` from a JSON file: its fields (as :func:`launch_files` writes them), or a
     checkpoint's whole config (its "training" section is used)."""
     try:
-        data = json.loads(runtime.require(path, "launch_files()").read_text())
+        data = json.loads(artefacts.must_exist(path, "write it with training.launch_files()").read_text())
         return TrainConfig(**data.get("training", data))
     except (json.JSONDecodeError, TypeError, ValueError) as err:
         raise InputError(f"{path}: not a training configuration ({err})") from None
@@ -997,7 +999,7 @@ def read_config(path: str | os.PathLike) -> TrainConfig:
 def _read_records(path: str | os.PathLike) -> list[dict]:
     """Pipeline records (:func:`make_records`) from a JSON list."""
     try:
-        records = json.loads(runtime.require(path, "launch_files()").read_text())
+        records = json.loads(artefacts.must_exist(path, "write it with training.launch_files()").read_text())
     except json.JSONDecodeError as err:
         raise InputError(f"{path}: not JSON ({err})") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) and "subject" in r and "image" in r for r in records):
