@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from wmloc_utils import atlas
-from wmloc_utils.images import InputError
+from wmloc_utils.errors import InputError
 
 
 def test_lut_has_130_labels_background_and_hemispheres(eve_dir):

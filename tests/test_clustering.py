@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from wmloc_utils import clustering as cl
-from wmloc_utils.images import InputError
+from wmloc_utils.errors import InputError
 
 
 def planted(n_per: int = 10, n_regions: int = 12, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
@@ -135,7 +135,7 @@ def test_infinite_loads_and_identical_subjects_are_errors_not_fewer_columns_or_c
     import pandas as pd
 
     from wmloc_utils import clustering
-    from wmloc_utils.images import InputError
+    from wmloc_utils.errors import InputError
 
     wide = pd.DataFrame({"A": [1.0, 2.0, 3.0], "B": [0.5, np.inf, 1.0]}, index=["s1", "s2", "s3"])
     with pytest.raises(InputError, match=r"infinite values \(subject 's2', region 'B'"):

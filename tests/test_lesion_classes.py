@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from wmloc_utils import lesion_classes as lc
-from wmloc_utils.images import InputError
+from wmloc_utils.errors import InputError
 from wmloc_utils.localization import regional_loads
 
 ZOOMS = (1.0, 1.0, 3.0)

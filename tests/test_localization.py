@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from wmloc_utils import localization as loc
-from wmloc_utils.images import InputError
+from wmloc_utils.errors import InputError
 
 ZOOMS = (1.0, 1.0, 3.0)  # 3 uL voxels
 VOX_ML = 0.003

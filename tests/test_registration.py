@@ -17,8 +17,9 @@ import pytest
 from nilearn.image import resample_img
 
 from wmloc_utils import registration as reg
+from wmloc_utils.errors import InputError
 from wmloc_utils.fetch import DataError
-from wmloc_utils.images import InputError, like
+from wmloc_utils.images import like
 from wmloc_utils.metrics import dice
 from wmloc_utils.tissue import to_ants, to_nibabel
 
@@ -465,7 +466,8 @@ def test_real_subject_matches_authors_labels(subject, tmp_path, authors_dir):
 
 
 def test_an_edited_refined_atlas_in_the_workdir_is_checked(tmp_path, eve_dir):
-    from wmloc_utils.images import InputError, save_nifti
+    from wmloc_utils.errors import InputError
+    from wmloc_utils.images import save_nifti
 
     atlas = reg.atlas_inputs()["labels"]
     bad = nib.Nifti1Image(np.asanyarray(atlas.dataobj).astype(np.int16) + 40, atlas.affine)

@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage
 
 from wmloc_utils import training
-from wmloc_utils.images import InputError
+from wmloc_utils.errors import InputError
 from wmloc_utils.networks import ARCHITECTURES
 
 
@@ -168,7 +168,7 @@ def test_wrong_input_mode_is_refused():
 def test_training_without_masks_says_how_to_apply_instead():
     import pandas as pd
 
-    from wmloc_utils.images import InputError
+    from wmloc_utils.errors import InputError
 
     table = pd.DataFrame({"subject": ["a", "b", "c", "d"], "lesion": ["a.nii.gz", "", None, "d.nii.gz"]})
     with pytest.raises(InputError, match=r"2 of 4 subjects have a lesion mask.*lesion_checkpoint"):

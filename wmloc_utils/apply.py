@@ -32,7 +32,8 @@ import nibabel as nib
 import pandas as pd
 
 from . import atlas, cluster, inference, localization, registration, runtime, subjects
-from .images import InputError, write_table_atomic
+from .errors import InputError
+from .images import write_table_atomic
 
 if TYPE_CHECKING:
     from dask.distributed import Client

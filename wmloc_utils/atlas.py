@@ -22,8 +22,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from scipy import ndimage
 
+from .errors import InputError
 from .fetch import fetch
-from .images import InputError, like, load_nifti, save_nifti, write_table_atomic
+from .images import like, load_nifti, save_nifti, write_table_atomic
 
 EVE_FILES = {
     "t1": "JHU_MNI_SS_T1_brain.nii.gz",

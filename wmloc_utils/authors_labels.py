@@ -21,8 +21,9 @@ from pathlib import Path
 import nibabel as nib
 import pandas as pd
 
+from .errors import InputError
 from .fetch import AUTHORS_LABELS, DataError, RegistryEntry, fetch, registry as _registry
-from .images import InputError, check_same_grid
+from .images import check_same_grid
 
 SPLITS = ("Train", "Test")
 COLUMN = "authors_regions"

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import ITK_THREADS
-from .images import InputError
+from .errors import InputError
 
 if TYPE_CHECKING:
     from dask.distributed import Client

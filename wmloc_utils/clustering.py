@@ -23,7 +23,7 @@ from sklearn.mixture import GaussianMixture
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from .images import InputError
+from .errors import InputError
 
 TRANSFORMS = ("log", "raw", "proportion")
 METHODS = ("kmeans", "ward", "gmm")

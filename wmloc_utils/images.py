@@ -21,9 +21,7 @@ from typing import Iterable, Iterator
 import nibabel as nib
 import numpy as np
 
-
-class InputError(ValueError):
-    """Input data that cannot be used as given (the message names the file and the problem)."""
+from .errors import InputError
 
 
 def _who(path: str | os.PathLike, subject: str | None) -> str:

@@ -23,7 +23,8 @@ from monai.transforms import Invertd
 from tqdm.auto import tqdm
 
 from . import runtime
-from .images import InputError, check_same_grid, like, load_nifti, save_nifti
+from .errors import InputError
+from .images import check_same_grid, like, load_nifti, save_nifti
 from .metrics import lesions
 from .training import check_inputs, load_checkpoint, preprocessing
 

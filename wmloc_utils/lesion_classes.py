@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .images import InputError, check_labels, check_same_grid, like, load_nifti
+from .errors import InputError
+from .images import check_labels, check_same_grid, like, load_nifti
 from .metrics import lesions
 from .wmdepth import _bounding_box, cortex_mask, lateral_ventricles, nearest_region
 

@@ -29,7 +29,8 @@ import plotly.graph_objects as go
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .images import InputError, check_same_grid, load_nifti, write_table_atomic
+from .errors import InputError
+from .images import check_same_grid, load_nifti, write_table_atomic
 
 UNLABELLED = "unlabelled"
 COLUMNS = ["region", "name", "short", "lesion_ml", "region_ml", "lesion_fraction", "load_share", "n_lesions",

@@ -18,7 +18,8 @@ import pandas as pd
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .images import InputError, check_labels, check_same_grid, load_nifti
+from .errors import InputError
+from .images import check_labels, check_same_grid, load_nifti
 
 WMH, OTHER_PATHOLOGY = 1, 2
 _CONNECTIVITY_26 = ndimage.generate_binary_structure(3, 3)

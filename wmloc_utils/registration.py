@@ -23,7 +23,8 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import provenance
-from .images import (InputError, atomic_path, check_labels, check_same_grid, like, load_nifti, same_grid, save_nifti,
+from .errors import InputError
+from .images import (atomic_path, check_labels, check_same_grid, like, load_nifti, same_grid, save_nifti,
                      write_table_atomic)
 from .metrics import dice, region_dice  # noqa: F401  (region_dice re-exported for the notebook)
 from .subjects import register_t1_to_flair

@@ -27,8 +27,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from .images import (InputError, check_intensities, check_labels, check_lesion_volume, check_same_grid,
-                     check_voxel_sizes, grid_of, load_nifti, same_grid)
+from .errors import InputError
+from .images import (check_intensities, check_labels, check_lesion_volume, check_same_grid, check_voxel_sizes, grid_of,
+                     load_nifti, same_grid)
 
 LESION_LABELS = (0, 1, 2)
 NIFTI = (".nii.gz", ".nii")

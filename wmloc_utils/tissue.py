@@ -19,7 +19,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from .images import InputError, check_same_grid, like, save_nifti
+from .errors import InputError
+from .images import check_same_grid, like, save_nifti
 from .metrics import dice
 
 #: Filled foreground above this volume (mL) is a head, not a brain (adult brains are ~1.0-1.7 L,

@@ -64,7 +64,8 @@ from monai.transforms import (Compose, DeleteItemsd, EnsureChannelFirstd, Ensure
 from tqdm.auto import tqdm
 
 from . import __version__, atlas, runtime
-from .images import InputError, atomic_path, check_same_grid, write_errors, write_table_atomic
+from .errors import InputError
+from .images import atomic_path, check_same_grid, write_errors, write_table_atomic
 from .networks import PATCH_DIVISOR, SegLoss, build_model, label_skeleton, model_kwargs
 
 # What each task predicts. Lesions may be flipped along any axis. Region labels are lateralised:

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .images import InputError, check_labels, like
+from .errors import InputError
+from .images import check_labels, like
 
 PV_NAMES = {0: "outside WM", 1: "periventricular WM", 2: "deep WM"}
 
