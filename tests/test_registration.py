@@ -17,11 +17,11 @@ import pytest
 from nilearn.image import resample_img
 
 from wmloc_utils import registration as reg
+from wmloc_utils.antsio import to_ants, to_nibabel
 from wmloc_utils.errors import InputError
 from wmloc_utils.fetch import DataError
 from wmloc_utils.images import like
 from wmloc_utils.metrics import dice
-from wmloc_utils.tissue import to_ants, to_nibabel
 
 SPACING = 2.0  # mm: small grids keep the file fast
 

@@ -23,13 +23,14 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import provenance
+from .antsio import coarsen, remove_files, seed_ants, to_ants
 from .errors import InputError
 from .images import (atomic_path, check_labels, check_same_grid, like, load_nifti, same_grid, save_nifti,
                      write_table_atomic)
 from .metrics import dice, region_dice  # noqa: F401  (region_dice re-exported for the notebook)
 from .subjects import register_t1_to_flair
 from .tissue import brain_mask as make_brain_mask
-from .tissue import _remove, seed_ants, segment_tissues, to_ants
+from .tissue import segment_tissues
 
 if TYPE_CHECKING:
     from dask.distributed import Client
@@ -46,16 +47,6 @@ T1_REG_SPACING = 2.0  # mm: grid of the rigid T1-to-FLAIR registration (the tran
 
 
 # ---------------------------------------------------------------- registration
-def _coarsen(img: ants.ANTsImage, spacing: float | None) -> ants.ANTsImage:
-    """Resample to at least ``spacing`` mm per axis (coarser axes are kept); None keeps the grid."""
-    if not spacing:
-        return img
-    target = tuple(max(float(s), spacing) for s in img.spacing)
-    if np.allclose(target, img.spacing):
-        return img
-    return ants.resample_image(img, target, False, 0)
-
-
 def register_atlas(atlas_wm: nib.spatialimages.SpatialImage, subject_wm: nib.spatialimages.SpatialImage,
                    outprefix: str | os.PathLike, method: str = "Affine", reg_spacing: float | None = 3.0,
                    metric: str = "GC", seed: int = 0, sampling: float = 1.0,
@@ -79,8 +70,8 @@ def register_atlas(atlas_wm: nib.spatialimages.SpatialImage, subject_wm: nib.spa
         raise ValueError(f"sampling must be a fraction in (0, 1], got {sampling!r}")
     Path(outprefix).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    fixed = _coarsen(to_ants(subject_wm), reg_spacing)
-    moving = _coarsen(to_ants(atlas_wm), reg_spacing)
+    fixed = coarsen(to_ants(subject_wm), reg_spacing)
+    moving = coarsen(to_ants(atlas_wm), reg_spacing)
     kwargs = dict(reg_iterations=(40, 20, 0)) if method == "SyN" else {}
     if mask_mm:
         kwargs["mask"] = _wm_mask(fixed, mask_mm, subject)
@@ -203,7 +194,7 @@ def process_subject(subject: str, t1, flair, outdir: str | os.PathLike, atlas: d
         les_img = load_nifti(lesion, subject=subject, what="lesion mask")
         check_same_grid(flair_img, les_img, "FLAIR", "lesion mask", subject)
     mask = make_brain_mask(t1_img, flair_img, subject=subject, outprefix=out / "brainmask_")
-    _remove(out.glob("brainmask_*"))
+    remove_files(out.glob("brainmask_*"))
     save_nifti(mask, out / "brain_mask.nii.gz")
     seg = segment_tissues(t1_img, flair_img, mask, lesion=les_img, subject=subject, outprefix=f"{out}{os.sep}")
     wm = np.asanyarray(seg["wm_mask"].dataobj) > 0
@@ -532,15 +523,15 @@ def truth_regions_in_template(cache_dir: str | os.PathLike, data_dir=None, spaci
     template = datasets.load_mni152_template(resolution=1)
     eve_t1 = load_eve(data_dir)["t1"]
     fixed_full = to_ants(template)
-    fixed = _coarsen(fixed_full, spacing)
-    moving = _coarsen(to_ants(eve_t1), spacing)
+    fixed = coarsen(fixed_full, spacing)
+    moving = coarsen(to_ants(eve_t1), spacing)
     seed_ants(0)
     reg = ants.registration(fixed, moving, type_of_transform="SyN", outprefix=str(cache / "eve_to_mni152_"),
                             reg_iterations=(60, 30, 10))
     warped = ants.apply_transforms(fixed_full, to_ants(refined_atlas(data_dir)), reg["fwdtransforms"],
                                    interpolator="genericLabel")
     out = like(template, np.rint(warped.numpy()).astype(np.uint8))
-    _remove(set(reg["fwdtransforms"]) | set(reg["invtransforms"]))
+    remove_files(set(reg["fwdtransforms"]) | set(reg["invtransforms"]))
     save_nifti(out, path)
     return out
 
