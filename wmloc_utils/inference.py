@@ -23,10 +23,10 @@ from monai.transforms import Invertd
 from tqdm.auto import tqdm
 
 from . import runtime
+from .checkpoints import check_inputs, load_checkpoint, preprocessing
 from .errors import InputError
 from .images import check_same_grid, like, load_nifti, save_nifti
 from .metrics import lesions
-from .training import check_inputs, load_checkpoint, preprocessing
 
 OUTPUT_NAMES = {"lesion": {"mask": "lesion_pred.nii.gz", "prob": "lesion_prob.nii.gz"},
                 "regions": {"labels": "regions_pred.nii.gz"}}
