@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 
 from wmloc_utils import clustering as cl
+from wmloc_utils import figures
 from wmloc_utils.errors import InputError
 
 
@@ -122,11 +123,11 @@ def test_figures_and_profiles():
     prof = cl.profiles(wide, labels)
     assert prof["n"].sum() == len(wide)
     assert prof.loc[labels[0], "r0"] == pytest.approx(wide["r0"][labels == labels[0]].mean())
-    heat = cl.profile_heatmap(prof)
+    heat = figures.profile_heatmap(prof)
     assert heat.data[0].z.shape == (3, 12)
     table, k = cl.choose_k(X, "kmeans", range(2, 5))
-    assert len(cl.k_curve(table).data) == 1
-    fig = cl.embedding_figure(cl.embedding(X), labels)
+    assert len(figures.k_curve(table).data) == 1
+    fig = figures.embedding_figure(cl.embedding(X), labels)
     assert sum(len(t.x) for t in fig.data) == len(wide)
 
 
