@@ -40,7 +40,7 @@ print(json.dumps({{"loaded": [m for m in PLOTTING if m in sys.modules], "importe
 
 
 def _probe(module: str) -> dict:
-    """The plotting libraries in ``sys.modules`` after a fresh ``import wmloc_utils.<module>``, and who imported them."""
+    """The plotting libraries loaded by a fresh ``import wmloc_utils.<module>``, and who imported them."""
     code = _PROBE.format(plotting=PLOTTING, module=module)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -35,6 +35,7 @@ LUT_FILE = "JHU_MNI_SS_WMPM_Type-II_SlicerLUT.txt"
 N_TYPE2 = 130
 WM_REGIONS = tuple(range(1, 35))  # refined ids of the 34 WM regions
 NON_WM = (35, 36)  # refined ids of "non-WM and infratentorial", left and right
+LABEL_IDS = WM_REGIONS + NON_WM  # every refined label id (0 is background)
 LOBES = ("frontal", "parietal", "occipital", "temporal", "limbic", "deep", "callosal", "infratentorial")
 
 

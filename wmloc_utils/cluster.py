@@ -107,6 +107,11 @@ def client(n_workers: int | None = None, kind: str = "local", config: str | os.P
     return Client(cluster)
 
 
+def worker_count(n_jobs: int | None, n_tasks: int) -> int:
+    """Worker processes for ``n_tasks`` independent tasks: ``n_jobs``, None meaning one per CPU core."""
+    return min(n_tasks, n_jobs or os.cpu_count() or 1)
+
+
 def run_each(fn: Callable, jobs: Sequence, n_workers: int | None, scheduler: str | Client = "processes", names: Sequence[str] | None = None,
              config: str | os.PathLike | dict | None = None) -> Iterator[tuple[int, object]]:
     """Run ``fn(job)`` for every job on ``scheduler``; yield ``(index, result)`` as each finishes.
