@@ -229,12 +229,6 @@ def check_labels(img: nib.spatialimages.SpatialImage, allowed: Iterable[int], pa
     return data
 
 
-def check_nonempty(mask: np.ndarray, path: str | os.PathLike, subject: str | None = None, what: str = "mask") -> None:
-    """Raise :class:`InputError` when a mask has no foreground voxel."""
-    if not np.any(mask):
-        raise InputError(f"{_who(path, subject)}: {what} is empty (no foreground voxel)")
-
-
 _WRITE_HINTS = {**dict.fromkeys((errno.EROFS, errno.EACCES, errno.EPERM), "choose a writable folder"),
                 **dict.fromkeys((errno.ENOSPC, errno.EDQUOT), "free some space or choose a folder on another disk")}
 

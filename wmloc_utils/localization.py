@@ -27,13 +27,13 @@ import pandas as pd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from . import metrics
 from .errors import InputError
 from .images import check_same_grid, load_nifti, write_table_atomic
 
 UNLABELLED = "unlabelled"
 COLUMNS = ["region", "name", "short", "lesion_ml", "region_ml", "lesion_fraction", "load_share", "n_lesions",
            "assigned_ml"]
-_CONNECTIVITY_26 = ndimage.generate_binary_structure(3, 3)
 
 
 def read_table(table: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
@@ -160,7 +160,7 @@ def regional_loads(lesion: np.ndarray, regions: np.ndarray, zooms: Sequence[floa
     assigned = np.bincount(regions[lesion & (original == 0)], minlength=n_ids)
     assigned[0] = 0
     # each 26-connected lesion goes to the region holding most of its voxels (ties: lowest id)
-    components, n_comp = ndimage.label(lesion, structure=_CONNECTIVITY_26)
+    components, n_comp = metrics.lesions(lesion)
     per_lesion = np.bincount(components[lesion].astype(np.int64) * n_ids + lesion_regions,
                              minlength=(n_comp + 1) * n_ids).reshape(n_comp + 1, n_ids)[1:]
     lesions_per_region = np.bincount(per_lesion.argmax(axis=1), minlength=n_ids) if n_comp else np.zeros(n_ids, int)

@@ -197,10 +197,10 @@ def segment_tissues(t1, flair, brain_mask, lesion=None, use_flair: bool = False,
     return out
 
 
-def eve_tissue_dice(data_dir=None, spacing: float | None = 2.0, use_flair: bool = False) -> dict:
-    """Segment the Eve atlas T1 with :func:`segment_tissues` and score it against Eve's own tissue classes.
+def eve_tissue_dice(data_dir=None, spacing: float | None = 2.0) -> dict:
+    """Segment the Eve atlas T1 (Eve has no FLAIR) with :func:`segment_tissues`; Dice per class against Eve's own.
 
-    ``spacing`` (mm) downsamples first for speed (None: native 1 mm). Returns Dice per class.
+    ``spacing`` (mm) downsamples first for speed (None: native 1 mm).
     """
     from .atlas import load_eve
 
