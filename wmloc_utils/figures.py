@@ -1,6 +1,6 @@
 """Every figure of the book: plotly set-up, image viewers with a slice slider, and the charts of the steps.
 
-The step modules compute and this one draws, so importing a step loads no plotting library. Each
+The step modules compute and this one draws: none of them imports a plotting library. Each
 plotly figure is output as the plotly mime type only (JupyterLab and VS Code draw it natively); the
 book turns it into HTML without plotly.js at build time (:func:`figure_html`, used by
 ``wmloc_utils.site``), and every page loads plotly.js once, so the executed notebooks and the pages
