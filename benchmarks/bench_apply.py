@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from wmloc_utils import apply, artefacts, demo, inference, localization, registration
+from wmloc_utils import apply, artefacts, demo, demo_truth, inference, localization
 
 
 #: A demo setting the book's networks never trained on: another brain, the challenge's scanner grids (LPS,
@@ -61,7 +61,7 @@ def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta
     start = time.perf_counter()
     apply.run(data, out / "work", lesion_ckpt, region_ckpt, tta=tta, progress=False)
     seconds = (time.perf_counter() - start) / n_subjects
-    truth = registration.demo_template_regions(options.get("brain", "mni152"), artefacts.path(workdir, artefacts.TEMPLATE_TRUTH))
+    truth = demo_truth.demo_template_regions(options.get("brain", "mni152"), artefacts.path(workdir, artefacts.TEMPLATE_TRUTH))
     scores = apply.evaluate(out / "work", withheld, lesion_ckpt, truth_regions=truth, progress=False)
     les = scores["lesions"]
     free = les[les["reference_ml"] == 0]

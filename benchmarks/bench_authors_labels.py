@@ -35,6 +35,7 @@ import pandas as pd
 
 from wmloc_utils import authors_labels
 from wmloc_utils import registration as reg
+from wmloc_utils.atlas import LABEL_IDS
 from wmloc_utils.images import like, load_nifti
 from wmloc_utils.metrics import region_dice
 
@@ -80,7 +81,7 @@ def run(variant: str, repeats: int, seeds: list[int], labels_dir: Path | None, s
             for k, kwargs in enumerate(runs):
                 labels, w, c = _register(atlas, ref_img, Path(tmp) / f"{path.stem}_{k}_", kwargs)
                 maps.append(labels)
-                scores.append(float(region_dice(ref, labels, reg.LABEL_IDS).loc[list(reg.LABEL_IDS)].mean()))
+                scores.append(float(region_dice(ref, labels, LABEL_IDS).loc[list(LABEL_IDS)].mean()))
                 wall.append(w)
                 cpu.append(c)
             same = scores[:repeats]

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from wmloc_utils import registration as reg
-from wmloc_utils.tissue import to_ants, to_nibabel
+from wmloc_utils.antsio import to_ants, to_nibabel
 
 CONFIGS = [  # method, affine metric, registration spacing (mm; None = subject grid)
     ("AffineFast", "mattes", None),

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from wmloc_utils import apply, demo
-from wmloc_utils.images import InputError
+from wmloc_utils.errors import InputError
 
 
 def test_pairings_without_masks_are_automatic_only():

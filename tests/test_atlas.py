@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wmloc_utils import atlas
-from wmloc_utils.images import InputError
+from wmloc_utils import atlas, figures
+from wmloc_utils.errors import InputError
 
 
 def test_lut_has_130_labels_background_and_hemispheres(eve_dir):
@@ -122,7 +122,7 @@ def test_plotly_viewer_has_slider_and_region_names():
     data = np.zeros((10, 12, 6), np.int16)
     data[2:6, 3:8, :] = 4
     img = nib.Nifti1Image(data, np.diag([-1.0, 1.0, 2.0, 1.0]))
-    fig = atlas.plot_labels_plotly(img, atlas.regions_table(), n_slices=3)
+    fig = figures.plot_labels_plotly(img, atlas.regions_table(), n_slices=3)
     assert len(fig.data) == 3 and len(fig.layout.sliders[0].steps) == 3
     # names on the colour bar, 8-bit labels (no per-voxel hover text: a megabyte a figure in a page)
     bar = fig.data[0].colorbar

@@ -9,7 +9,7 @@ import pooch
 import pytest
 
 from wmloc_utils import authors_labels, fetch, registration, subjects
-from wmloc_utils.images import InputError
+from wmloc_utils.errors import InputError
 
 STAGED = ("0", "21", "50", "61", "100", "137")  # the six maps staged in ../shared/data/authors-labels/Train
 

@@ -14,7 +14,7 @@ import yaml
 
 from wmloc_utils import apply, artefacts, cluster
 from wmloc_utils import registration as reg
-from wmloc_utils.images import InputError
+from wmloc_utils.errors import InputError
 
 pytest.importorskip("dask.distributed")
 

@@ -8,7 +8,8 @@ import pytest
 from scipy import stats
 
 from wmloc_utils import clustering as cl
-from wmloc_utils.images import InputError
+from wmloc_utils import figures
+from wmloc_utils.errors import InputError
 
 
 def planted(n_per: int = 10, n_regions: int = 12, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
@@ -122,11 +123,11 @@ def test_figures_and_profiles():
     prof = cl.profiles(wide, labels)
     assert prof["n"].sum() == len(wide)
     assert prof.loc[labels[0], "r0"] == pytest.approx(wide["r0"][labels == labels[0]].mean())
-    heat = cl.profile_heatmap(prof)
+    heat = figures.profile_heatmap(prof)
     assert heat.data[0].z.shape == (3, 12)
     table, k = cl.choose_k(X, "kmeans", range(2, 5))
-    assert len(cl.k_curve(table).data) == 1
-    fig = cl.embedding_figure(cl.embedding(X), labels)
+    assert len(figures.k_curve(table).data) == 1
+    fig = figures.embedding_figure(cl.embedding(X), labels)
     assert sum(len(t.x) for t in fig.data) == len(wide)
 
 
@@ -135,7 +136,7 @@ def test_infinite_loads_and_identical_subjects_are_errors_not_fewer_columns_or_c
     import pandas as pd
 
     from wmloc_utils import clustering
-    from wmloc_utils.images import InputError
+    from wmloc_utils.errors import InputError
 
     wide = pd.DataFrame({"A": [1.0, 2.0, 3.0], "B": [0.5, np.inf, 1.0]}, index=["s1", "s2", "s3"])
     with pytest.raises(InputError, match=r"infinite values \(subject 's2', region 'B'"):

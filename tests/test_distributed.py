@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_training import make_subject, tiny_cfg
 
-from wmloc_utils import training
+from wmloc_utils import checkpoints, training
 from wmloc_utils.networks import SegLoss, label_skeleton
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def records(tmp_path_factory):
 
 
 def _weights(path):
-    return training.read_checkpoint(path)["model"]
+    return checkpoints.read_checkpoint(path)["model"]
 
 
 def test_two_processes_train_the_weights_of_one(records, tmp_path):
@@ -50,8 +50,8 @@ def test_two_processes_train_the_weights_of_one(records, tmp_path):
 
     # one set of files, written by rank 0, loading like any checkpoint, with the single-process config
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["best.pt", "history.csv", "last.pt"]
-    model, config = training.load_checkpoint(tmp_path / "ddp" / "best.pt", device="cpu")
-    assert training._comparable(config) == training._comparable(training.read_checkpoint(one["best"])["config"])
+    model, config = checkpoints.load_checkpoint(tmp_path / "ddp" / "best.pt", device="cpu")
+    assert training._comparable(config) == training._comparable(checkpoints.read_checkpoint(one["best"])["config"])
     # and so a rerun in one process reuses the 2-process run instead of training again
     stamp = (tmp_path / "ddp" / "last.pt").stat().st_mtime_ns
     training.train(cfg, records[:3], records[3:], tmp_path / "ddp", progress=False)
@@ -63,7 +63,7 @@ def test_two_processes_train_the_weights_of_one(records, tmp_path):
     # noise (~1e-10), which Adam divides by its own size, so its steps are up to +-lr whatever the run.
     # Those parameters are told apart by the optimizer's second moments and may only differ by Adam's
     # step bound; every other parameter must agree within rounding.
-    state = training.read_checkpoint(one["last"], needs=("optimizer",))["optimizer"]["state"]
+    state = checkpoints.read_checkpoint(one["last"], needs=("optimizer",))["optimizer"]["state"]
     rms = {k: state[i]["exp_avg_sq"].sqrt().max().item() for i, k in enumerate(_weights(one["last"]))}
     noise = {k for k, v in rms.items() if v < 1e-6 * max(rms.values())}
     assert noise and all(k.endswith("conv.bias") for k in noise) and len(noise) < len(rms) // 2, noise

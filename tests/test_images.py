@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from wmloc_utils import images
-from wmloc_utils.images import InputError, check_intensities, check_lesion_volume, check_voxel_sizes, load_nifti
+from wmloc_utils.errors import InputError
+from wmloc_utils.images import check_intensities, check_lesion_volume, check_voxel_sizes, load_nifti
 
 AFF = np.diag([2.0, 2.0, 2.0, 1.0])
 AUTHORS = Path(__file__).resolve().parents[2] / "shared" / "data" / "authors-labels" / "Train"

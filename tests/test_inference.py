@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wmloc_utils import inference, training
-from wmloc_utils.images import InputError
+from wmloc_utils.errors import InputError
 from wmloc_utils.networks import build_model
 
 

@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from wmloc_utils import figures
 from wmloc_utils import localization as loc
-from wmloc_utils.images import InputError
+from wmloc_utils.errors import InputError
 
 ZOOMS = (1.0, 1.0, 3.0)  # 3 uL voxels
 VOX_ML = 0.003
@@ -120,16 +121,16 @@ def test_subject_report_and_figures(tmp_path):
     assert rep.unlabelled_ml == pytest.approx(3 * VOX_ML)
     assert rep.top["name"].tolist() == ["left", "right"]
     assert "subject s0: 0.07 mL in 4 lesions" in str(rep)
-    bars = loc.bar_figure(tidy, "s0", table=TABLE)
+    bars = figures.bar_figure(tidy, "s0", table=TABLE)
     assert list(bars.data[0].y) == pytest.approx(list(tidy["lesion_ml"]))
     assert bars.data[0].marker.color[1] == "rgb(200,0,0)"
-    heat = loc.cohort_heatmap(loc.wide_matrix(tidy))
+    heat = figures.cohort_heatmap(loc.wide_matrix(tidy))
     assert heat.data[0].z.shape == (1, 4)
     reg_img = nib.Nifti1Image(regions, np.diag([*ZOOMS, 1.0]))
     painted = loc.load_image(reg_img, tidy.set_index("region")["lesion_ml"])
     data = painted.get_fdata()
     assert data[0, 0, 0] == pytest.approx(15 * VOX_ML) and data[15, 0, 0] == pytest.approx(6 * VOX_ML) and data[22, 0, 0] == 0
-    display = loc.brain_figure(reg_img, tidy, display_mode="z", cut_coords=2)
+    display = figures.brain_figure(reg_img, tidy, display_mode="z", cut_coords=2)
     display.close()
 
 

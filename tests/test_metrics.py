@@ -10,7 +10,7 @@ import pytest
 from scipy.spatial.distance import dice as scipy_dice
 
 from wmloc_utils import metrics
-from wmloc_utils.images import InputError
+from wmloc_utils.errors import InputError
 
 
 def block(shape=(12, 12, 10), lo=(3, 3, 3), size=(5, 5, 4)) -> np.ndarray:
@@ -182,7 +182,7 @@ def test_hd95_matches_brute_force_in_world_coordinates():
 
 
 def test_zero_voxel_sizes_and_negative_region_labels_are_refused():
-    from wmloc_utils.images import InputError
+    from wmloc_utils.errors import InputError
 
     ref = block()
     with pytest.raises(InputError, match="voxel sizes must be three positive numbers"):

@@ -31,3 +31,13 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in readme and "make book" in readme
     assert re.search(r"^make test$", ci, re.M)
     assert readme.index("make book") < readme.index("make test")
+
+
+def test_package_docstring_maps_every_module():
+    """The package docstring, a newcomer's map of the house, names every module of wmloc_utils and no other."""
+    import pkgutil
+
+    import wmloc_utils
+
+    modules = {m.name for m in pkgutil.iter_modules(wmloc_utils.__path__)}
+    assert set(re.findall(r":mod:`wmloc_utils\.(\w+)`", wmloc_utils.__doc__)) == modules

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from wmloc_utils import subjects
-from wmloc_utils.images import InputError, load_nifti, save_nifti
+from wmloc_utils.errors import InputError
+from wmloc_utils.images import load_nifti, save_nifti
 
 AFF = np.diag([2.0, 2.0, 2.0, 1.0])
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from wmloc_utils import tissue
-from wmloc_utils.images import InputError, like
+from wmloc_utils.errors import InputError
+from wmloc_utils.images import like
 
 
 @pytest.fixture(scope="module")

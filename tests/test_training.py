@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from wmloc_utils import training
-from wmloc_utils.images import InputError
+from wmloc_utils import checkpoints, training
+from wmloc_utils.errors import InputError
 from wmloc_utils.networks import ARCHITECTURES
 
 
@@ -79,7 +79,7 @@ def test_records_check_grids(cohort, tmp_path):
 def test_pipeline_orientation_spacing_and_skeleton(cohort):
     cfg = tiny_cfg(spacing=(2.0, 2.0, 2.0))
     rec = training.make_records(cohort, "t1+flair", "lesion")[1]   # a LAS subject
-    item = training.preprocessing(cfg.spacing, with_label=True)(rec)
+    item = checkpoints.preprocessing(cfg.spacing, with_label=True)(rec)
     assert item["image"].shape == (2, 32, 32, 32)
     assert nib.aff2axcodes(item["image"].affine.numpy()) == ("R", "A", "S")
     # RAS flip of a LAS image: the label is mirrored along x
@@ -100,7 +100,7 @@ def test_one_step_training_checkpoint_roundtrip_and_resume(cohort, tmp_path):
     out = training.train(cfg, recs[:3], recs[3:], tmp_path, progress=False)
     hist = pd.read_csv(tmp_path / "history.csv")
     assert list(hist["epoch"]) == [0] and np.isfinite(hist["loss"]).all() and 0 <= hist["val_dice"][0] <= 1
-    model, config = training.load_checkpoint(out["best"], device="cpu")
+    model, config = checkpoints.load_checkpoint(out["best"], device="cpu")
     assert config["inputs"] == "t1+flair" and config["spacing"] == [4.0, 4.0, 4.0] and config["n_classes"] == 2
     assert config["training"]["epochs"] == 1 and config["versions"]["monai"] and config["val_subjects"] == ["s3"]
     saved = torch.load(out["best"], weights_only=True)["model"]
@@ -120,7 +120,7 @@ def test_every_architecture_trains_and_reloads_from_its_checkpoint(cohort, tmp_p
     recs = training.make_records(cohort, "t1+flair", "lesion")
     cfg = tiny_cfg(architecture=name, patch_size=(32, 32, 32), spacing=(2.0, 2.0, 2.0), model_overrides={})
     out = training.train(cfg, recs[:2], recs[3:], tmp_path, progress=False)
-    model, config = training.load_checkpoint(out["best"], device="cpu")
+    model, config = checkpoints.load_checkpoint(out["best"], device="cpu")
     assert config["architecture"] == name and np.isfinite(out["history"]["loss"]).all()
     saved = torch.load(out["best"], weights_only=True)["model"]
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
@@ -160,15 +160,15 @@ def test_region_mirroring_flips_left_right_and_swaps_labels():
 
 def test_wrong_input_mode_is_refused():
     config = training.model_config(tiny_cfg(inputs="t1+flair"))
-    training.check_inputs(config, "t1+flair")
+    checkpoints.check_inputs(config, "t1+flair")
     with pytest.raises(InputError, match="trained on inputs 't1\\+flair' \\(T1 \\+ FLAIR\\).*'flair'"):
-        training.check_inputs(config, "flair")
+        checkpoints.check_inputs(config, "flair")
 
 
 def test_training_without_masks_says_how_to_apply_instead():
     import pandas as pd
 
-    from wmloc_utils.images import InputError
+    from wmloc_utils.errors import InputError
 
     table = pd.DataFrame({"subject": ["a", "b", "c", "d"], "lesion": ["a.nii.gz", "", None, "d.nii.gz"]})
     with pytest.raises(InputError, match=r"2 of 4 subjects have a lesion mask.*lesion_checkpoint"):
@@ -201,8 +201,8 @@ def headed(cohort, tmp_path_factory):
 def test_brain_masked_preprocessing_ignores_the_scalp(headed):
     rec = training.make_records(headed, "t1+flair", "lesion", brain_col="brain")[0]
     assert rec["brain"] == headed["brain"][0]
-    masked = training.preprocessing((2.0, 2.0, 2.0), with_label=True, brain=True)(rec)
-    plain = training.preprocessing((2.0, 2.0, 2.0), with_label=True)(rec)
+    masked = checkpoints.preprocessing((2.0, 2.0, 2.0), with_label=True, brain=True)(rec)
+    plain = checkpoints.preprocessing((2.0, 2.0, 2.0), with_label=True)(rec)
     inside = masked["brain"][0] > 0
     assert not masked["image"][:, ~inside].any(), "nothing outside the brain mask"
     flair = masked["image"][1][inside]
@@ -290,7 +290,7 @@ def test_tissue_augmentation_needs_tissue_maps(headed, tmp_path):
 def test_brain_masked_training_records_it_in_the_checkpoint(headed, tmp_path):
     recs = training.make_records(headed, "t1+flair", "lesion", brain_col="brain")
     out = training.train(tiny_cfg(brain_masked=True), recs[:3], recs[3:], tmp_path, progress=False)
-    _, config = training.load_checkpoint(out["last"], "cpu")
+    _, config = checkpoints.load_checkpoint(out["last"], "cpu")
     assert config["training"]["brain_masked"] is True and config["training"]["augment"] == "scanner"
 
 
@@ -321,10 +321,10 @@ def test_checkpoints_are_plain_data_and_load_weights_only(trained):
         assert type(ckpt["config"]["versions"]["torch"]) is str and ckpt["config"]["patch_size"] == [16, 16, 16]
     last = torch.load(trained / "last.pt", map_location="cpu", weights_only=True)
     assert {"optimizer", "scheduler", "scaler", "rng"} <= set(last) and last["optimizer"]["state"]
-    plain = training.plain_data({"x": (np.float32(0.5), np.int64(3), torch.__version__)})
+    plain = checkpoints.plain_data({"x": (np.float32(0.5), np.int64(3), torch.__version__)})
     assert plain == {"x": [0.5, 3, torch.__version__]} and [type(v) for v in plain["x"]] == [float, int, str]
     with pytest.raises(TypeError, match=r"config\['a'\]\[1\]: object is not plain data"):
-        training.plain_data({"a": [1, object()]})
+        checkpoints.plain_data({"a": [1, object()]})
 
 
 def test_crafted_checkpoint_is_refused_without_running_code(tmp_path):
@@ -338,7 +338,7 @@ def test_crafted_checkpoint_is_refused_without_running_code(tmp_path):
     torch.save({"config": {"architecture": "unet"}, "model": {}, "extra": Payload()}, path)
     with pytest.raises(InputError, match=r"best\.pt: not loaded: the file holds Python objects beyond tensors and "
                                          r"plain data \(GLOBAL .*exec\)"):
-        training.load_checkpoint(path, device="cpu")
+        checkpoints.load_checkpoint(path, device="cpu")
     assert not marker.exists()
 
 
@@ -350,7 +350,7 @@ def test_corrupt_checkpoint_names_the_file(trained, tmp_path, damage):
     path = tmp_path / "last.pt"
     path.write_bytes(bad)
     with pytest.raises(InputError, match=rf"{path}: not loaded: corrupt"):
-        training.load_checkpoint(path, device="cpu")
+        checkpoints.load_checkpoint(path, device="cpu")
     with pytest.raises(InputError, match=rf"{path}: not loaded: corrupt"):
         training.train(tiny_cfg(), [{"subject": "s"}], [], tmp_path, resume=True, progress=False)
 
@@ -363,7 +363,7 @@ def test_checkpoint_of_older_versions_still_loads(tmp_path):
     assert type(config["versions"]["torch"]) is not str
     model = training.build_model("unet", 2, 2, **config["model_kwargs"])
     torch.save({"config": config, "model": model.state_dict()}, tmp_path / "old.pt")
-    loaded, cfg = training.load_checkpoint(tmp_path / "old.pt", device="cpu")
+    loaded, cfg = checkpoints.load_checkpoint(tmp_path / "old.pt", device="cpu")
     assert cfg["model_kwargs"]["channels"] == (4, 8, 16, 32)
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
 
@@ -482,7 +482,7 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     other = training.build_model("unet", 2, 2, channels=(4, 8, 16, 64))
     torch.save({"config": config, "model": other.state_dict()}, tmp_path / "best.pt")
     with pytest.raises(InputError, match=r"best\.pt: its weights do not fit the unet network its config describes"):
-        training.load_checkpoint(tmp_path / "best.pt", device="cpu")
+        checkpoints.load_checkpoint(tmp_path / "best.pt", device="cpu")
 
 
 def test_cached_images_keep_every_channel_with_workers(cohort):
@@ -503,4 +503,4 @@ def test_a_finished_run_is_reused_and_writes_nothing_unless_its_configuration_ch
     training.train(tiny_cfg(lr=1e-4), recs[:3], recs[3:], tmp_path, progress=False)  # another lr: trained again
     assert (tmp_path / "last.pt").stat().st_mtime_ns != stamps["last.pt"]
     training.train(tiny_cfg(lr=1e-4), recs[:2], recs[3:], tmp_path, progress=False)  # other subjects: again
-    assert training.read_checkpoint(tmp_path / "last.pt")["config"]["train_subjects"] == ["s0", "s1"]
+    assert checkpoints.read_checkpoint(tmp_path / "last.pt")["config"]["train_subjects"] == ["s0", "s1"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from wmloc_utils import wmdepth
-from wmloc_utils.images import InputError
+from wmloc_utils.errors import InputError
 
 ZOOMS = (1.0, 1.5, 3.0)  # anisotropic voxels (mm)
 

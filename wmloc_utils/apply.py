@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING
 import nibabel as nib
 import pandas as pd
 
-from . import artefacts, atlas, cluster, inference, localization, registration, runtime, subjects
-from .images import InputError, write_table_atomic
+from . import artefacts, atlas, cluster, demo_truth, inference, localization, metrics, registration, runtime, subjects
+from .errors import InputError
+from .images import write_table_atomic
 
 if TYPE_CHECKING:
     from dask.distributed import Client
@@ -170,7 +171,7 @@ def evaluate(workdir: str | os.PathLike, references: dict[str, str | os.PathLike
     Returns tables: ``lesions`` (challenge metrics per subject, with reference and predicted mL),
     ``agreement`` (per pairing and subject, regional loads vs the reference pairing: Pearson r,
     relative error), ``qc`` (:func:`localization.lesion_qc`) and, with ``truth_regions`` (the demo's
-    true regions in template space, :func:`registration.truth_regions_in_template`), ``regions``: the
+    true regions in template space, :func:`demo_truth.demo_template_regions`), ``regions``: the
     mean region Dice of the atlas registration and of the region network against the truth.
     """
     recs = records(workdir)
@@ -190,10 +191,10 @@ def evaluate(workdir: str | os.PathLike, references: dict[str, str | os.PathLike
     if truth_regions is not None:
         rows = []
         for r in recs.itertuples():
-            truth = registration.truth_regions(truth_regions, r.truth_dir)
+            truth = demo_truth.truth_regions(truth_regions, r.truth_dir)
             for source, col in REGION_SOURCES.items():
                 if col in recs:
-                    dice = registration.score_regions(nib.load(getattr(r, col)), truth)["mean"]
+                    dice = metrics.score_regions(nib.load(getattr(r, col)), truth)["mean"]
                     rows.append({"subject": r.subject, "source": source, "mean_dice": dice})
         out["regions"] = pd.DataFrame(rows)
     return out

@@ -19,12 +19,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 from scipy import ndimage
 
 from . import artefacts
+from .errors import InputError
 from .fetch import fetch
-from .images import InputError, like, load_nifti, save_nifti, write_table_atomic
+from .images import like, load_nifti, save_nifti, write_table_atomic
 
 EVE_FILES = {
     "t1": "JHU_MNI_SS_T1_brain.nii.gz",
@@ -36,6 +36,7 @@ LUT_FILE = "JHU_MNI_SS_WMPM_Type-II_SlicerLUT.txt"
 N_TYPE2 = 130
 WM_REGIONS = tuple(range(1, 35))  # refined ids of the 34 WM regions
 NON_WM = (35, 36)  # refined ids of "non-WM and infratentorial", left and right
+LABEL_IDS = WM_REGIONS + NON_WM  # every refined label id (0 is background)
 LOBES = ("frontal", "parietal", "occipital", "temporal", "limbic", "deep", "callosal", "infratentorial")
 
 
@@ -213,86 +214,3 @@ def lobe_map(regions: np.ndarray | nib.spatialimages.SpatialImage, absorb_deep: 
             idx = ndimage.distance_transform_edt(~lobar, sampling=zooms, return_distances=False, return_indices=True)
             codes[deep] = codes[tuple(i[deep] for i in idx)]
     return like(regions, codes, np.int16) if is_img else codes
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures
-
-
-def label_colormap(table: pd.DataFrame):
-    """A matplotlib colormap with one colour per label id 0..max (table columns id, r, g, b), for nilearn."""
-    from matplotlib.colors import ListedColormap
-
-    colours = np.zeros((int(table["id"].max()) + 1, 3))
-    colours[table["id"].to_numpy()] = table[["r", "g", "b"]].to_numpy() / 255.0
-    return ListedColormap(colours)
-
-
-def plot_labels_nilearn(img: nib.spatialimages.SpatialImage, table: pd.DataFrame,
-                        bg_img: nib.spatialimages.SpatialImage | None = None, **kwargs):
-    """``nilearn.plotting.plot_roi`` of a label map with the table's own colours (ids map exactly to colours)."""
-    from nilearn import plotting
-
-    n = int(table["id"].max())
-    kwargs.setdefault("colorbar", False)
-    kwargs.setdefault("black_bg", False)
-    return plotting.plot_roi(img, bg_img=bg_img, cmap=label_colormap(table), vmin=0, vmax=n, alpha=0.8, **kwargs)
-
-
-def plot_labels_plotly(img: nib.spatialimages.SpatialImage, table: pd.DataFrame,
-                       bg_img: nib.spatialimages.SpatialImage | None = None, n_slices: int = 10,
-                       max_size: int = 110, title: str = "", name_column: str = "short") -> go.Figure:
-    """An interactive axial viewer of a label map: table colours, a slice slider, region name on hover.
-
-    ``table`` needs columns id, ``name_column`` and r, g, b (as :func:`regions_table`). Images are
-    shown in RAS (left on the left) with the true voxel aspect; slices are subsampled to at most
-    ``max_size`` voxels a side to keep the notebook small. ``bg_img`` (same grid) is drawn in grey.
-    """
-    ras = nib.as_closest_canonical(img)
-    labels = np.rint(np.asanyarray(ras.dataobj)).astype(np.int64)
-    zooms = np.array(ras.header.get_zooms()[:3], dtype=float)
-    bg = None
-    if bg_img is not None:  # grey levels 0..255 (integers keep the embedded figure small)
-        bg = np.asanyarray(nib.as_closest_canonical(bg_img).dataobj).astype(np.float32)
-        hi = np.percentile(bg[bg > 0], 99) if np.any(bg > 0) else 1.0
-        bg = np.clip(np.rint(bg / hi * 255), 0, 255).astype(np.uint8)
-    step = max(1, int(np.ceil(max(labels.shape[:2]) / max_size)))
-    ids = table["id"].to_numpy()
-    n = int(max(ids.max(), labels.max()))
-    colours = {int(r.id): f"rgb({r.r},{r.g},{r.b})" for r in table.itertuples()}
-    scale = []
-    for k in range(n + 1):  # stepped colour scale: value k (normalised) -> colour of id k; 0 transparent
-        c = "rgba(0,0,0,0)" if k == 0 else colours.get(k, "rgb(0,0,0)")
-        scale += [[k / (n + 1), c], [(k + 1) / (n + 1), c]]
-    # Region names on the colour bar (a name per voxel as hover text would weigh a megabyte a figure)
-    named = table[table["id"] > 0].sort_values("id")
-    colorbar = dict(tickvals=named["id"].tolist(), ticktext=named[name_column].astype(str).tolist(),
-                    tickfont=dict(size=8), len=1.0, thickness=12) if len(named) <= 60 else None
-    labels = labels.astype(np.uint8) if n <= 255 else labels.astype(np.uint16)
-    nz = np.flatnonzero(labels.any(axis=(0, 1)))
-    zs = np.unique(np.linspace(nz.min(), nz.max(), n_slices + 2)[1:-1].astype(int)) if nz.size else [labels.shape[2] // 2]
-    x = np.arange(0, labels.shape[0], step) * zooms[0]
-    y = np.arange(0, labels.shape[1], step) * zooms[1]
-    fig = go.Figure()
-    per = 2 if bg is not None else 1
-    mid = len(zs) // 2
-    for i, z in enumerate(zs):
-        if bg is not None:
-            sl_bg = bg[::step, ::step, z].T
-            fig.add_trace(go.Heatmap(x=x, y=y, z=sl_bg, colorscale="Gray", zmin=0, zmax=255, showscale=False,
-                                     hoverinfo="skip", visible=i == mid))
-        fig.add_trace(go.Heatmap(x=x, y=y, z=labels[::step, ::step, z].T, colorscale=scale, zmin=-0.5, zmax=n + 0.5,
-                                 showscale=colorbar is not None, colorbar=colorbar,
-                                 opacity=0.75 if bg is not None else 1.0, visible=i == mid,
-                                 hovertemplate="id %{z}<extra></extra>"))
-    steps = []
-    for i, z in enumerate(zs):
-        vis = [False] * (len(zs) * per)
-        vis[i * per:(i + 1) * per] = [True] * per
-        steps.append(dict(method="update", args=[{"visible": vis}], label=str(int(z))))
-    fig.update_layout(title=title, width=560, height=600, margin=dict(l=10, r=10, t=40, b=10),
-                      plot_bgcolor="black",
-                      sliders=[dict(active=mid, steps=steps, currentvalue={"prefix": "axial slice (RAS) "})])
-    fig.update_yaxes(scaleanchor="x", scaleratio=1, showticklabels=False)
-    fig.update_xaxes(showticklabels=False)
-    return fig

@@ -21,8 +21,10 @@ from pathlib import Path
 import nibabel as nib
 import pandas as pd
 
+from .errors import InputError
 from .fetch import AUTHORS_LABELS, DataError, RegistryEntry, fetch, registry as _registry
-from .images import InputError, check_same_grid
+from .images import check_same_grid
+from .metrics import score_regions
 
 SPLITS = ("Train", "Test")
 COLUMN = "authors_regions"
@@ -117,11 +119,9 @@ def score(registered: nib.spatialimages.SpatialImage, authors: nib.spatialimages
           subject: str | None = None) -> pd.Series:
     """Dice of our registered labels against the authors' map of the same subject (same FLAIR grid required).
 
-    As :func:`wmloc_utils.registration.score_regions`: one Dice per label 1..36, ``mean`` over the WM
+    As :func:`wmloc_utils.metrics.score_regions`: one Dice per label 1..36, ``mean`` over the WM
     regions 1..34, ``wm`` the overlap of the labelled voxels (their WM segmentation against ours).
     """
-    from .registration import score_regions
-
     try:
         check_same_grid(authors, registered, "the authors' region map", "the registered region map", subject)
     except InputError as err:

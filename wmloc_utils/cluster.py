@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import ITK_THREADS
-from .images import InputError
+from .errors import InputError
 
 if TYPE_CHECKING:
     from dask.distributed import Client
@@ -105,6 +105,11 @@ def client(n_workers: int | None = None, kind: str = "local", config: str | os.P
     else:
         raise InputError(f"cluster kind must be 'local' or 'slurm', got {kind!r}")
     return Client(cluster)
+
+
+def worker_count(n_jobs: int | None, n_tasks: int) -> int:
+    """Worker processes for ``n_tasks`` independent tasks: ``n_jobs``, None meaning one per CPU core."""
+    return min(n_tasks, n_jobs or os.cpu_count() or 1)
 
 
 def run_each(fn: Callable, jobs: Sequence, n_workers: int | None, scheduler: str | Client = "processes", names: Sequence[str] | None = None,

@@ -12,8 +12,6 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
-import plotly.express as px
-import plotly.graph_objects as go
 from scipy import stats
 from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.decomposition import PCA
@@ -23,7 +21,7 @@ from sklearn.mixture import GaussianMixture
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from .images import InputError
+from .errors import InputError
 
 TRANSFORMS = ("log", "raw", "proportion")
 METHODS = ("kmeans", "ward", "gmm")
@@ -217,43 +215,9 @@ def association(clusters: pd.Series, participants: pd.DataFrame, id_column: str 
     return out
 
 
-def embedding_figure(emb: pd.DataFrame, color: pd.Series | Iterable, title: str = "", color_name: str = "cluster") -> go.Figure:
-    """Scatter of a 2D embedding, one point per subject, coloured by cluster or known group."""
-    data = emb.assign(**{color_name: [str(c) for c in color]}, subject=[str(i) for i in emb.index])
-    fig = px.scatter(data, x="dim1", y="dim2", color=color_name, hover_name="subject", title=title,
-                     category_orders={color_name: sorted(data[color_name].unique())})
-    fig.update_traces(marker=dict(size=10, line=dict(width=1, color="white")))
-    fig.update_layout(height=450)
-    return fig
-
-
 def profiles(wide: pd.DataFrame, clusters: Iterable) -> pd.DataFrame:
     """Mean value per region of each cluster (clusters x regions), with cluster sizes in ``n``."""
     labels = pd.Series(list(clusters), index=wide.index, name="cluster")
     prof = wide.astype(float).groupby(labels).mean()
     prof.insert(0, "n", labels.value_counts().reindex(prof.index).to_numpy())
     return prof
-
-
-def profile_heatmap(profile: pd.DataFrame, title: str = "Mean regional load per cluster", label: str = "mL") -> go.Figure:
-    """Heatmap of a :func:`profiles` table (rows: clusters with their size)."""
-    values = profile.drop(columns="n")
-    rows = [f"cluster {c} (n={n})" for c, n in zip(profile.index, profile["n"])]
-    fig = px.imshow(values.to_numpy(), x=list(values.columns), y=rows, aspect="auto",
-                    color_continuous_scale="Inferno", labels=dict(x="region", y="", color=label), title=title)
-    fig.update_xaxes(tickangle=-60)
-    fig.update_layout(height=250 + 40 * len(rows))
-    return fig
-
-
-def k_curve(table: pd.DataFrame, title: str = "Choosing the number of clusters") -> go.Figure:
-    """Silhouette (and BIC, on a second axis) against k, with the chosen k marked."""
-    fig = go.Figure(go.Scatter(x=table["k"], y=table["silhouette"], mode="lines+markers", name="silhouette"))
-    if "bic" in table.columns:
-        fig.add_trace(go.Scatter(x=table["k"], y=table["bic"], mode="lines+markers", name="BIC", yaxis="y2"))
-        fig.update_layout(yaxis2=dict(title="BIC", overlaying="y", side="right"))
-    chosen = table.loc[table["chosen"], "k"]
-    for k in chosen:
-        fig.add_vline(x=k, line_dash="dash", annotation_text=f"chosen k={k}")
-    fig.update_layout(title=title, xaxis_title="k", yaxis_title="silhouette", height=400)
-    return fig

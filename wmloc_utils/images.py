@@ -21,9 +21,7 @@ from typing import Iterable, Iterator
 import nibabel as nib
 import numpy as np
 
-
-class InputError(ValueError):
-    """Input data that cannot be used as given (the message names the file and the problem)."""
+from .errors import InputError
 
 
 def _who(path: str | os.PathLike, subject: str | None) -> str:
@@ -229,12 +227,6 @@ def check_labels(img: nib.spatialimages.SpatialImage, allowed: Iterable[int], pa
     if extra:
         raise InputError(f"{_who(path, subject)}: {what} must only hold labels {allowed}, found {extra[:10]}")
     return data
-
-
-def check_nonempty(mask: np.ndarray, path: str | os.PathLike, subject: str | None = None, what: str = "mask") -> None:
-    """Raise :class:`InputError` when a mask has no foreground voxel."""
-    if not np.any(mask):
-        raise InputError(f"{_who(path, subject)}: {what} is empty (no foreground voxel)")
 
 
 _WRITE_HINTS = {**dict.fromkeys((errno.EROFS, errno.EACCES, errno.EPERM), "choose a writable folder"),

@@ -25,9 +25,10 @@ from monai.transforms import Invertd
 from tqdm.auto import tqdm
 
 from . import artefacts, runtime
-from .images import InputError, check_same_grid, like, load_nifti, save_nifti
+from .checkpoints import check_inputs, load_checkpoint, preprocessing
+from .errors import InputError
+from .images import check_same_grid, like, load_nifti, save_nifti
 from .metrics import lesions
-from .training import check_inputs, load_checkpoint, preprocessing
 
 if TYPE_CHECKING:
     from dask.distributed import Client

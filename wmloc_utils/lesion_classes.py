@@ -25,9 +25,11 @@ import pandas as pd
 from scipy import ndimage
 
 from . import artefacts
-from .images import InputError, check_labels, check_same_grid, like, load_nifti
+from .atlas import NON_WM
+from .errors import InputError
+from .images import check_labels, check_same_grid, like, load_nifti
 from .metrics import lesions
-from .wmdepth import _bounding_box, cortex_mask, lateral_ventricles, nearest_region
+from .wmdepth import bounding_box, cortex_mask, lateral_ventricles, nearest_region
 
 PERIVENTRICULAR, JUXTACORTICAL, INFRATENTORIAL, DEEP = 1, 2, 3, 4
 #: Order in which the classes are tested; a lesion takes the first that applies, else deep WM.
@@ -47,7 +49,6 @@ INFRATENTORIAL_TYPE2 = (28, 29, 30, 31, 32, 49, 50, 56, 57, 63, 64, 65,
 #: tentorial notch; on Eve a cut at their 1st height percentile keeps 98% of the infratentorial WM of
 #: labels 35/36 with 99% precision).
 TENTORIAL_LANDMARKS = (13, 30)
-NON_WM = (35, 36)
 COLUMNS = ["subject", "lesion", "class_id", "class", "n_voxels", "volume_ml", "x_mm", "y_mm", "z_mm", "region"]
 
 
@@ -136,7 +137,7 @@ def classify_lesions(lesion: np.ndarray, ventricles: np.ndarray, cortex: np.ndar
         return components, classes
     # only the lesions' surroundings matter: work in their bounding box grown by the reach
     margin = 2 if distance_mm is None else int(math.ceil(distance_mm / min(float(z) for z in zooms))) + 2
-    box = _bounding_box(lesion, margin)
+    box = bounding_box(lesion, margin)
     comp, les = components[box], lesion[box]
     decided = np.zeros(n + 1, bool)
     for cls in priority:
@@ -184,7 +185,7 @@ def ventricle_wall(ventricles: np.ndarray, tissue_labels: np.ndarray, zooms, wal
     vent = np.asarray(ventricles, bool)
     if wall_mm <= 0 or not vent.any():
         return vent
-    box = _bounding_box(vent, int(math.ceil(wall_mm / min(float(z) for z in zooms))) + 1)  # the wall is near
+    box = bounding_box(vent, int(math.ceil(wall_mm / min(float(z) for z in zooms))) + 1)  # the wall is near
     dist = ndimage.distance_transform_edt(~vent[box], sampling=tuple(float(z) for z in zooms))
     out = vent.copy()
     out[box] |= (np.asarray(tissue_labels)[box] != 3) & (dist <= wall_mm)
@@ -233,7 +234,7 @@ def classify_subject(lesion, tissue, regions, brain_mask=None, infratentorial=No
     components, classes = np.zeros(les.shape, np.int32), np.zeros(0, np.int16)
     if les.any():
         # the structures only depend on the brain: compute them inside its bounding box
-        box = _bounding_box(brain | les | (ids > 0), margin=2)
+        box = bounding_box(brain | les | (ids > 0), margin=2)
         b_les, b_brain, b_labels, b_ids = les[box], brain[box], labels[box], ids[box]
         try:
             if ventricles is not None:

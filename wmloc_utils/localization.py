@@ -24,18 +24,16 @@ from typing import Iterable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import plotly.express as px
-import plotly.graph_objects as go
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from . import artefacts
-from .images import InputError, check_same_grid, load_nifti, write_table_atomic
+from . import artefacts, metrics
+from .errors import InputError
+from .images import check_same_grid, load_nifti, write_table_atomic
 
 UNLABELLED = "unlabelled"
 COLUMNS = ["region", "name", "short", "lesion_ml", "region_ml", "lesion_fraction", "load_share", "n_lesions",
            "assigned_ml"]
-_CONNECTIVITY_26 = ndimage.generate_binary_structure(3, 3)
 
 
 def read_table(table: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
@@ -162,7 +160,7 @@ def regional_loads(lesion: np.ndarray, regions: np.ndarray, zooms: Sequence[floa
     assigned = np.bincount(regions[lesion & (original == 0)], minlength=n_ids)
     assigned[0] = 0
     # each 26-connected lesion goes to the region holding most of its voxels (ties: lowest id)
-    components, n_comp = ndimage.label(lesion, structure=_CONNECTIVITY_26)
+    components, n_comp = metrics.lesions(lesion)
     per_lesion = np.bincount(components[lesion].astype(np.int64) * n_ids + lesion_regions,
                              minlength=(n_comp + 1) * n_ids).reshape(n_comp + 1, n_ids)[1:]
     lesions_per_region = np.bincount(per_lesion.argmax(axis=1), minlength=n_ids) if n_comp else np.zeros(n_ids, int)
@@ -383,45 +381,3 @@ def load_image(regions_img: nib.spatialimages.SpatialImage, values: Mapping[int,
     lut[values.index.astype(int)] = values.to_numpy()
     lut[0] = 0.0
     return nib.Nifti1Image(lut[regions], regions_img.affine)
-
-
-def brain_figure(regions_img, loads: pd.DataFrame, value: str = "lesion_ml", bg_img=None,
-                 title: str | None = None, **kwargs):
-    """Region loads painted on the brain (nilearn ``plot_stat_map``): each region shows its ``value``."""
-    from nilearn import plotting
-
-    img = load_image(regions_img, loads.set_index("region")[value])
-    options = dict(display_mode="ortho", cmap="hot", symmetric_cbar=False, vmin=0, threshold=1e-9,
-                   black_bg=True, draw_cross=False, colorbar=True)
-    options.update(kwargs)
-    return plotting.plot_stat_map(img, bg_img=bg_img, title=title, **options)
-
-
-def bar_figure(tidy: pd.DataFrame, subject: str | None = None, value: str = "lesion_ml",
-               table: pd.DataFrame | None = None) -> go.Figure:
-    """Bar chart of one subject's ``value`` per region (region colours from the table's r, g, b when given)."""
-    rows = tidy if subject is None else tidy[tidy["subject"].astype(str) == str(subject)]
-    rows = rows.sort_values("region")
-    colors = None
-    if table is not None and {"r", "g", "b"} <= set(table.columns):
-        rgb = {int(t.id): f"rgb({t.r},{t.g},{t.b})" for t in table.itertuples()}
-        colors = [rgb.get(int(i), "lightgrey") if i != 0 else "lightgrey" for i in rows["region"]]
-    fig = go.Figure(go.Bar(x=rows["short"], y=rows[value], marker_color=colors,
-                           customdata=rows[["region", "n_lesions", "name"]],
-                           hovertemplate="%{customdata[2]} (id %{customdata[0]})<br>" + value
-                           + " %{y:.3g}<br>%{customdata[1]} lesions<extra></extra>"))
-    fig.update_layout(title=f"{value} per region" + (f", subject {subject}" if subject is not None else ""),
-                      xaxis_title="region", yaxis_title=value, xaxis_tickangle=-60, height=450)
-    return fig
-
-
-def cohort_heatmap(wide: pd.DataFrame, title: str = "Regional lesion load", label: str = "mL") -> go.Figure:
-    """Interactive heatmap of a subjects x regions matrix (hover shows subject, region and value).
-
-    Only numeric columns are drawn (a cohort table's ``status`` and ``error`` are not regions).
-    """
-    fig = px.imshow(wide.select_dtypes("number").astype(float), aspect="auto", color_continuous_scale="Inferno",
-                    labels=dict(x="region", y="subject", color=label), title=title)
-    fig.update_xaxes(tickangle=-60)
-    fig.update_layout(height=max(350, 18 * len(wide) + 200))
-    return fig

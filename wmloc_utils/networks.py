@@ -186,7 +186,10 @@ class SegLoss(torch.nn.Module):
                 else logits.new_zeros(()))
         return {"ce": (ce / kept.clamp_min(1))[0], "dice": dice, "skeleton": skel}
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, skeleton: torch.Tensor | None = None) -> torch.Tensor:
-        t = self.terms(logits, target, skeleton)
+    def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss: the weighted sum of the terms of :meth:`terms` or :meth:`global_terms`."""
         w_ce, w_dice, w_skel = self.weights
-        return w_ce * t["ce"] + w_dice * t["dice"] + w_skel * t["skeleton"]
+        return w_ce * terms["ce"] + w_dice * terms["dice"] + w_skel * terms["skeleton"]
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, skeleton: torch.Tensor | None = None) -> torch.Tensor:
+        return self.total(self.terms(logits, target, skeleton))

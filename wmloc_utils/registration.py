@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,13 +21,15 @@ import pandas as pd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from . import artefacts, provenance
-from .images import (InputError, atomic_path, check_labels, check_same_grid, like, load_nifti, same_grid, save_nifti,
-                     write_table_atomic)
-from .metrics import dice, region_dice  # noqa: F401  (region_dice re-exported for the notebook)
+from . import artefacts, cluster, provenance
+from .antsio import coarsen, remove_files, seed_ants, to_ants
+from .atlas import EVE_FILES, LABEL_IDS, WM_REGIONS, load_eve, refined_atlas
+from .errors import InputError
+from .images import atomic_path, check_labels, check_same_grid, like, load_nifti, same_grid, save_nifti
+from .metrics import dice
 from .subjects import register_t1_to_flair
 from .tissue import brain_mask as make_brain_mask
-from .tissue import _remove, seed_ants, segment_tissues, to_ants
+from .tissue import segment_tissues
 
 if TYPE_CHECKING:
     from dask.distributed import Client
@@ -36,24 +37,12 @@ if TYPE_CHECKING:
 METHODS = ("Affine", "AffineFast", "SyN")
 ERRORS = ("raise", "record")  # run_cohort: stop at a failed subject, or record it and go on
 REGION_TARGETS = ("registered", "authors")  # the region maps regions.csv hands on: ours, or the paper authors'
-REGION_IDS = tuple(range(1, 35))
-LABEL_IDS = tuple(range(1, 37))
 DONE = "qc.json"
 T1_ON_FLAIR = "t1_on_flair.nii.gz"
 T1_REG_SPACING = 2.0  # mm: grid of the rigid T1-to-FLAIR registration (the transform resamples the full T1)
 
 
 # ---------------------------------------------------------------- registration
-def _coarsen(img: ants.ANTsImage, spacing: float | None) -> ants.ANTsImage:
-    """Resample to at least ``spacing`` mm per axis (coarser axes are kept); None keeps the grid."""
-    if not spacing:
-        return img
-    target = tuple(max(float(s), spacing) for s in img.spacing)
-    if np.allclose(target, img.spacing):
-        return img
-    return ants.resample_image(img, target, False, 0)
-
-
 def register_atlas(atlas_wm: nib.spatialimages.SpatialImage, subject_wm: nib.spatialimages.SpatialImage,
                    outprefix: str | os.PathLike, method: str = "Affine", reg_spacing: float | None = 3.0,
                    metric: str = "GC", seed: int = 0, sampling: float = 1.0,
@@ -77,8 +66,8 @@ def register_atlas(atlas_wm: nib.spatialimages.SpatialImage, subject_wm: nib.spa
         raise ValueError(f"sampling must be a fraction in (0, 1], got {sampling!r}")
     Path(outprefix).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    fixed = _coarsen(to_ants(subject_wm), reg_spacing)
-    moving = _coarsen(to_ants(atlas_wm), reg_spacing)
+    fixed = coarsen(to_ants(subject_wm), reg_spacing)
+    moving = coarsen(to_ants(atlas_wm), reg_spacing)
     kwargs = dict(reg_iterations=(40, 20, 0)) if method == "SyN" else {}
     if mask_mm:
         kwargs["mask"] = _wm_mask(fixed, mask_mm, subject)
@@ -109,7 +98,7 @@ def _remove_inverse(reg: dict) -> None:
 
 
 # ---------------------------------------------------------------- label propagation
-def fill_wm_labels(labels: np.ndarray, wm: np.ndarray, zooms, regions=REGION_IDS) -> np.ndarray:
+def fill_wm_labels(labels: np.ndarray, wm: np.ndarray, zooms, regions=WM_REGIONS) -> np.ndarray:
     """Labels restricted to WM; WM voxels without a label take the nearest ``regions`` label (in mm)."""
     labels = np.where(wm, labels, 0).astype(np.int16)
     hole = wm & (labels == 0)
@@ -166,8 +155,6 @@ def warp_mask(mask: nib.spatialimages.SpatialImage, transforms: list[str],
 # ---------------------------------------------------------------- one subject, a cohort
 def atlas_inputs(workdir: str | os.PathLike | None = None, data_dir=None) -> dict:
     """Atlas WM (Eve tissue class 3) and refined labels; labels from ``workdir`` when notebook 02 wrote them there."""
-    from .atlas import load_eve, refined_atlas
-
     eve = load_eve(data_dir)
     wm = like(eve["tissue"], (np.asanyarray(eve["tissue"].dataobj) == 3).astype(np.float32))
     path = artefacts.path(workdir, artefacts.REFINED_ATLAS) if workdir else None
@@ -176,7 +163,7 @@ def atlas_inputs(workdir: str | os.PathLike | None = None, data_dir=None) -> dic
     labels = load_nifti(path, what="refined atlas")  # a user may edit it: it must still be a refined Eve atlas
     check_same_grid(eve["tissue"], labels, "the Eve atlas", f"refined atlas ({path})")
     check_labels(labels, LABEL_IDS + (0,), path, what="refined atlas")
-    if not np.isin(np.asanyarray(labels.dataobj), REGION_IDS).any():
+    if not np.isin(np.asanyarray(labels.dataobj), WM_REGIONS).any():
         raise InputError(f"{path}: the refined atlas holds none of the WM regions 1..34: rerun notebook "
                          f"{artefacts.REFINED_ATLAS.notebook}.ipynb")
     return {"wm": wm, "labels": labels}
@@ -202,7 +189,7 @@ def process_subject(subject: str, t1, flair, outdir: str | os.PathLike, atlas: d
         les_img = load_nifti(lesion, subject=subject, what="lesion mask")
         check_same_grid(flair_img, les_img, "FLAIR", "lesion mask", subject)
     mask = make_brain_mask(t1_img, flair_img, subject=subject, outprefix=out / "brainmask_")
-    _remove(out.glob("brainmask_*"))
+    remove_files(out.glob("brainmask_*"))
     save_nifti(mask, out / "brain_mask.nii.gz")
     seg = segment_tissues(t1_img, flair_img, mask, lesion=les_img, subject=subject, outprefix=f"{out}{os.sep}")
     wm = np.asanyarray(seg["wm_mask"].dataobj) > 0
@@ -271,11 +258,6 @@ def relabel(subject_dir: str | os.PathLike, flair, atlas: dict, method: str, out
                          load_nifti(flair, what="FLAIR"), outdir, atlas, method, reg_spacing)
 
 
-def _workers(n_jobs: int | None, n_tasks: int) -> int:
-    """Worker processes for ``n_tasks`` independent subjects: ``n_jobs``, None meaning one per CPU core."""
-    return min(n_tasks, n_jobs or os.cpu_count() or 1)
-
-
 def _worker(args: tuple, atlas: dict | None = None) -> dict:
     """One subject of :func:`run_cohort` in a worker (one ITK thread per process: :data:`wmloc_utils.ITK_THREADS`)."""
     row, outdir, workdir, method, reg_spacing, fp = args
@@ -292,7 +274,7 @@ def _run_jobs(jobs: list[tuple], workdir, n_jobs: int | None, scheduler, cluster
     if scheduler == "slurm":
         n = min(n_jobs, len(jobs)) if n_jobs else None  # the cluster asks for it
     else:
-        n = _workers(n_jobs, len(jobs))
+        n = cluster.worker_count(n_jobs, len(jobs))
     if scheduler in (None, "processes") and n <= 1:
         atlas = atlas_inputs(workdir)  # loaded once for every subject
         for job in jobs:
@@ -301,8 +283,6 @@ def _run_jobs(jobs: list[tuple], workdir, n_jobs: int | None, scheduler, cluster
             except Exception as err:  # noqa: BLE001 (the caller raises it or records it)
                 yield job, err
         return
-    from . import cluster
-
     for i, result in cluster.run_each(_worker, jobs, n, scheduler, [job[0]["subject"] for job in jobs],
                                       cluster_config):
         yield jobs[i], result
@@ -329,7 +309,6 @@ def _report_failures(failed: dict[str, dict], n_subjects: int) -> None:
 
 def atlas_sources(workdir: str | os.PathLike | None = None, data_dir=None) -> dict[str, Path]:
     """The atlas files every subject's regions depend on (as :func:`atlas_inputs` picks them), for fingerprints."""
-    from .atlas import EVE_FILES
     from .fetch import data_dir as eve_dir
 
     folder = eve_dir(data_dir)
@@ -350,7 +329,7 @@ def subject_fingerprint(row: dict, method: str, reg_spacing: float | None, upstr
     return provenance.fingerprint(inputs, {"method": method, "reg_spacing": reg_spacing}, upstream, full_hash)
 
 
-def _stale(subject_dir: Path, fp: dict) -> tuple[list[str], dict | None]:
+def stale(subject_dir: Path, fp: dict) -> tuple[list[str], dict | None]:
     """Why a subject's result is stale ([] when current) and that result (None when there is none, {} unreadable)."""
     done = subject_dir / DONE
     if not done.exists():
@@ -402,7 +381,7 @@ def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, meth
     rows, todo = {}, []
     for row in table.to_dict("records"):
         fp = subject_fingerprint(row, method, reg_spacing, upstream, full_hash)
-        why, qc = (["overwrite=True"], None) if overwrite else _stale(artefacts.path(workdir, artefacts.SUBJECT_REGIONS, subject=row["subject"]), fp)
+        why, qc = (["overwrite=True"], None) if overwrite else stale(artefacts.path(workdir, artefacts.SUBJECT_REGIONS, subject=row["subject"]), fp)
         if not why:
             rows[row["subject"]] = qc
             continue
@@ -507,135 +486,3 @@ def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | 
                              f"notebook 03 has not registered it ({regions_csv} has no t1_on_flair for them): run "
                              f"notebook {artefacts.REGIONS.notebook}.ipynb on these subjects first, with the same work directory")
     return table
-
-
-# ---------------------------------------------------------------- demo truth and scores
-def truth_regions_in_template(cache_dir: str | os.PathLike, data_dir=None, spacing: float = 2.0) -> nib.Nifti1Image:
-    """The refined Eve labels in nilearn's MNI152 1 mm space (SyN from Eve T1 to the MNI152 T1), cached.
-
-    The result ``template_regions.nii.gz`` in ``cache_dir`` is reused when present.
-    """
-    from nilearn import datasets
-
-    from .atlas import load_eve, refined_atlas
-
-    cache = Path(cache_dir)
-    path = cache / "template_regions.nii.gz"
-    if path.exists():
-        return load_nifti(path, what="cached template regions")
-    cache.mkdir(parents=True, exist_ok=True)
-    template = datasets.load_mni152_template(resolution=1)
-    eve_t1 = load_eve(data_dir)["t1"]
-    fixed_full = to_ants(template)
-    fixed = _coarsen(fixed_full, spacing)
-    moving = _coarsen(to_ants(eve_t1), spacing)
-    seed_ants(0)
-    reg = ants.registration(fixed, moving, type_of_transform="SyN", outprefix=str(cache / "eve_to_mni152_"),
-                            reg_iterations=(60, 30, 10))
-    warped = ants.apply_transforms(fixed_full, to_ants(refined_atlas(data_dir)), reg["fwdtransforms"],
-                                   interpolator="genericLabel")
-    out = like(template, np.rint(warped.numpy()).astype(np.uint8))
-    _remove(set(reg["fwdtransforms"]) | set(reg["invtransforms"]))
-    save_nifti(out, path)
-    return out
-
-
-def demo_template_regions(brain: str, cache_dir: str | os.PathLike, data_dir=None) -> nib.Nifti1Image:
-    """The true refined regions in a demo brain's template world (``demo.generate(brain=...)``).
-
-    For ``"eve"`` they are Eve's own refined labels (on the demo's shifted Eve world); for
-    ``"mni152"`` the labels placed in MNI152 by :func:`truth_regions_in_template` (SyN, cached).
-    """
-    if brain == "eve":
-        from .atlas import refined_atlas
-        from .demo import template
-
-        return nib.Nifti1Image(np.asanyarray(refined_atlas(data_dir).dataobj), template("eve").affine)
-    return truth_regions_in_template(cache_dir, data_dir)
-
-
-def truth_regions(template_regions: nib.spatialimages.SpatialImage, truth_dir: str | os.PathLike) -> nib.Nifti1Image:
-    """True region labels of a demo subject: template labels through the true transform, inside true WM."""
-    from .demo import warp_from_template
-
-    warped = warp_from_template(template_regions, truth_dir, order=0)
-    true_wm = np.asanyarray(load_nifti(Path(truth_dir) / "tissue.nii.gz", what="true tissue").dataobj) == 3
-    labels = fill_wm_labels(np.asanyarray(warped.dataobj), true_wm, warped.header.get_zooms()[:3])
-    return like(warped, labels.astype(np.uint8))
-
-
-def score_regions(regions: nib.spatialimages.SpatialImage, truth: nib.spatialimages.SpatialImage) -> pd.Series:
-    """Dice per label 1..36 and the mean of regions 1..34 (``mean``), plus ``wm`` (labelled-voxel Dice)."""
-    pred, ref = np.asanyarray(regions.dataobj), np.asanyarray(truth.dataobj)
-    scores = region_dice(ref, pred, LABEL_IDS)
-    scores.loc["mean"] = scores.loc[list(REGION_IDS)].mean()
-    scores.loc["wm"] = dice(pred > 0, ref > 0)
-    return scores
-
-
-def _syn_regions(subject_dir: Path, flair, syn_dir: Path, atlas: dict, upstream: dict) -> Path:
-    """SyN regions of one processed subject, reused while its fingerprint (the subject's WM maps and FLAIR,
-    the atlas files, the version) is unchanged, else recomputed with the reason printed."""
-    fp = provenance.fingerprint({"WM probability": subject_dir / "prob_wm.nii.gz",
-                                 "WM mask": subject_dir / "wm_mask.nii.gz", "FLAIR": flair},
-                                {"method": "SyN", "reg_spacing": 2.0}, upstream)
-    why, old = _stale(syn_dir, fp)
-    if why:
-        if old is not None:
-            print(f"subject {subject_dir.name} (SyN): {'; '.join(why)}, recomputing")
-        qc = relabel(subject_dir, flair, atlas, "SyN", syn_dir, reg_spacing=2.0)
-        written = [qc["regions"], *qc["transform"].split(";")]
-        qc.update(fingerprint=fp, outputs={Path(p).name: provenance.file_fingerprint(p) for p in written if p})
-        with atomic_path(syn_dir / DONE) as tmp:
-            tmp.write_text(json.dumps(qc, indent=1))
-    return syn_dir / "regions.nii.gz"
-
-
-def _syn_worker(args: tuple) -> Path:
-    """Process-pool entry of :func:`score_cohort`: SyN regions of one subject, or (``None``) the template truth."""
-    subject_dir, flair, syn_dir, workdir, upstream = args
-    if subject_dir is None:
-        truth_regions_in_template(syn_dir)
-        return syn_dir
-    return _syn_regions(subject_dir, flair, syn_dir, atlas_inputs(workdir), upstream)
-
-
-def score_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, syn_subjects: int = 2,
-                 progress: bool = True, n_jobs: int | None = None) -> pd.DataFrame:
-    """Demo cohort only: per-region Dice vs the true regions, for the affine result and (first ``syn_subjects``) SyN.
-
-    Needs ``run_cohort`` first. SyN re-labels each subject's WM into :data:`artefacts.SYN_REGIONS`
-    (reused while its fingerprint is unchanged); these and the truth's placement in the template (once,
-    cached) run side by side in ``n_jobs`` processes (None: one per CPU core). Writes and returns
-    :data:`artefacts.REGION_DICE` (subject, method, region, dice).
-    """
-    table = pd.read_csv(subjects_csv, dtype={"subject": str}, keep_default_na=False)
-    qc = pd.read_csv(artefacts.path(workdir, artefacts.REGIONS), dtype={"subject": str}).set_index("subject")
-    table = table[table["subject"].isin(qc.index) & (table.get("truth_dir", "") != "")]
-    if table.empty:
-        raise InputError(f"{subjects_csv}: no subject with a truth_dir (demo truth) among those processed")
-    upstream = provenance.upstream_fingerprints(atlas_sources(workdir))
-    template_dir = artefacts.path(workdir, artefacts.TEMPLATE_TRUTH)
-    jobs = [(None, None, template_dir, None, None)]
-    jobs += [(artefacts.path(workdir, artefacts.SUBJECT_REGIONS, subject=row["subject"]), row["flair"],
-              artefacts.path(workdir, artefacts.SYN_REGIONS, subject=row["subject"]), str(workdir), upstream)
-             for row in table.head(max(0, syn_subjects)).to_dict("records")]
-    n_jobs = _workers(n_jobs, len(jobs))
-    if n_jobs > 1:
-        with ProcessPoolExecutor(max_workers=n_jobs) as pool:
-            syn = list(pool.map(_syn_worker, jobs))[1:]
-    else:
-        syn = [_syn_worker(job) for job in jobs][1:]
-    template = truth_regions_in_template(template_dir)
-    rows = []
-    for i, row in enumerate(tqdm(table.to_dict("records"), desc="scoring regions", disable=not progress)):
-        truth = truth_regions(template, row["truth_dir"])
-        results = {qc.loc[row["subject"], "method"]: qc.loc[row["subject"], "regions"]}
-        if i < len(syn):
-            results["SyN"] = syn[i]
-        for method, path in results.items():
-            scores = score_regions(load_nifti(path, row["subject"], "regions"), truth)
-            rows += [{"subject": row["subject"], "method": method, "region": str(k), "dice": v} for k, v in scores.items()]
-    out = pd.DataFrame(rows)
-    write_table_atomic(out, artefacts.path(workdir, artefacts.REGION_DICE), index=False)
-    return out

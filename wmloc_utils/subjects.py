@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 
 from . import artefacts
-from .images import (InputError, check_intensities, check_labels, check_lesion_volume, check_same_grid,
-                     check_voxel_sizes, grid_of, load_nifti, same_grid)
+from .errors import InputError
+from .images import (check_intensities, check_labels, check_lesion_volume, check_same_grid, check_voxel_sizes, grid_of,
+                     load_nifti, same_grid)
 
 LESION_LABELS = (0, 1, 2)
 NIFTI = (".nii.gz", ".nii")
@@ -120,23 +121,24 @@ def register_t1_to_flair(t1: nib.Nifti1Image, flair: nib.Nifti1Image, workdir: s
 
     ``reg_spacing`` (mm) runs the registration on coarser copies (2 mm: ~3x faster than 1 mm, same
     alignment to a fraction of a voxel); the transform is physical and resamples the full-resolution T1.
+    The transform is kept in ``workdir``; without one it is a scratch file, deleted here.
     """
-    import tempfile
-
     import ants
 
-    from .registration import _coarsen
+    from .antsio import coarsen, remove_files, scratch_prefix, seed_ants
 
-    base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="wmloc-t1reg-"))
-    prefix = base / f"{subject}_t1_to_flair_"
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    if workdir:
+        prefix = str(Path(workdir) / f"{subject}_t1_to_flair_")
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    else:
+        prefix = scratch_prefix("t1reg")
     fixed, moving = ants.from_nibabel_nifti(flair), ants.from_nibabel_nifti(t1)
-    from .tissue import seed_ants
-
     seed_ants(0)
-    reg = ants.registration(_coarsen(fixed, reg_spacing), _coarsen(moving, reg_spacing), type_of_transform="Rigid",
-                            aff_metric="mattes", outprefix=str(prefix))
+    reg = ants.registration(coarsen(fixed, reg_spacing), coarsen(moving, reg_spacing), type_of_transform="Rigid",
+                            aff_metric="mattes", outprefix=prefix)
     warped = reg["warpedmovout"] if not reg_spacing else ants.apply_transforms(fixed, moving, reg["fwdtransforms"])
+    if not workdir:
+        remove_files(set(reg["fwdtransforms"]) | set(reg["invtransforms"]))
     out = ants.to_nibabel_nifti(warped)
     return nib.Nifti1Image(np.asanyarray(out.dataobj).astype(np.float32), flair.affine)
 

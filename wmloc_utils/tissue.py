@@ -2,16 +2,11 @@
 
 The white-matter mask found here is what the atlas is registered to and what the region
 labels are restricted to, so lesions (dark on T1, often classed as GM) are filled into WM.
-The ANTs <-> nibabel conversions used by this step and by :mod:`wmloc_utils.registration`
-live here too; they keep each image's affine (orientation, voxel size, origin) intact.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from contextlib import contextmanager
-from pathlib import Path
 
 import ants
 import nibabel as nib
@@ -19,7 +14,9 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from .images import InputError, check_same_grid, like, save_nifti
+from .antsio import private_tempdir, remove_files, scratch_prefix, seed_ants, to_ants
+from .errors import InputError
+from .images import check_same_grid, like, load_nifti, save_nifti
 from .metrics import dice
 
 #: Filled foreground above this volume (mL) is a head, not a brain (adult brains are ~1.0-1.7 L,
@@ -28,34 +25,8 @@ HEAD_ML = 2300.0
 TISSUES = {1: "csf", 2: "gm", 3: "wm"}
 
 
-# ---------------------------------------------------------------- ANTs <-> nibabel
-def to_ants(img: nib.spatialimages.SpatialImage, dtype=np.float32) -> ants.ANTsImage:
-    """A nibabel image as an ANTs image with the same world geometry (spatial units forced to mm)."""
-    data = np.asarray(np.asanyarray(img.dataobj), dtype=dtype)
-    out = nib.Nifti1Image(data, img.affine)
-    out.header.set_zooms(np.sqrt((img.affine[:3, :3] ** 2).sum(0)))
-    out.header.set_xyzt_units("mm", "sec")
-    return ants.from_nibabel_nifti(out)
-
-
-def seed_ants(seed: int = 0) -> None:
-    """Seed ANTs' metric sampling (``--random-seed``) with ``seed + 1``: ANTs reads 0 as "seed from the clock"."""
-    if int(seed) < 0:
-        raise ValueError(f"seed must be >= 0, got {seed!r}")
-    ants.config._random_seed = int(seed) + 1
-
-
-def to_nibabel(img: ants.ANTsImage, dtype=None) -> nib.Nifti1Image:
-    """An ANTs image as a nibabel image (qform/sform set from the ANTs geometry)."""
-    out = ants.to_nibabel_nifti(img)
-    data = np.asanyarray(out.dataobj)
-    return like(out, data if dtype is None else data.astype(dtype))
-
-
 def _as_img(img_or_path, what: str, subject: str | None = None) -> nib.spatialimages.SpatialImage:
     if isinstance(img_or_path, (str, os.PathLike)):
-        from .images import load_nifti
-
         return load_nifti(img_or_path, subject=subject, what=what)
     return img_or_path
 
@@ -116,10 +87,10 @@ def brain_mask(t1, flair=None, stripped: bool | None = None, reg_spacing: float 
         prefix = str(outprefix) if outprefix else None
         seed_ants(0)  # repeatable on heads with skull too
         reg = ants.registration(small, moving, type_of_transform="AffineFast",
-                                outprefix=prefix or _scratch_prefix("brainmask"))
+                                outprefix=prefix or scratch_prefix("brainmask"))
         warped = ants.apply_transforms(fixed, tmask, reg["fwdtransforms"], interpolator="linear").numpy() > 0.5
         if not prefix:
-            _remove(reg["fwdtransforms"] + reg["invtransforms"])
+            remove_files(reg["fwdtransforms"] + reg["invtransforms"])
         # refine: inside a slightly dilated template mask, keep non-dark tissue (drops skull and air)
         zone = ndimage.binary_dilation(warped, iterations=2)
         inside = data[warped]
@@ -132,36 +103,6 @@ def brain_mask(t1, flair=None, stripped: bool | None = None, reg_spacing: float 
     if not mask.any():
         raise InputError(f"{'subject ' + subject + ': ' if subject else ''}brain mask is empty (T1 has no foreground)")
     return like(t1, mask.astype(np.uint8))
-
-
-def _scratch_prefix(tag: str) -> str:
-    import tempfile
-
-    fd, path = tempfile.mkstemp(prefix=f"wmloc-{tag}-")
-    os.close(fd)
-    os.unlink(path)
-    return path
-
-
-@contextmanager
-def _private_tempdir():
-    """Point ``tempfile`` at a private folder for an ANTsPy call, then delete it.
-
-    ``ants.atropos`` writes its probability maps with ``tempfile.mktemp`` and never removes
-    them; without this, every segmentation leaves three files in the system temp folder.
-    """
-    old = tempfile.tempdir
-    with tempfile.TemporaryDirectory(prefix="wmloc-ants-") as tmp:
-        tempfile.tempdir = tmp
-        try:
-            yield tmp
-        finally:
-            tempfile.tempdir = old
-
-
-def _remove(paths) -> None:
-    for p in paths:
-        Path(p).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- tissue classes
@@ -219,7 +160,7 @@ def segment_tissues(t1, flair, brain_mask, lesion=None, use_flair: bool = False,
             channels.append(ants.iMath(fl, "Normalize"))
     mrf_r = "x".join("1" for _ in range(3))
     # r=0: Atropos seeds its sampler with a constant instead of the clock, so re-runs give the same classes
-    with _private_tempdir():
+    with private_tempdir():
         seg = ants.atropos(a=channels if len(channels) > 1 else channels[0], x=mask, i="Kmeans[3]",
                            m=f"[{mrf},{mrf_r}]", c="[5,0]", v=0, r=0)
     labels = seg["segmentation"].numpy().astype(np.int16)
@@ -256,10 +197,10 @@ def segment_tissues(t1, flair, brain_mask, lesion=None, use_flair: bool = False,
     return out
 
 
-def eve_tissue_dice(data_dir=None, spacing: float | None = 2.0, use_flair: bool = False) -> dict:
-    """Segment the Eve atlas T1 with :func:`segment_tissues` and score it against Eve's own tissue classes.
+def eve_tissue_dice(data_dir=None, spacing: float | None = 2.0) -> dict:
+    """Segment the Eve atlas T1 (Eve has no FLAIR) with :func:`segment_tissues`; Dice per class against Eve's own.
 
-    ``spacing`` (mm) downsamples first for speed (None: native 1 mm). Returns Dice per class.
+    ``spacing`` (mm) downsamples first for speed (None: native 1 mm).
     """
     from .atlas import load_eve
 

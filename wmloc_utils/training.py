@@ -2,12 +2,8 @@
 
 One pipeline serves both tasks of the paper's part B: WMH segmentation (labels 0/1, challenge label 2
 "other pathology" ignored) and WM region segmentation (labels 0..36 from the registered atlas).
-A checkpoint carries its full configuration (architecture, inputs, classes, spacing, patch size,
-normalisation, training parameters, versions), so that inference rebuilds exactly the same
-preprocessing and refuses inputs the network was not trained on.
-
-Checkpoints hold only tensors and plain data and are loaded with ``weights_only=True``: a file
-holding Python objects (which could run code) is refused. ``last.pt`` also holds the random states,
+A checkpoint carries its full configuration, so that inference rebuilds exactly the same preprocessing
+(:mod:`wmloc_utils.checkpoints`, which writes and loads them). ``last.pt`` also holds the random states,
 and every epoch re-seeds its sampling and augmentation from (seed, epoch), so a resumed run gives
 exactly the weights and history of an uninterrupted one.
 
@@ -36,13 +32,9 @@ import itertools
 import json
 import math
 import os
-import pickle
 import platform
 import random
-import re
-import sys
 import time
-import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,16 +47,18 @@ import torch
 from monai.data import CacheDataset, DataLoader, list_data_collate
 from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric
-from monai.transforms import (Compose, DeleteItemsd, EnsureChannelFirstd, EnsureTyped, Flip, GaussianSmooth, LoadImaged,
+from monai.transforms import (Compose, DeleteItemsd, Flip, GaussianSmooth,
                               MapTransform,
-                              MaskIntensityd, NormalizeIntensityd, Orientationd, RandAdjustContrastd, RandAffined,
+                              MaskIntensityd, RandAdjustContrastd, RandAffined,
                               RandBiasFieldd, RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised,
                               RandGaussianSmoothd, RandHistogramShiftd, RandomizableTransform, RandScaleIntensityd,
-                              RandShiftIntensityd, RandSimulateLowResolutiond, Spacingd, SpatialPadd)
+                              RandShiftIntensityd, RandSimulateLowResolutiond, SpatialPadd)
 from tqdm.auto import tqdm
 
 from . import __version__, artefacts, atlas, runtime
-from .images import InputError, atomic_path, check_same_grid, write_errors, write_table_atomic
+from .checkpoints import NORMALISATION, plain_data, preprocessing, read_checkpoint, save_checkpoint
+from .errors import InputError
+from .images import atomic_path, check_same_grid, write_errors, write_table_atomic
 from .networks import PATCH_DIVISOR, SegLoss, build_model, label_skeleton, model_kwargs
 
 # What each task predicts. Lesions may be flipped along any axis. Region labels are lateralised:
@@ -77,7 +71,6 @@ TASKS: dict[str, dict[str, Any]] = {
 }
 # Input modes -> channels, in this order.
 INPUTS: dict[str, tuple[str, ...]] = {"t1+flair": ("t1", "flair"), "flair": ("flair",), "t1": ("t1",)}
-NORMALISATION = "z-score per modality over non-zero (brain) voxels: NormalizeIntensityd(nonzero=True, channel_wise=True)"
 # Augmentation sets: "basic" (flips, small affine, intensity scale/shift: the original set), "scanner" (also
 # what changes between scanners: orientation, bias field, gamma, histogram, noise, blur, resolution) and
 # "tissue" ("scanner" plus random intensities per tissue class and channel: needs the records' tissue maps).
@@ -327,23 +320,6 @@ class RandTissueContrastd(RandomizableTransform, MapTransform):
             img[c] = torch.where(img[c] != 0, img[c] + field.to(img.dtype), img[c])
         return d
 
-class RequireFiled(MapTransform):
-    """Raise :class:`InputError` naming the subject when a pipeline gets a record without a file it needs."""
-
-    # record key -> what it is, the setting that needs it, the make_records column, notebook 03's file
-    NEEDS = {"brain": ("brain mask", "this pipeline is brain-masked (brain_masked=True)", "brain_col", "brain_mask"),
-             "tissue": ("tissue map", 'augment="tissue" shifts each tissue class', "tissue_col", "tissue")}
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
-        for key in self.keys:
-            if not data.get(key):
-                what, why, col, name = self.NEEDS[key]
-                who = f"subject {data['subject']}: " if data.get("subject") else ""
-                raise InputError(f"{who}no {what}: {why}; give each record a '{key}' path "
-                                 f"(make_records(..., {col}=...), e.g. notebook 03's {name}.nii.gz)")
-        return data
-
-
 class ForegroundMaskd(MapTransform):
     """Store where any channel of ``keys`` is non-zero (the brain of a masked or skull-stripped image) as ``mask_key``."""
 
@@ -356,30 +332,6 @@ class ForegroundMaskd(MapTransform):
         img = d[self.keys[0]]
         d[self.mask_key] = (img != 0).any(0, keepdim=True).to(img.dtype)
         return d
-
-
-def preprocessing(spacing: Sequence[float], with_label: bool, brain: bool = False, tissue: bool = False) -> Compose:
-    """Deterministic preprocessing shared by training, validation and inference (inverted at inference).
-
-    ``brain=True``: the record's "brain" mask (on the FLAIR grid) multiplies the image before the
-    z-scoring, so skull, scalp and neck never enter the statistics or the network. ``tissue=True`` also
-    loads the record's "tissue" map (training with ``augment="tissue"``).
-    """
-    keys = ["image", "label"] if with_label else ["image"]
-    modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
-    for key, wanted in (("brain", brain), ("tissue", tissue)):
-        if wanted:
-            keys, modes = [*keys, key], [*modes, "nearest"]
-    return Compose([
-        *([RequireFiled([k for k, wanted in (("brain", brain), ("tissue", tissue)) if wanted])] if brain or tissue else []),
-        LoadImaged(keys, image_only=True),
-        EnsureChannelFirstd(keys),
-        Orientationd(keys, axcodes="RAS", labels=None),
-        Spacingd(keys, pixdim=tuple(spacing), mode=modes),
-        *([MaskIntensityd("image", mask_key="brain")] if brain else []),
-        NormalizeIntensityd("image", nonzero=True, channel_wise=True),
-        EnsureTyped(keys, dtype=torch.float32, track_meta=True),
-    ])
 
 
 def scanner_augmentations(keys: Sequence[str], fg_key: str) -> list:
@@ -474,54 +426,8 @@ def model_config(cfg: TrainConfig, train_subjects: Sequence[str] = (), val_subje
     })
 
 
-def plain_data(value: Any, where: str = "config") -> Any:
-    """``value`` as plain data (dict/list/str/int/float/bool/None, tuples as lists), which loads with ``weights_only``.
-
-    Raises TypeError naming the entry (``where``) that holds anything else.
-    """
-    if value is None or isinstance(value, bool):
-        return value
-    for base in (str, int, float):  # subclasses (TorchVersion, IntEnum, np.float64) become the base type
-        if isinstance(value, base):
-            return base(value)
-    if isinstance(value, np.generic):
-        return plain_data(value.item(), where)
-    if isinstance(value, (list, tuple)):
-        return [plain_data(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        if not all(isinstance(k, str) for k in value):
-            raise TypeError(f"{where}: dictionary keys must be strings, got {sorted(map(repr, value))[:5]}")
-        return {k: plain_data(v, f"{where}[{k!r}]") for k, v in value.items()}
-    raise TypeError(f"{where}: {type(value).__name__} is not plain data (dict/list/str/int/float/bool/None)")
-
-
-# Checkpoints written before configs were plain data stored ``torch.__version__``, a str subclass.
-_LEGACY_SAFE_GLOBALS = [torch.torch_version.TorchVersion]
 # What train() writes in out_dir; atomic_path's temporary copies of them are named ".<stem>-*<suffix>".
 _OUTPUTS = ("best.pt", "last.pt", "history.csv")
-
-
-def _interned(value):
-    """``value`` with every string interned: pickle then writes equal content as equal bytes (its memo keys
-    on object identity, and a resumed run's strings come from a loaded file, a fresh run's from the code)."""
-    if isinstance(value, str):
-        return sys.intern(str(value))
-    if isinstance(value, dict):  # a state_dict (OrderedDict) keeps its type and _metadata (module versions)
-        out = type(value)((_interned(k), _interned(v)) for k, v in value.items())
-        if hasattr(value, "_metadata"):
-            out._metadata = value._metadata
-        return out
-    if type(value) in (list, tuple):  # (not namedtuples or other subclasses)
-        return type(value)(_interned(v) for v in value)
-    return value
-
-
-def _save(obj: dict, path: Path) -> None:
-    """Write a checkpoint atomically; through a Python file so that a full disk raises OSError (ENOSPC).
-
-    The same content gives the same bytes (:func:`_interned`): the same seed gives byte-identical checkpoints."""
-    with write_errors(path), atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(_interned(obj), f)
 
 
 def _remove_stale_temps(out_dir: Path) -> list[Path]:
@@ -530,61 +436,6 @@ def _remove_stale_temps(out_dir: Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
-
-
-def read_checkpoint(path: str | os.PathLike, needs: Sequence[str] = ("config", "model")) -> dict:
-    """Load a checkpoint file with ``weights_only=True`` (tensors and plain data only: no code can run).
-
-    Raises :class:`InputError` naming the file if it is missing, corrupt or truncated, holds Python
-    objects beyond tensors and plain data, or lacks the entries ``needs``.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: checkpoint does not exist")
-    try:
-        with torch.serialization.safe_globals(_LEGACY_SAFE_GLOBALS):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: (GLOBAL \S+)", str(err))
-        if found:
-            raise InputError(f"{path}: not loaded: the file holds Python objects beyond tensors and plain data "
-                             f"({found.group(1)}), which could run code when loaded; use checkpoints written by "
-                             f"wmloc's train(), from a source you trust") from None
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
-        raise InputError(f"{path}: not loaded: corrupt, truncated or not a torch checkpoint (the safe loader "
-                         f"refused it: {detail.group(1).strip()[:200] if detail else type(err).__name__}); "
-                         f"write it again (train again, or resume=False)") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
-        raise InputError(f"{path}: not loaded: corrupt or truncated checkpoint ({type(err).__name__}: "
-                         f"{str(err).split('. ')[0][:200] if str(err) else 'empty or cut short'}); "
-                         f"write it again (train again, or resume=False)") from None
-    missing = [k for k in needs if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise InputError(f"{path}: not a wmloc checkpoint (no {'/'.join(missing)} entries)")
-    return ckpt
-
-
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "auto") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the network of a checkpoint (eval mode, on ``device``) and return it with its config."""
-    ckpt = read_checkpoint(path)
-    config = ckpt["config"]
-    model = build_model(config["architecture"], config["in_channels"], config["n_classes"], **config["model_kwargs"])
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise InputError(f"{path}: its weights do not fit the {config['architecture']} network its config describes "
-                         f"({str(err).splitlines()[0][:200]})") from None
-    dev = device if isinstance(device, torch.device) else runtime.resolve_device(device)
-    return model.to(dev).eval(), config
-
-
-def check_inputs(config: dict, inputs: str, checkpoint: str | os.PathLike = "checkpoint") -> None:
-    """Raise :class:`InputError` if ``inputs`` differs from the input mode the network was trained on."""
-    if inputs != config["inputs"]:
-        raise InputError(
-            f"{checkpoint}: this {config['architecture']} {config['task']} network was trained on inputs "
-            f"{config['inputs']!r} ({' + '.join(m.upper() for m in config['modalities'])}) and cannot be used "
-            f"with inputs {inputs!r}; train a network for {inputs!r} or provide {config['inputs']!r}")
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -927,8 +778,7 @@ def _train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequenc
                 logits = net(x)
                 terms = (loss_fn.global_terms(logits, y, s, _sum_over_ranks(ranks, weight)) if ranks.distributed
                          else loss_fn.terms(logits, y, s))
-                loss = (cfg.ce_weight * terms["ce"] + cfg.dice_weight * terms["dice"]
-                        + cfg.skeleton_weight * terms["skeleton"])
+                loss = loss_fn.total(terms)
             value = loss.item()  # the whole global batch's loss, the same on every process
             if not math.isfinite(value):
                 raise _non_finite_loss(value, epoch, step, batch, x, cfg)
@@ -953,8 +803,8 @@ def _train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequenc
                  "history": [{k: v for k, v in r.items() if k != "seconds"} for r in history], "val_dice": val_dice}
         if ranks.main:
             if improved:
-                _save(state, best_path)
-            _save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                save_checkpoint(state, best_path)
+            save_checkpoint({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "scaler": scaler.state_dict(), "rng": _rng_state()}, last_path)
             with write_errors(out_dir / "history.csv"):
                 write_table_atomic(pd.DataFrame(history), out_dir / "history.csv", index=False)

@@ -13,9 +13,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .images import InputError, check_labels, like
-
-PV_NAMES = {0: "outside WM", 1: "periventricular WM", 2: "deep WM"}
+from .errors import InputError
+from .images import check_labels, like
 
 
 def _edt(mask: np.ndarray, zooms) -> np.ndarray:
@@ -199,7 +198,7 @@ def depth_maps(tissue: nib.spatialimages.SpatialImage, brain_mask: nib.spatialim
     if regions is not None:
         check_same_grid(tissue, regions, "tissue map", "region map")
         ids = np.asanyarray(regions.dataobj)
-    box = _bounding_box(brain | (labels == 3) | (ids > 0 if ids is not None else False), margin=2)
+    box = bounding_box(brain | (labels == 3) | (ids > 0 if ids is not None else False), margin=2)
     labels, brain = labels[box], brain[box]
     wm = labels == 3
     vent = lateral_ventricles(brain & np.isin(labels, csf_labels), brain, zooms, min_depth_mm=min_depth_mm)
@@ -217,7 +216,7 @@ def depth_maps(tissue: nib.spatialimages.SpatialImage, brain_mask: nib.spatialim
     return out
 
 
-def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+def bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     """Slices of the bounding box of ``mask`` grown by ``margin`` voxels (whole array if empty): saves time."""
     if not mask.any():
         return tuple(slice(None) for _ in mask.shape)

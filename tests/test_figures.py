@@ -1,0 +1,60 @@
+"""Figures live in :mod:`wmloc_utils.figures`: importing a step module loads no plotting library."""
+
+from __future__ import annotations
+
+import json
+import os
+import pkgutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import wmloc_utils
+
+DRAWING = ("figures", "site")  # the figures, and the book's build that renders them
+STEPS = sorted(m.name for m in pkgutil.iter_modules(wmloc_utils.__path__) if m.name not in DRAWING)
+PLOTTING = ("plotly", "matplotlib.pyplot")
+# Third-party libraries that import matplotlib.pyplot themselves when imported (for their own plots).
+LOAD_PYPLOT = ("ants", "monai")
+
+# Imports one step module in a fresh interpreter and reports which plotting libraries are loaded and,
+# for each, the module that imported it: the innermost frame outside importlib and the library itself.
+_PROBE = """
+import json, sys
+PLOTTING, OWN = {plotting!r}, ("plotly", "matplotlib", "importlib")
+importers = {{}}
+
+class Probe:
+    def find_spec(self, name, path=None, target=None):
+        if name in PLOTTING and name not in importers:
+            frame = sys._getframe(1)
+            while frame and (frame.f_code.co_filename.startswith("<frozen")
+                             or frame.f_globals.get("__name__", "").split(".")[0] in OWN):
+                frame = frame.f_back
+            importers[name] = frame.f_globals.get("__name__", "?") if frame else "?"
+
+sys.meta_path.insert(0, Probe())
+import wmloc_utils.{module}
+print(json.dumps({{"loaded": [m for m in PLOTTING if m in sys.modules], "importers": importers}}))
+"""
+
+
+def _probe(module: str) -> dict:
+    """The plotting libraries loaded by a fresh ``import wmloc_utils.<module>``, and who imported them."""
+    code = _PROBE.format(plotting=PLOTTING, module=module)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_step_modules_import_no_plotting_library():
+    """plotly never; matplotlib.pyplot only when ANTsPy or MONAI imports it (they do so on their own import)."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        probes = dict(zip([*STEPS, "figures"], pool.map(_probe, [*STEPS, "figures"])))
+    assert probes.pop("figures")["importers"]["plotly"] == "wmloc_utils.figures"  # the probe sees an importer
+    offenders = {}
+    for module, probe in probes.items():
+        bad = [lib for lib in probe["loaded"]
+               if lib == "plotly" or probe["importers"].get(lib, "?").split(".")[0] not in LOAD_PYPLOT]
+        if bad:
+            offenders[module] = {lib: probe["importers"].get(lib) for lib in bad}
+    assert not offenders, f"step modules that load a plotting library (its drawing belongs in figures.py): {offenders}"
