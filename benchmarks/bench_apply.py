@@ -27,7 +27,6 @@ import pandas as pd
 
 from wmloc_utils import apply, artefacts, demo, demo_truth, inference, localization
 
-
 #: A demo setting the book's networks never trained on: another brain, the challenge's scanner grids (LPS,
 #: oblique, 3 mm slices), skull on some sites, shifted contrasts, and lesion-free subjects.
 UNSEEN = {"brain": "eve", "grid": "challenge", "skull": "mixed", "contrast": 0.3, "lesion_free_every": 3}
@@ -42,8 +41,10 @@ def book_numbers(workdir: Path) -> None:
     print(f"book run, {len(test)} demo test subjects: automatic regional loads vs reference loads")
     for pairing, source in (("lesion_pred", "atlas"), ("predicted", "network")):
         agree = localization.load_agreement(tidy, pairing, "reference")
-        print(f"  regions from {source:7s}: median Pearson r {agree['pearson_r'].median():.3f}, "
-              f"median relative error {agree['rel_error'].median():.3f}")
+        print(
+            f"  regions from {source:7s}: median Pearson r {agree['pearson_r'].median():.3f}, "
+            f"median relative error {agree['rel_error'].median():.3f}"
+        )
     qc = localization.lesion_qc(tidy).groupby("pairing")["unassigned_fraction"].median()
     print("  median lesion volume fraction in no region:", qc.round(4).to_dict())
 
@@ -61,27 +62,37 @@ def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta
     start = time.perf_counter()
     apply.run(data, out / "work", lesion_ckpt, region_ckpt, tta=tta, progress=False)
     seconds = (time.perf_counter() - start) / n_subjects
-    truth = demo_truth.demo_template_regions(options.get("brain", "mni152"), artefacts.path(workdir, artefacts.TEMPLATE_TRUTH))
+    truth = demo_truth.demo_template_regions(
+        options.get("brain", "mni152"), artefacts.path(workdir, artefacts.TEMPLATE_TRUTH)
+    )
     scores = apply.evaluate(out / "work", withheld, lesion_ckpt, truth_regions=truth, progress=False)
     les = scores["lesions"]
     free = les[les["reference_ml"] == 0]
     with_lesions = les[les["reference_ml"] > 0]
     print(f"new demo cohort {options}, {n_subjects} subjects, masks withheld (tta={tta}):")
-    print(f"  apply path: {one:.1f} s for one subject alone; {seconds:.1f} s per subject for the cohort "
-          f"(subjects registered {os.cpu_count()} at a time; first run, everything computed)")
-    print(f"  lesions: Dice {with_lesions['dice'].mean():.3f}, F1 {with_lesions['f1'].mean():.3f}, "
-          f"HD95 {with_lesions['hd95'].mean():.1f} mm, AVD {with_lesions['avd'].mean():.1f} %")
+    print(
+        f"  apply path: {one:.1f} s for one subject alone; {seconds:.1f} s per subject for the cohort "
+        f"(subjects registered {os.cpu_count()} at a time; first run, everything computed)"
+    )
+    print(
+        f"  lesions: Dice {with_lesions['dice'].mean():.3f}, F1 {with_lesions['f1'].mean():.3f}, "
+        f"HD95 {with_lesions['hd95'].mean():.1f} mm, AVD {with_lesions['avd'].mean():.1f} %"
+    )
     if len(free):
-        print(f"  false lesion mL in {len(free)} lesion-free subjects: max {free['predicted_ml'].max():.2f}, "
-              f"mean {free['predicted_ml'].mean():.2f}")
+        print(
+            f"  false lesion mL in {len(free)} lesion-free subjects: max {free['predicted_ml'].max():.2f}, "
+            f"mean {free['predicted_ml'].mean():.2f}"
+        )
     regions = scores["regions"].groupby("source")["mean_dice"].agg(["mean", "min"])
     for source, row in regions.iterrows():
         print(f"  region Dice vs truth, {source:7s}: mean {row['mean']:.3f} (min {row['min']:.3f})")
     agree = scores["agreement"].groupby("pairing")[["pearson_r", "rel_error"]].median()
     for pairing, row in agree.iterrows():
         print(f"  loads {pairing:11s} vs reference: median r {row['pearson_r']:.3f}, rel. error {row['rel_error']:.3f}")
-    print("  median fraction of lesion volume in no region:",
-          scores["qc"].groupby("pairing")["unassigned_fraction"].median().round(4).to_dict())
+    print(
+        "  median fraction of lesion volume in no region:",
+        scores["qc"].groupby("pairing")["unassigned_fraction"].median().round(4).to_dict(),
+    )
 
 
 def main() -> None:

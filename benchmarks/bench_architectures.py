@@ -28,13 +28,17 @@ from wmloc_utils import artefacts, inference, metrics, runtime, training
 NOTEBOOK_04 = dict(spacing=2.0, patch_size=48, batch_size=4, lr=3e-3, skeleton_weight=1.0, iters_per_epoch=40)
 
 
-def run_pair(arch: str, inputs: str, table: pd.DataFrame, split: pd.DataFrame, out: Path, epochs: int,
-             device: str) -> dict:
+def run_pair(
+    arch: str, inputs: str, table: pd.DataFrame, split: pd.DataFrame, out: Path, epochs: int, device: str
+) -> dict:
     """Train one lesion network (resumable) and score it on the test subjects."""
-    rec = {s: training.make_records(table, inputs, "lesion", split.loc[split["split"] == s, "subject"])
-           for s in ("train", "val")}
-    cfg = training.TrainConfig(task="lesion", architecture=arch, inputs=inputs, epochs=epochs, device=device,
-                               **NOTEBOOK_04)
+    rec = {
+        s: training.make_records(table, inputs, "lesion", split.loc[split["split"] == s, "subject"])
+        for s in ("train", "val")
+    }
+    cfg = training.TrainConfig(
+        task="lesion", architecture=arch, inputs=inputs, epochs=epochs, device=device, **NOTEBOOK_04
+    )
     result = training.train(cfg, rec["train"], rec["val"], out, resume=True, progress=False)
     seg = inference.load_segmenter(result["best"], device)
     test = table[table["subject"].isin(split.loc[split["split"] == "test", "subject"])]
@@ -48,11 +52,18 @@ def run_pair(arch: str, inputs: str, table: pd.DataFrame, split: pd.DataFrame, o
         scores[tta] = pd.DataFrame(rows)
     params = sum(p.numel() for p in seg.model.parameters())
     keys = ("dice", "hd95", "avd", "recall", "f1")
-    return {"architecture": arch, "inputs": inputs, "params_k": round(params / 1e3),
-            **{f"{k}_mean": scores[True][k].mean() for k in keys}, **{f"{k}_sd": scores[True][k].std() for k in keys},
-            **{f"{k}_no_tta": scores[False][k].mean() for k in keys},
-            "best_val_dice": result["best_dice"], "train_s": float(result["history"]["seconds"].sum()),
-            "infer_s_tta": seconds[True], "infer_s_no_tta": seconds[False]}
+    return {
+        "architecture": arch,
+        "inputs": inputs,
+        "params_k": round(params / 1e3),
+        **{f"{k}_mean": scores[True][k].mean() for k in keys},
+        **{f"{k}_sd": scores[True][k].std() for k in keys},
+        **{f"{k}_no_tta": scores[False][k].mean() for k in keys},
+        "best_val_dice": result["best_dice"],
+        "train_s": float(result["history"]["seconds"].sum()),
+        "infer_s_tta": seconds[True],
+        "infer_s_no_tta": seconds[False],
+    }
 
 
 def main() -> None:
@@ -60,8 +71,12 @@ def main() -> None:
     parser.add_argument("--workdir", default="work", help="work directory of notebooks 01-04")
     parser.add_argument("--archs", nargs="+", default=["unet", "segresnet", "mednext", "unetr", "multiresunet"])
     parser.add_argument("--inputs", nargs="+", default=["t1+flair"], help="input modes for every architecture")
-    parser.add_argument("--unet-inputs", nargs="*", default=["flair", "t1"],
-                        help="extra input modes for the U-Net only (the paper's input comparison)")
+    parser.add_argument(
+        "--unet-inputs",
+        nargs="*",
+        default=["flair", "t1"],
+        help="extra input modes for the U-Net only (the paper's input comparison)",
+    )
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
@@ -75,16 +90,22 @@ def main() -> None:
     pairs += [("unet", i) for i in args.unet_inputs if ("unet", i) not in pairs]
     table_csv = work / artefacts.ARCHITECTURES_TABLE
     root = table_csv.parent
-    print(f"device {runtime.resolve_device(args.device)}, {args.threads} threads, {args.epochs} epochs x "
-          f"{NOTEBOOK_04['iters_per_epoch']} steps, test subjects: {int((split['split'] == 'test').sum())}", flush=True)
+    print(
+        f"device {runtime.resolve_device(args.device)}, {args.threads} threads, {args.epochs} epochs x "
+        f"{NOTEBOOK_04['iters_per_epoch']} steps, test subjects: {int((split['split'] == 'test').sum())}",
+        flush=True,
+    )
     rows = []
     for arch, inputs in pairs:
         r = run_pair(arch, inputs, table, split, root / f"{arch}_{inputs.replace('+', '-')}", args.epochs, args.device)
         rows.append(r)
-        print(f"{arch:9s} {inputs:8s} Dice {r['dice_mean']:.3f} ({r['dice_sd']:.3f})  HD95 {r['hd95_mean']:5.2f} mm  "
-              f"AVD {r['avd_mean']:5.1f} %  recall {r['recall_mean']:.3f}  F1 {r['f1_mean']:.3f}  | no TTA: Dice "
-              f"{r['dice_no_tta']:.3f} F1 {r['f1_no_tta']:.3f}  [{r['params_k']}k params, train {r['train_s']:.0f} s, "
-              f"inference {r['infer_s_no_tta']:.1f} s/subject, {r['infer_s_tta']:.1f} s with TTA]", flush=True)
+        print(
+            f"{arch:9s} {inputs:8s} Dice {r['dice_mean']:.3f} ({r['dice_sd']:.3f})  HD95 {r['hd95_mean']:5.2f} mm  "
+            f"AVD {r['avd_mean']:5.1f} %  recall {r['recall_mean']:.3f}  F1 {r['f1_mean']:.3f}  | no TTA: Dice "
+            f"{r['dice_no_tta']:.3f} F1 {r['f1_no_tta']:.3f}  [{r['params_k']}k params, train {r['train_s']:.0f} s, "
+            f"inference {r['infer_s_no_tta']:.1f} s/subject, {r['infer_s_tta']:.1f} s with TTA]",
+            flush=True,
+        )
     out = pd.DataFrame(rows)
     out.to_csv(table_csv, index=False)
     print(f"table: {table_csv}; checkpoints: {', '.join(str(p) for p in sorted(root.glob('*/best.pt')))}")

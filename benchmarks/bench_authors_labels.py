@@ -85,11 +85,18 @@ def run(variant: str, repeats: int, seeds: list[int], labels_dir: Path | None, s
                 wall.append(w)
                 cpu.append(c)
             same = scores[:repeats]
-            rows.append({"variant": variant, "subject": path.name[:-7], "dice": round(same[0], 4),
-                         "spread": round(max(same) - min(same), 4),
-                         "identical": all(np.array_equal(maps[0], m) for m in maps[1:repeats]),
-                         "seed_spread": round(max(scores) - min(scores), 4) if seeds else float("nan"),
-                         "seconds": round(float(np.median(wall)), 2), "cpu_s": round(float(np.median(cpu)), 2)})
+            rows.append(
+                {
+                    "variant": variant,
+                    "subject": path.name[:-7],
+                    "dice": round(same[0], 4),
+                    "spread": round(max(same) - min(same), 4),
+                    "identical": all(np.array_equal(maps[0], m) for m in maps[1:repeats]),
+                    "seed_spread": round(max(scores) - min(scores), 4) if seeds else float("nan"),
+                    "seconds": round(float(np.median(wall)), 2),
+                    "cpu_s": round(float(np.median(cpu)), 2),
+                }
+            )
             print(rows[-1], flush=True)
     return pd.DataFrame(rows)
 
@@ -99,19 +106,34 @@ def main() -> None:
     parser.add_argument("--variant", nargs="+", default=["default"], choices=sorted(VARIANTS))
     parser.add_argument("--repeats", type=int, default=3, help="runs with the same seed (must agree)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[], help="extra runs with these seeds (robustness)")
-    parser.add_argument("--subjects", nargs="+", default=list(SAMPLES),
-                        help="challenge subject ids, any of the 170 (default: the six measured above)")
-    parser.add_argument("--labels-dir", type=Path, help="folder holding Train/ and Test/ "
-                        "(default: $WMLOC_AUTHORS_LABELS, else <data dir>/authors-labels; missing maps are downloaded)")
+    parser.add_argument(
+        "--subjects",
+        nargs="+",
+        default=list(SAMPLES),
+        help="challenge subject ids, any of the 170 (default: the six measured above)",
+    )
+    parser.add_argument(
+        "--labels-dir",
+        type=Path,
+        help="folder holding Train/ and Test/ "
+        "(default: $WMLOC_AUTHORS_LABELS, else <data dir>/authors-labels; missing maps are downloaded)",
+    )
     args = parser.parse_args()
     table = pd.concat([run(v, args.repeats, args.seeds, args.labels_dir, args.subjects) for v in args.variant])
-    print(f"\nITK threads: {os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS']}, CPU cores: {os.cpu_count()}, "
-          f"load average: {os.getloadavg()[0]:.1f}")
+    print(
+        f"\nITK threads: {os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS']}, CPU cores: {os.cpu_count()}, "
+        f"load average: {os.getloadavg()[0]:.1f}"
+    )
     print(table.to_string(index=False))
     summary = table.groupby("variant", sort=False).agg(
-        mean_dice=("dice", "mean"), worst_subject=("dice", "min"), max_spread=("spread", "max"),
-        all_identical=("identical", "all"), max_seed_spread=("seed_spread", "max"), seconds=("seconds", "median"),
-        cpu_s=("cpu_s", "median"))
+        mean_dice=("dice", "mean"),
+        worst_subject=("dice", "min"),
+        max_spread=("spread", "max"),
+        all_identical=("identical", "all"),
+        max_seed_spread=("seed_spread", "max"),
+        seconds=("seconds", "median"),
+        cpu_s=("cpu_s", "median"),
+    )
     print("\n" + summary.round(4).to_string())
 
 

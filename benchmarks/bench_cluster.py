@@ -66,8 +66,18 @@ def timed_segmentation(workdir: Path, n_workers: int, lesion: str, regions: str 
     table = reg.subjects_on_flair_grid(workdir)
     with cluster.client(n_workers, "local") as client:
         cpu0, t0 = _cpu(client), time.perf_counter()
-        preds = inference.predict_cohort(table, out, lesion, regions, progress=False, scheduler=client,
-                                         n_jobs=n_workers, errors="record", brain_col="brain_mask", wm_col="wm_mask")
+        preds = inference.predict_cohort(
+            table,
+            out,
+            lesion,
+            regions,
+            progress=False,
+            scheduler=client,
+            n_jobs=n_workers,
+            errors="record",
+            brain_col="brain_mask",
+            wm_col="wm_mask",
+        )
         wall, cpu = time.perf_counter() - t0, _cpu(client) - cpu0
         client.cluster.close()
     if (preds["status"] != "ok").any():
@@ -79,14 +89,27 @@ def step_seconds(workdir: Path, qc: pd.DataFrame, lut: Path, lesions: dict) -> p
     """Seconds per subject of each step: mask and tissues, registration, propagation (qc.json), loads (timed here)."""
     rows = []
     for row in qc.itertuples():
-        done = json.loads((artefacts.path(workdir, artefacts.SUBJECT_REGIONS, subject=row.subject) / reg.DONE).read_text())
+        done = json.loads(
+            (artefacts.path(workdir, artefacts.SUBJECT_REGIONS, subject=row.subject) / reg.DONE).read_text()
+        )
         t0 = time.perf_counter()
-        localization.regional_loads_img(lesions[row.subject], row.regions, lut, subject=row.subject,
-                                        fill_from=atlas.WM_REGIONS, brain_img=row.brain_mask)
-        rows.append({"subject": row.subject,
-                     "mask_and_tissues": done["seconds"] - done["registration_seconds"] - done["propagation_seconds"],
-                     "registration": done["registration_seconds"], "propagation": done["propagation_seconds"],
-                     "loads": time.perf_counter() - t0})
+        localization.regional_loads_img(
+            lesions[row.subject],
+            row.regions,
+            lut,
+            subject=row.subject,
+            fill_from=atlas.WM_REGIONS,
+            brain_img=row.brain_mask,
+        )
+        rows.append(
+            {
+                "subject": row.subject,
+                "mask_and_tissues": done["seconds"] - done["registration_seconds"] - done["propagation_seconds"],
+                "registration": done["registration_seconds"],
+                "propagation": done["propagation_seconds"],
+                "loads": time.perf_counter() - t0,
+            }
+        )
     return pd.DataFrame(rows).set_index("subject")
 
 
@@ -103,8 +126,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=4)
     parser.add_argument("--price", type=float, default=0.05, help="price of one core-hour (default 0.05, e.g. USD)")
-    parser.add_argument("--segmentation-seconds", type=float, default=12.5,
-                        help="lesion + region inference seconds per subject (default: README, CPU, 1 mm, no TTA)")
+    parser.add_argument(
+        "--segmentation-seconds",
+        type=float,
+        default=12.5,
+        help="lesion + region inference seconds per subject (default: README, CPU, 1 mm, no TTA)",
+    )
     parser.add_argument("--lesion-checkpoint", help="measure the segmentation step with this lesion network")
     parser.add_argument("--region-checkpoint", help="... and this region network")
     args = parser.parse_args()
@@ -114,43 +141,65 @@ def main() -> None:
         demo.generate(tmp / "data", n_subjects=args.subjects, grid="challenge", progress=False)
         csv = apply.prepare_subjects(tmp / "data", tmp / "work1", progress=False)
         lut = apply.prepare_atlas(tmp / "work1")
-        print(f"{args.subjects} demo subjects (challenge grids) made in {time.perf_counter() - t0:.0f} s; "
-              f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f}")
+        print(
+            f"{args.subjects} demo subjects (challenge grids) made in {time.perf_counter() - t0:.0f} s; "
+            f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f}"
+        )
         runs = [timed_run(csv, tmp / "work1", 1), timed_run(csv, tmp / "work2", 2)]
         print(f"load average after: {os.getloadavg()[0]:.2f}")
-        maps = [{s: artefacts.path(tmp / w, artefacts.SUBJECT_REGIONS, subject=s) / "regions.nii.gz"
-                 for s in runs[0]["qc"]["subject"]} for w in ("work1", "work2")]
+        maps = [
+            {
+                s: artefacts.path(tmp / w, artefacts.SUBJECT_REGIONS, subject=s) / "regions.nii.gz"
+                for s in runs[0]["qc"]["subject"]
+            }
+            for w in ("work1", "work2")
+        ]
         same = all(maps[0][s].read_bytes() == maps[1][s].read_bytes() for s in maps[0])
         print("\nregistration step (mask, tissues, registration, labels) on a local Dask cluster:")
         for r in runs:
-            print(f"  {r['workers']} worker(s): {r['wall']:.1f} s wall, {r['wall'] / args.subjects:.1f} s per subject, "
-                  f"worker CPU share {r['cpu'] / (r['wall'] * r['workers']):.2f}; cluster start {r['startup']:.1f} s")
+            print(
+                f"  {r['workers']} worker(s): {r['wall']:.1f} s wall, {r['wall'] / args.subjects:.1f} s per subject, "
+                f"worker CPU share {r['cpu'] / (r['wall'] * r['workers']):.2f}; cluster start {r['startup']:.1f} s"
+            )
         ratio = runs[0]["wall"] / runs[1]["wall"]
         shares = [r["cpu"] / (r["wall"] * r["workers"]) for r in runs]
         per_core = ratio * shares[0] / shares[1]  # the speed-up had each worker had its core to itself
         print(f"  speed-up 1 -> 2 workers: {ratio:.2f} (ideal 2); region maps byte-identical: {same}")
-        print(f"  worker CPU seconds per subject: {runs[0]['cpu'] / args.subjects:.1f} (1 worker), "
-              f"{runs[1]['cpu'] / args.subjects:.1f} (2 workers); speed-up per core obtained "
-              f"(ratio x CPU share 1 / CPU share 2, what dedicated cores such as SLURM's give): {per_core:.2f}")
+        print(
+            f"  worker CPU seconds per subject: {runs[0]['cpu'] / args.subjects:.1f} (1 worker), "
+            f"{runs[1]['cpu'] / args.subjects:.1f} (2 workers); speed-up per core obtained "
+            f"(ratio x CPU share 1 / CPU share 2, what dedicated cores such as SLURM's give): {per_core:.2f}"
+        )
         lesions = pd.read_csv(csv, dtype={"subject": str}).set_index("subject")["lesion"].to_dict()
         steps = step_seconds(tmp / "work1", runs[0]["qc"], lut, lesions)
         steps["segmentation"] = args.segmentation_seconds
         if args.lesion_checkpoint:
             seg = [timed_segmentation(tmp / "work1", w, args.lesion_checkpoint, args.region_checkpoint) for w in (1, 2)]
-            print("\nsegmentation step (one task per subject, each worker loading each network once), local Dask cluster:")
+            print(
+                "\nsegmentation step (one task per subject, each worker loading each network once), local Dask cluster:"
+            )
             for r in seg:
-                print(f"  {r['workers']} worker(s): {r['wall']:.1f} s wall, {r['wall'] / args.subjects:.1f} s per subject, "
-                      f"worker CPU share {r['cpu'] / (r['wall'] * r['workers']):.2f}")
+                print(
+                    f"  {r['workers']} worker(s): {r['wall']:.1f} s wall, {r['wall'] / args.subjects:.1f} s per subject, "
+                    f"worker CPU share {r['cpu'] / (r['wall'] * r['workers']):.2f}"
+                )
             print(f"  speed-up 1 -> 2 workers: {seg[0]['wall'] / seg[1]['wall']:.2f} (ideal 2)")
             steps["segmentation"] = seg[0]["wall"] / args.subjects
-        overhead = runs[0]["wall"] / args.subjects - steps[["mask_and_tissues", "registration", "propagation"]].sum(axis=1).mean()
+        overhead = (
+            runs[0]["wall"] / args.subjects
+            - steps[["mask_and_tissues", "registration", "propagation"]].sum(axis=1).mean()
+        )
         steps["scheduling_and_io"] = max(overhead, 0.0)
-        print(f"\nseconds per subject and step (1 worker; segmentation: {'measured' if args.lesion_checkpoint else 'parameter'}):")
+        print(
+            f"\nseconds per subject and step (1 worker; segmentation: {'measured' if args.lesion_checkpoint else 'parameter'}):"
+        )
         print(steps.describe().loc[["mean", "min", "max"]].round(2).to_string())
         per_subject = float(steps.sum(axis=1).mean())
         for name, efficiency in (("dedicated cores", min(1.0, per_core / 2)), ("this machine", min(1.0, ratio / 2))):
-            print(f"\n1,000 subjects at {per_subject:.1f} s each, parallel efficiency {efficiency:.2f} ({name}, "
-                  f"measured at 2 workers), {args.price:g} per core-hour:")
+            print(
+                f"\n1,000 subjects at {per_subject:.1f} s each, parallel efficiency {efficiency:.2f} ({name}, "
+                f"measured at 2 workers), {args.price:g} per core-hour:"
+            )
             print(projection(per_subject, efficiency, args.price).round(2).to_string())
 
 

@@ -42,9 +42,16 @@ def main() -> None:
     demo.generate(root, n_subjects=args.n_subjects, grid=args.grid)
     rows = [{"t1": str(s.t1), "flair": str(s.flair), "lesion": str(s.lesion or "")} for s in subjects.discover(root)]
     mb = sum(Path(r[k]).stat().st_size for r in rows for k in ("t1", "flair", "lesion") if r[k]) / len(rows) / 1e6
-    table = pd.DataFrame([{"fingerprint": name, "ms_per_subject": 1000 * per_subject_seconds(rows, full, args.repeats),
-                           "MB_hashed_per_subject": mb if full else 0.0}
-                          for name, full in (("stat + header hash (default)", False), ("full SHA-256", True))])
+    table = pd.DataFrame(
+        [
+            {
+                "fingerprint": name,
+                "ms_per_subject": 1000 * per_subject_seconds(rows, full, args.repeats),
+                "MB_hashed_per_subject": mb if full else 0.0,
+            }
+            for name, full in (("stat + header hash (default)", False), ("full SHA-256", True))
+        ]
+    )
     print(f"demo cohort {args.grid}, {len(rows)} subjects, {mb:.1f} MB of images per subject ({root})")
     print(table.round(2).to_string(index=False))
 

@@ -28,8 +28,18 @@ import pandas as pd
 from wmloc_utils import demo, inference, metrics, subjects, tissue, training
 from wmloc_utils.images import save_nifti, write_table_atomic
 
-NOTEBOOK_04 = dict(task="lesion", architecture="unet", inputs="t1+flair", spacing=2.0, patch_size=48, batch_size=4,
-                   epochs=12, iters_per_epoch=40, lr=3e-3, seed=0)
+NOTEBOOK_04 = dict(
+    task="lesion",
+    architecture="unet",
+    inputs="t1+flair",
+    spacing=2.0,
+    patch_size=48,
+    batch_size=4,
+    epochs=12,
+    iters_per_epoch=40,
+    lr=3e-3,
+    seed=0,
+)
 MODELS = {"old": dict(augment="basic", brain_masked=False), "new": dict(augment="scanner", brain_masked=True)}
 UNSEEN = dict(n_subjects=8, seed=100, grid="challenge", brain="eve", skull="mixed", contrast=0.3, lesion_free_every=4)
 MIN_LESION_ML = (0.0, 0.02, 0.05, 0.1)  # post-hoc minimum lesion sizes scored on the saved probabilities
@@ -43,22 +53,37 @@ def cohort_table(root: Path, work: Path, **spec) -> pd.DataFrame:
         mask = work / "masks" / root.name / f"{s.id}.nii.gz"
         if not mask.exists():
             save_nifti(tissue.brain_mask(s.t1_img, s.flair_img, subject=s.id), mask)
-        rows.append({"subject": s.id, "site": s.site, "t1": str(s.t1), "flair": str(s.flair),
-                     "lesion": str(s.lesion), "brain": str(mask)})
+        rows.append(
+            {
+                "subject": s.id,
+                "site": s.site,
+                "t1": str(s.t1),
+                "flair": str(s.flair),
+                "lesion": str(s.lesion),
+                "brain": str(mask),
+            }
+        )
     participants = pd.read_csv(root / "participants.tsv", sep="\t", dtype={"participant_id": str})
-    return pd.DataFrame(rows).merge(participants.rename(columns={"participant_id": "subject"}).drop(columns="site"),
-                                    on="subject")
+    return pd.DataFrame(rows).merge(
+        participants.rename(columns={"participant_id": "subject"}).drop(columns="site"), on="subject"
+    )
 
 
 def trained(name: str, table: pd.DataFrame, split: pd.DataFrame, work: Path) -> Path:
     """Train (or reuse) one network of :data:`MODELS` and return its best checkpoint."""
     cfg = training.TrainConfig(**NOTEBOOK_04, **MODELS[name])
     out = work / f"model_{name}"
-    if (out / "best.pt").exists() and (out / "history.csv").exists() and len(pd.read_csv(out / "history.csv")) == cfg.epochs:
+    if (
+        (out / "best.pt").exists()
+        and (out / "history.csv").exists()
+        and len(pd.read_csv(out / "history.csv")) == cfg.epochs
+    ):
         return out / "best.pt"
     brain_col = "brain" if cfg.brain_masked else None
-    recs = {k: training.make_records(table, cfg.inputs, "lesion", split.loc[split.split == k, "subject"], brain_col)
-            for k in ("train", "val")}
+    recs = {
+        k: training.make_records(table, cfg.inputs, "lesion", split.loc[split.split == k, "subject"], brain_col)
+        for k in ("train", "val")
+    }
     start = time.perf_counter()
     training.train(cfg, recs["train"], recs["val"], out, resume=True, progress=False)
     print(f"trained {name} in {time.perf_counter() - start:.0f} s", flush=True)
@@ -79,9 +104,21 @@ def score(name: str, checkpoint: Path, table: pd.DataFrame, setting: str, work: 
         voxel_ml = abs(np.linalg.det(prob_img.affine[:3, :3])) / 1000
         for min_ml in MIN_LESION_ML:
             pred = inference.remove_small_lesions(prob_img.get_fdata() >= 0.5, int(np.ceil(min_ml / voxel_ml - 1e-9)))
-            m = metrics.wmh_metrics_img(r.lesion, nib.Nifti1Image(pred.astype(np.uint8), prob_img.affine), subject=r.subject)
-            rows.append({"model": tag, "setting": setting, "min_lesion_ml": min_ml, "subject": r.subject, "site": r.site,
-                         "lesion_ml": r.lesion_ml, "pred_ml": pred.sum() * voxel_ml, **m})
+            m = metrics.wmh_metrics_img(
+                r.lesion, nib.Nifti1Image(pred.astype(np.uint8), prob_img.affine), subject=r.subject
+            )
+            rows.append(
+                {
+                    "model": tag,
+                    "setting": setting,
+                    "min_lesion_ml": min_ml,
+                    "subject": r.subject,
+                    "site": r.site,
+                    "lesion_ml": r.lesion_ml,
+                    "pred_ml": pred.sum() * voxel_ml,
+                    **m,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -102,11 +139,15 @@ def main() -> None:
     unseen = cohort_table(work / "unseen", work, **UNSEEN)
     test = train_table[train_table.subject.isin(split.loc[split.split == "test", "subject"])]
     checkpoints = {name: trained(name, train_table, split, work) for name in MODELS}
-    scores = pd.concat([score("old", checkpoints["old"], test, "demo test split", work, masked=False),
-                        score("new", checkpoints["new"], test, "demo test split", work, masked=True),
-                        score("old", checkpoints["old"], unseen, "unseen", work, masked=False),
-                        score("old", checkpoints["old"], unseen, "unseen", work, masked=True),
-                        score("new", checkpoints["new"], unseen, "unseen", work, masked=True)])
+    scores = pd.concat(
+        [
+            score("old", checkpoints["old"], test, "demo test split", work, masked=False),
+            score("new", checkpoints["new"], test, "demo test split", work, masked=True),
+            score("old", checkpoints["old"], unseen, "unseen", work, masked=False),
+            score("old", checkpoints["old"], unseen, "unseen", work, masked=True),
+            score("new", checkpoints["new"], unseen, "unseen", work, masked=True),
+        ]
+    )
     write_table_atomic(scores, work / "scores.csv", index=False)
     pd.set_option("display.width", 160)
     print(summary(scores).to_string())

@@ -38,25 +38,39 @@ def main() -> None:
     wm = tissue == 3
     regions = np.where(wm, np.asanyarray(atlas.refined_atlas().dataobj), 0).astype(np.int16)
     lesion = synthetic_lesions(wm, args.lesions, seed=0).astype(np.uint8)
-    imgs = {k: nib.Nifti1Image(v, aff) for k, v in
-            (("lesion", lesion), ("tissue", tissue), ("regions", regions),
-             ("brain", np.asanyarray(eve["mask"].dataobj).astype(np.uint8)))}
+    imgs = {
+        k: nib.Nifti1Image(v, aff)
+        for k, v in (
+            ("lesion", lesion),
+            ("tissue", tissue),
+            ("regions", regions),
+            ("brain", np.asanyarray(eve["mask"].dataobj).astype(np.uint8)),
+        )
+    }
     infra = lesion_classes.atlas_infratentorial(eve["type2"])
-    print(f"grid {tissue.shape} voxel {tuple(float(z) for z in eve['tissue'].header.get_zooms()[:3])} mm, "
-          f"lesion {lesion.sum() / 1000:.1f} mL")
+    print(
+        f"grid {tissue.shape} voxel {tuple(float(z) for z in eve['tissue'].header.get_zooms()[:3])} mm, "
+        f"lesion {lesion.sum() / 1000:.1f} mL"
+    )
     vent = wmdepth.depth_maps(imgs["tissue"], imgs["brain"], csf_labels=(0,))["ventricles"]
-    configs = (("fallback infratentorial", {}), ("atlas infratentorial mask", {"infratentorial": infra}),
-               ("atlas mask + ventricles given (as from depth_maps)", {"infratentorial": infra, "ventricles": vent}))
+    configs = (
+        ("fallback infratentorial", {}),
+        ("atlas infratentorial mask", {"infratentorial": infra}),
+        ("atlas mask + ventricles given (as from depth_maps)", {"infratentorial": infra, "ventricles": vent}),
+    )
     for name, extra in configs:
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            out = lesion_classes.classify_subject(imgs["lesion"], imgs["tissue"], imgs["regions"], imgs["brain"],
-                                                  subject="eve", csf_labels=(0,), **extra)
+            out = lesion_classes.classify_subject(
+                imgs["lesion"], imgs["tissue"], imgs["regions"], imgs["brain"], subject="eve", csf_labels=(0,), **extra
+            )
             times.append(time.perf_counter() - start)
         counts = out["table"]["class"].value_counts().to_dict()
-        print(f"classify_subject, {name}: best {min(times):.2f} s, median {np.median(times):.2f} s over "
-              f"{len(times)} runs; {len(out['table'])} lesions: {counts}")
+        print(
+            f"classify_subject, {name}: best {min(times):.2f} s, median {np.median(times):.2f} s over "
+            f"{len(times)} runs; {len(out['table'])} lesions: {counts}"
+        )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def main() -> None:
     table = atlas.regions_table()
     lesion = synthetic_lesions(regions, args.lesions, seed=0).astype(np.uint8)
     zooms = regions_img.header.get_zooms()[:3]
-    print(f"grid {regions.shape} voxel {tuple(float(z) for z in zooms)} mm, lesion {lesion.sum() * np.prod(zooms) / 1000:.1f} mL")
+    print(
+        f"grid {regions.shape} voxel {tuple(float(z) for z in zooms)} mm, lesion {lesion.sum() * np.prod(zooms) / 1000:.1f} mL"
+    )
 
     arrays = timed(lambda: localization.regional_loads(lesion, regions, zooms, table), args.repeats)
     with tempfile.TemporaryDirectory() as tmp:

@@ -40,12 +40,18 @@ def known_subject(atlas_wm, voxel: float):
     a, b = np.deg2rad(8), np.deg2rad(10)
     rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
     rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-    tx = ants.create_ants_transform(transform_type="AffineTransform", dimension=3, matrix=rz @ rx * 1.05,
-                                    translation=(6.0, -5.0, 4.0), center=ants.get_center_of_mass(moving))
+    tx = ants.create_ants_transform(
+        transform_type="AffineTransform",
+        dimension=3,
+        matrix=rz @ rx * 1.05,
+        translation=(6.0, -5.0, 4.0),
+        center=ants.get_center_of_mass(moving),
+    )
     shape = tuple(int(round(200 / voxel)) for _ in range(3))
     com = np.asarray(ants.get_center_of_mass(moving))
-    grid = ants.make_image(shape, spacing=(voxel,) * 3, origin=tuple(com + [100, 100, -100]),
-                           direction=np.diag([-1.0, -1.0, 1.0]))  # LPS direction of an RAS-stored image
+    grid = ants.make_image(
+        shape, spacing=(voxel,) * 3, origin=tuple(com + [100, 100, -100]), direction=np.diag([-1.0, -1.0, 1.0])
+    )  # LPS direction of an RAS-stored image
     return to_nibabel(tx.apply_to_image(moving, reference=grid, interpolation="linear")), tx
 
 
@@ -74,23 +80,39 @@ def main() -> None:
             subject_wm, known = known_subject(atlas["wm"], voxel)
             wm = subject_wm.get_fdata() > 0.5
             for method, metric, spacing in CONFIGS + (FULL if args.full else []):
-                for rep in range(args.repeats):
+                for _ in range(args.repeats):
                     start, cpu = time.perf_counter(), time.process_time()
-                    result = reg.register_atlas(atlas["wm"], subject_wm, outprefix=Path(tmp) / f"b{voxel}_",
-                                                method=method, metric=metric, reg_spacing=spacing)
+                    result = reg.register_atlas(
+                        atlas["wm"],
+                        subject_wm,
+                        outprefix=Path(tmp) / f"b{voxel}_",
+                        method=method,
+                        metric=metric,
+                        reg_spacing=spacing,
+                    )
                     t_reg = time.perf_counter() - start
                     reg.propagate_labels(atlas["labels"], result["transforms"], subject_wm, wm)
                     total = time.perf_counter() - start
                     cpu = time.process_time() - cpu
-                    rows.append({"subject_mm": voxel, "method": method, "metric": metric,
-                                 "reg_spacing_mm": spacing or voxel, "register_s": round(t_reg, 2),
-                                 "propagate_s": round(total - t_reg, 2), "total_s": round(total, 2),
-                                 "cpu_s": round(cpu, 2),
-                                 "error_mm": round(recovery_error(result["transforms"], known, subject_wm), 3)})
+                    rows.append(
+                        {
+                            "subject_mm": voxel,
+                            "method": method,
+                            "metric": metric,
+                            "reg_spacing_mm": spacing or voxel,
+                            "register_s": round(t_reg, 2),
+                            "propagate_s": round(total - t_reg, 2),
+                            "total_s": round(total, 2),
+                            "cpu_s": round(cpu, 2),
+                            "error_mm": round(recovery_error(result["transforms"], known, subject_wm), 3),
+                        }
+                    )
                     print(rows[-1], flush=True)
     table = pd.DataFrame(rows).groupby(["subject_mm", "method", "metric", "reg_spacing_mm"]).median()
-    print(f"\nITK threads: {os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS']}, CPU cores: {os.cpu_count()}, "
-          f"load average: {os.getloadavg()[0]:.1f}")
+    print(
+        f"\nITK threads: {os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS']}, CPU cores: {os.cpu_count()}, "
+        f"load average: {os.getloadavg()[0]:.1f}"
+    )
     print(table.to_string())
 
 

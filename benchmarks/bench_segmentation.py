@@ -31,16 +31,17 @@ from wmloc_utils.networks import build_model
 FOV_MM = np.array([180.0, 216.0, 180.0])
 TARGETS = {("lesion", 2.0): 2.0, ("lesion", 1.0): 10.0, ("regions", 2.0): 5.0, ("regions", 1.0): 40.0}
 # The defaults of notebooks 04 and 05 (architecture "unet", inputs T1 + FLAIR).
-NOTEBOOK_DEFAULTS = {"lesion": dict(spacing=2.0, patch_size=(48, 48, 48)),
-                     "regions": dict(spacing=3.0, patch_size=(48, 56, 48),
-                                     model_overrides={"channels": (32, 64, 128, 256)})}
+NOTEBOOK_DEFAULTS = {
+    "lesion": dict(spacing=2.0, patch_size=(48, 48, 48)),
+    "regions": dict(spacing=3.0, patch_size=(48, 56, 48), model_overrides={"channels": (32, 64, 128, 256)}),
+}
 
 
 def subject(folder: Path, voxel: float) -> dict[str, Path]:
     """A brain-sized ellipsoid FLAIR/T1 pair stored LAS at ``voxel`` mm."""
     shape = tuple(int(s) for s in np.ceil(FOV_MM / voxel))
     ijk = np.stack(np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij"))
-    brain = ((ijk ** 2).sum(0) < 0.7).astype(np.float32)
+    brain = ((ijk**2).sum(0) < 0.7).astype(np.float32)
     rng = np.random.default_rng(0)
     aff = np.diag([-voxel, voxel, voxel, 1.0])
     paths = {}
@@ -77,8 +78,15 @@ def run_case(task: str, voxel: float, native: bool, checkpoint: str | None, repe
             times.append(time.perf_counter() - start)
         shape = nib.load(paths["flair"]).shape
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"task": task, "voxel_mm": voxel, "shape": list(shape), "model_spacing_mm": seg.config["spacing"][0],
-            "seconds": min(times[1:]), "peak_rss_mb": round(peak_mb), "target_s": TARGETS.get((task, voxel))}
+    return {
+        "task": task,
+        "voxel_mm": voxel,
+        "shape": list(shape),
+        "model_spacing_mm": seg.config["spacing"][0],
+        "seconds": min(times[1:]),
+        "peak_rss_mb": round(peak_mb),
+        "target_s": TARGETS.get((task, voxel)),
+    }
 
 
 def main() -> None:
@@ -95,19 +103,33 @@ def main() -> None:
         print(json.dumps(run_case(task, float(voxel), native == "native", getattr(args, task), args.repeats)))
         return
     print(f"device: {inference.runtime.resolve_device('auto')}, torch threads: {args.threads}")
-    cases = [(task, config, voxel) for task in ("lesion", "regions")
-             for config in (["checkpoint"] if getattr(args, task) else ["book", "native"]) for voxel in (2.0, 1.0)]
+    cases = [
+        (task, config, voxel)
+        for task in ("lesion", "regions")
+        for config in (["checkpoint"] if getattr(args, task) else ["book", "native"])
+        for voxel in (2.0, 1.0)
+    ]
     for task, config, voxel in cases:
-        cmd = [sys.executable, __file__, "--case", f"{task}:{voxel}:{config}", "--threads", str(args.threads),
-               "--repeats", str(args.repeats)] + sum(([f"--{k}", v] for k in ("lesion", "regions")
-                                                      if (v := getattr(args, k))), [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--case",
+            f"{task}:{voxel}:{config}",
+            "--threads",
+            str(args.threads),
+            "--repeats",
+            str(args.repeats),
+        ] + sum(([f"--{k}", v] for k in ("lesion", "regions") if (v := getattr(args, k))), [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(out.stderr[-2000:])
             sys.exit(f"case {task} at {voxel} mm ({config}) failed")
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{task:7s} {config:10s} FLAIR {voxel:.0f} mm {tuple(r['shape'])}, model at {r['model_spacing_mm']:.0f} mm: "
-              f"{r['seconds']:6.2f} s (target <= {r['target_s']:.0f} s), peak RSS {r['peak_rss_mb']} MB", flush=True)
+        print(
+            f"{task:7s} {config:10s} FLAIR {voxel:.0f} mm {tuple(r['shape'])}, model at {r['model_spacing_mm']:.0f} mm: "
+            f"{r['seconds']:6.2f} s (target <= {r['target_s']:.0f} s), peak RSS {r['peak_rss_mb']} MB",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

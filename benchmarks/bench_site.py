@@ -21,8 +21,10 @@ for folder in [Path(a) for a in sys.argv[1:]] or [REPO / "_build" / "html"]:
     print("\n".join(report.lines()))
     sources = site.site_bytes(folder / "_sources") if (folder / "_sources").is_dir() else 0
     static = site.site_bytes(folder / "_static") if (folder / "_static").is_dir() else 0
-    print(f"of which _sources (notebook downloads) {sources / site.MB:.2f} MB, _static {static / site.MB:.2f} MB; "
-          f"within limits: {report.ok}")
+    print(
+        f"of which _sources (notebook downloads) {sources / site.MB:.2f} MB, _static {static / site.MB:.2f} MB; "
+        f"within limits: {report.ok}"
+    )
     # the notebook downloads, by output type (a figure is stored once, as the plotly mime type)
     by_type: dict[str, int] = {}
     for nb in sorted((folder / "_sources").rglob("*.ipynb")):
@@ -30,5 +32,7 @@ for folder in [Path(a) for a in sys.argv[1:]] or [REPO / "_build" / "html"]:
             for out in cell.get("outputs", []):
                 for mime, value in out.get("data", {}).items():
                     by_type[mime] = by_type.get(mime, 0) + len(json.dumps(value))
-    print("notebook downloads, output bytes by type: "
-          + ", ".join(f"{k} {v / site.MB:.2f} MB" for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])[:5]))
+    print(
+        "notebook downloads, output bytes by type: "
+        + ", ".join(f"{k} {v / site.MB:.2f} MB" for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])[:5])
+    )

@@ -10,7 +10,9 @@ from wmloc_utils.errors import InputError
 
 
 def test_pairings_without_masks_are_automatic_only():
-    recs = pd.DataFrame({"subject": ["a"], "lesion": [""], "lesion_pred": ["p"], "regions": ["r"], "regions_pred": ["n"]})
+    recs = pd.DataFrame(
+        {"subject": ["a"], "lesion": [""], "lesion_pred": ["p"], "regions": ["r"], "regions_pred": ["n"]}
+    )
     assert apply.pairings(recs) == {"automatic": ("lesion_pred", "regions")}
     assert apply.pairings(recs, "network") == {"automatic": ("lesion_pred", "regions_pred")}
     recs["lesion"] = "m"

@@ -57,8 +57,9 @@ def test_a_chapter_by_number_name_or_file_name():
 
 def _sources() -> dict[str, str]:
     """Every text that names work-directory folders: notebooks (all cells), package, benchmarks, tests, README."""
-    texts = {p.name: "\n".join("".join(c["source"]) for c in json.loads(p.read_text())["cells"])
-             for p in book.notebooks()}
+    texts = {
+        p.name: "\n".join("".join(c["source"]) for c in json.loads(p.read_text())["cells"]) for p in book.notebooks()
+    }
     for pattern in ("wmloc_utils/*.py", "benchmarks/*.py", "tests/*.py", "README.md"):
         texts.update({str(p.relative_to(REPO)): p.read_text() for p in REPO.glob(pattern)})
     return texts
@@ -74,7 +75,9 @@ def test_every_folder_or_notebook_named_anywhere_is_a_notebook():
 def test_notebooks_quote_no_work_directory_folder():
     """Notebooks' code cells quote no ``"NN_..."`` string: they ask wmloc_utils.artefacts (and runtime.start("NN"))."""
     for path in book.notebooks():
-        code = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+        code = "\n".join(
+            "".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"
+        )
         quoted = re.findall(r"""["']\d\d_\w*""", code)
         assert not quoted, f"{path.name}: use wmloc_utils.artefacts, not {quoted}"
 
@@ -85,7 +88,9 @@ def test_every_notebook_starts_with_the_same_set_up_call():
         code = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
         params = next(i for i, c in enumerate(code) if "parameters" in c["metadata"].get("tags", []))
         setup = "".join(code[params + 1]["source"])
-        assert setup.startswith(f'workdir = runtime.start("{path.stem[:2]}", workdir, seed'), f"{path.name}: {setup[:80]}"
+        assert setup.startswith(f'workdir = runtime.start("{path.stem[:2]}", workdir, seed'), (
+            f"{path.name}: {setup[:80]}"
+        )
 
 
 def test_the_package_and_benchmarks_join_no_work_directory_path():

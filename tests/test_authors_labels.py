@@ -65,8 +65,11 @@ def test_corrupt_copy_is_refused_naming_the_file(authors_dir, tmp_path):
 
 
 def test_unpublished_id_names_the_id_and_the_files_looked_for():
-    with pytest.raises(fetch.DataError, match=r"no region map for challenge id 170 \(looked for "
-                                              r"Train/WMH_170\.nii\.gz and Test/WMH_170\.nii\.gz"):
+    with pytest.raises(
+        fetch.DataError,
+        match=r"no region map for challenge id 170 \(looked for "
+        r"Train/WMH_170\.nii\.gz and Test/WMH_170\.nii\.gz",
+    ):
         authors_labels.fetch_map("170")
     with pytest.raises(authors_labels.NotPublishedError, match=r"looked for Test/WMH_0\.nii\.gz among"):
         authors_labels.fetch_map("0", split="Test")
@@ -80,8 +83,10 @@ def test_missing_map_downloads_into_its_split_folder_or_says_how_to_provide_it(m
     seen = fake_download
     out = authors_labels.fetch_map("1", path=tmp_path)  # a test-set subject
     assert out == tmp_path / "Test" / "WMH_1.nii.gz"
-    assert seen == {"url": authors_labels.registry()["Test/WMH_1.nii.gz"].url,
-                    "known_hash": "sha256:" + authors_labels.registry()["Test/WMH_1.nii.gz"].sha256}
+    assert seen == {
+        "url": authors_labels.registry()["Test/WMH_1.nii.gz"].url,
+        "known_hash": "sha256:" + authors_labels.registry()["Test/WMH_1.nii.gz"].sha256,
+    }
 
     def offline(*args, **kwargs):
         raise ConnectionError("no network")
@@ -146,8 +151,11 @@ def test_score_is_one_against_itself_and_less_against_a_perturbed_map(authors_di
     moved = authors_labels.score(_perturbed(theirs), theirs)
     assert 0.3 < moved["mean"] < 0.99 and moved["wm"] < 1.0
     other = nib.load(authors_dir / "Train" / "WMH_21.nii.gz")  # another scanner's grid
-    with pytest.raises(InputError, match="subject 0: the registered region map is not on the grid of the authors'.*"
-                                         "is this subject the WMH challenge subject of that id"):
+    with pytest.raises(
+        InputError,
+        match="subject 0: the registered region map is not on the grid of the authors'.*"
+        "is this subject the WMH challenge subject of that id",
+    ):
         authors_labels.score(other, theirs, subject="0")
 
 
@@ -155,8 +163,13 @@ def test_attach_authors_regions_scores_ours_and_switches_the_targets(authors_dir
     theirs = authors_dir / "Train" / "WMH_0.nii.gz"
     ours = tmp_path / "regions.nii.gz"
     nib.save(_perturbed(nib.load(theirs)), ours)
-    qc = pd.DataFrame({"subject": ["0", "21"], "regions": [str(ours), str(authors_dir / "Train" / "WMH_21.nii.gz")],
-                       "wm_dice": [0.7, 0.7]})
+    qc = pd.DataFrame(
+        {
+            "subject": ["0", "21"],
+            "regions": [str(ours), str(authors_dir / "Train" / "WMH_21.nii.gz")],
+            "wm_dice": [0.7, 0.7],
+        }
+    )
     cohort = pd.DataFrame({"subject": ["21", "0"], "site": ["Singapore", "Utrecht"]})
     kept = registration.attach_authors_regions(qc, cohort, targets="registered")
     assert kept["regions"].tolist() == qc["regions"].tolist()
@@ -192,8 +205,16 @@ def test_run_cohort_hands_on_the_authors_maps_with_their_dice(authors_dir, tmp_p
     monkeypatch.setattr(registration, "process_subject", fake)
     monkeypatch.setattr(registration, "atlas_inputs", lambda workdir=None, data_dir=None: {})
     csv = tmp_path / "subjects.csv"
-    pd.DataFrame({"subject": ["0", "21"], "site": ["Utrecht", "Singapore"], "t1": ["a", "b"], "flair": ["c", "d"],
-                  "lesion": ["", ""], "truth_dir": ["", ""]}).to_csv(csv, index=False)
+    pd.DataFrame(
+        {
+            "subject": ["0", "21"],
+            "site": ["Utrecht", "Singapore"],
+            "t1": ["a", "b"],
+            "flair": ["c", "d"],
+            "lesion": ["", ""],
+            "truth_dir": ["", ""],
+        }
+    ).to_csv(csv, index=False)
     registration.run_cohort(csv, tmp_path, progress=False, n_jobs=1, region_targets="authors")
     saved = pd.read_csv(tmp_path / "03_regions" / "regions.csv", dtype={"subject": str})
     assert saved["regions"].tolist() == [theirs["0"], theirs["21"]]

@@ -21,8 +21,11 @@ def test_missing_chapters_follow_the_needs(tmp_path):
     assert book.missing_chapters(tmp_path, "01") == []
     assert book.missing_chapters(tmp_path, "03_regions") == ["01_data", "02_atlas"]
     _finish(tmp_path, "01_data", "02_atlas", "03_regions")
-    assert book.missing_chapters(tmp_path, "07_localization.ipynb") == ["04_train_lesions", "05_train_regions",
-                                                                        "06_evaluate"]
+    assert book.missing_chapters(tmp_path, "07_localization.ipynb") == [
+        "04_train_lesions",
+        "05_train_regions",
+        "06_evaluate",
+    ]
     # notebook 06 given checkpoints needs neither training chapter
     assert book.missing_chapters(tmp_path, "07", provided=["04", "05"]) == ["06_evaluate"]
     assert book.missing_chapters(tmp_path, "06", provided=["04_train_lesions", "05"]) == []
@@ -53,13 +56,18 @@ def test_scrub_paths_removes_machine_paths(tmp_path, monkeypatch):
     work = tmp_path / "my-work"
     monkeypatch.setenv("WMLOC_DATA", str(tmp_path / "atlas"))
     nb = nbformat.v4.new_notebook()
-    nb.metadata["papermill"] = {"input_path": f"{book.REPO}/notebooks/01_data.ipynb",
-                                "output_path": f"{tmp_path}/out/01_data.ipynb", "parameters": {"workdir": str(work)}}
+    nb.metadata["papermill"] = {
+        "input_path": f"{book.REPO}/notebooks/01_data.ipynb",
+        "output_path": f"{tmp_path}/out/01_data.ipynb",
+        "parameters": {"workdir": str(work)},
+    }
     nb.cells = [nbformat.v4.new_code_cell(f'# Parameters\nworkdir = "{work}"\n')]
     nb.cells[0].outputs = [
         nbformat.v4.new_output("stream", name="stdout", text=f"{work}/01_data/subjects.csv {tmp_path}/atlas/x\n"),
-        nbformat.v4.new_output("execute_result", data={"text/plain": f"PosixPath('{work}')",
-                                                       "text/html": f"<td>{book.REPO}/notebooks</td>"}),
+        nbformat.v4.new_output(
+            "execute_result",
+            data={"text/plain": f"PosixPath('{work}')", "text/html": f"<td>{book.REPO}/notebooks</td>"},
+        ),
     ]
     path = tmp_path / "nb.ipynb"
     nbformat.write(nb, path)
@@ -67,8 +75,11 @@ def test_scrub_paths_removes_machine_paths(tmp_path, monkeypatch):
     text = path.read_text()
     assert str(tmp_path) not in text and str(book.REPO) not in text
     meta = nbformat.read(path, as_version=4).metadata["papermill"]
-    assert meta == {"input_path": "notebooks/01_data.ipynb", "output_path": "01_data.ipynb",
-                    "parameters": {"workdir": "my-work"}}
+    assert meta == {
+        "input_path": "notebooks/01_data.ipynb",
+        "output_path": "01_data.ipynb",
+        "parameters": {"workdir": "my-work"},
+    }
     cell = nbformat.read(path, as_version=4).cells[0]
     assert 'workdir = "my-work"' in cell.source
     assert cell.outputs[0]["text"] == "my-work/01_data/subjects.csv $WMLOC_DATA/x\n"

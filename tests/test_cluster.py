@@ -27,8 +27,9 @@ def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo3")
     demo.generate(root / "data", n_subjects=3, grid="2mm", progress=False)
     table = subjects.validate(subjects.discover(root / "data"), progress=False)
-    return subjects.write_manifest(table, subjects.read_participants(root / "data", table["subject"].tolist()),
-                                   root / "01_data")["subjects"]
+    return subjects.write_manifest(
+        table, subjects.read_participants(root / "data", table["subject"].tolist()), root / "01_data"
+    )["subjects"]
 
 
 @pytest.fixture
@@ -61,9 +62,15 @@ def test_local_dask_cluster_with_a_failing_subject(cohort, corrupt_flair, tmp_pa
     bad, good = corrupt_flair
     kw = dict(reg_spacing=4.0, progress=False, errors="record")
     serial = reg.run_cohort(cohort, tmp_path / "serial", n_jobs=1, **kw)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, env=dict(cluster.WORKER_ENV),
-                      dashboard_address=None) as lc, Client(lc) as client:
-        threads = client.run(lambda: (os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"], os.environ["OMP_NUM_THREADS"]))
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, env=dict(cluster.WORKER_ENV), dashboard_address=None
+        ) as lc,
+        Client(lc) as client,
+    ):
+        threads = client.run(
+            lambda: (os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"], os.environ["OMP_NUM_THREADS"])
+        )
         assert len(threads) == 2 and set(threads.values()) == {("1", "1")}, threads
         capsys.readouterr()
         qc = reg.run_cohort(cohort, tmp_path / "dask", scheduler=client, n_jobs=2, **kw)
@@ -74,7 +81,9 @@ def test_local_dask_cluster_with_a_failing_subject(cohort, corrupt_flair, tmp_pa
     error = qc.set_index("subject").loc[ids[2], "error"]
     assert f"subject {ids[2]}" in error and "FLAIR is not a readable NIfTI file" in error
     assert "1 of 3 subjects FAILED" in printed and error in printed
-    saved = pd.read_csv(artefacts.path(tmp_path / "dask", artefacts.REGIONS), dtype={"subject": str}, keep_default_na=False)
+    saved = pd.read_csv(
+        artefacts.path(tmp_path / "dask", artefacts.REGIONS), dtype={"subject": str}, keep_default_na=False
+    )
     assert saved["status"].tolist() == ["ok", "ok", "failed"]
     for subject in ids[:2]:  # the Dask workers wrote the bytes a serial run writes
         dask_out = _outputs(_subject(tmp_path / "dask", subject))
@@ -133,8 +142,20 @@ def test_slurm_job_script_carries_the_documented_options(tmp_path):
 def test_command_line_passes_the_scheduler_on(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(apply, "run", lambda *a, **k: seen.update(args=a, **k) or {})
-    apply.main([str(tmp_path), str(tmp_path / "out"), "--lesion-checkpoint", "x.pt", "--scheduler", "slurm",
-                "--n-workers", "64", "--cluster-config", "slurm.yaml"])
+    apply.main(
+        [
+            str(tmp_path),
+            str(tmp_path / "out"),
+            "--lesion-checkpoint",
+            "x.pt",
+            "--scheduler",
+            "slurm",
+            "--n-workers",
+            "64",
+            "--cluster-config",
+            "slurm.yaml",
+        ]
+    )
     assert seen["args"][-1] == 64 and seen["scheduler"] == "slurm" and seen["cluster_config"] == "slurm.yaml"
     apply.main([str(tmp_path), str(tmp_path / "out"), "--lesion-checkpoint", "x.pt", "--n-jobs", "2"])
     assert seen["args"][-1] == 2 and seen["scheduler"] == "processes"
@@ -142,8 +163,13 @@ def test_command_line_passes_the_scheduler_on(tmp_path, monkeypatch):
 
 def test_cohort_table_reports_failed_subjects():
     loads = pd.DataFrame({"subject": ["a", "c"], "lesion_ml": [1.0, 2.0], "1": [0.5, 0.0]})
-    regions = pd.DataFrame({"subject": ["a", "b", "c"], "status": ["ok", "failed", "ok"],
-                            "error": ["", "subject b: FLAIR is not a readable NIfTI file", ""]})
+    regions = pd.DataFrame(
+        {
+            "subject": ["a", "b", "c"],
+            "status": ["ok", "failed", "ok"],
+            "error": ["", "subject b: FLAIR is not a readable NIfTI file", ""],
+        }
+    )
     out = apply.with_status(loads, regions)
     assert out.columns.tolist() == ["subject", "status", "error", "lesion_ml", "1"]
     assert out["subject"].tolist() == ["a", "b", "c"] and out["status"].tolist() == ["ok", "failed", "ok"]
@@ -156,13 +182,21 @@ def lesion_checkpoint(cohort, tmp_path_factory):
     from wmloc_utils import training
 
     table = pd.read_csv(cohort, dtype={"subject": str}).head(1)
-    cfg = training.TrainConfig(patch_size=16, spacing=4.0, epochs=1, iters_per_epoch=1, batch_size=2,
-                               model_overrides={"channels": (4, 8, 16, 32)})
+    cfg = training.TrainConfig(
+        patch_size=16,
+        spacing=4.0,
+        epochs=1,
+        iters_per_epoch=1,
+        batch_size=2,
+        model_overrides={"channels": (4, 8, 16, 32)},
+    )
     out = tmp_path_factory.mktemp("model")
     return training.train(cfg, training.make_records(table, "t1+flair", "lesion"), [], out, progress=False)["best"]
 
 
-def test_segmentation_on_a_local_dask_cluster_with_a_failing_subject(cohort, lesion_checkpoint, corrupt_flair, tmp_path):
+def test_segmentation_on_a_local_dask_cluster_with_a_failing_subject(
+    cohort, lesion_checkpoint, corrupt_flair, tmp_path
+):
     """One task per subject on 2 workers: the predictions of this process, and a bad FLAIR recorded, not raised."""
     import nibabel as nib
     import numpy as np
@@ -174,8 +208,9 @@ def test_segmentation_on_a_local_dask_cluster_with_a_failing_subject(cohort, les
     with pytest.raises(InputError, match="FLAIR"):
         inference.predict_cohort(table, tmp_path / "here", lesion_checkpoint, progress=False)
     here = inference.predict_cohort(table.head(2), tmp_path / "here", lesion_checkpoint, progress=False)
-    dask = inference.predict_cohort(table, tmp_path / "dask", lesion_checkpoint, progress=False, scheduler="local",
-                                    n_jobs=2, errors="record")
+    dask = inference.predict_cohort(
+        table, tmp_path / "dask", lesion_checkpoint, progress=False, scheduler="local", n_jobs=2, errors="record"
+    )
     assert dask["subject"].tolist() == ids and dask["status"].tolist() == ["ok", "ok", "failed"]
     assert "FLAIR" in dask["error"].iloc[2] and ids[2] in dask["error"].iloc[2]
     for a, b in zip(here.itertuples(), dask.head(2).itertuples()):

@@ -19,10 +19,12 @@ def planted(n_per: int = 10, n_regions: int = 12, seed: int = 0) -> tuple[pd.Dat
     for g in range(3):
         for _ in range(n_per):
             load = rng.lognormal(-3, 0.5, n_regions)
-            load[4 * g:4 * g + 4] += rng.lognormal(0.5, 0.3, 4)
+            load[4 * g : 4 * g + 4] += rng.lognormal(0.5, 0.3, 4)
             rows.append(load)
             truth.append(g)
-    wide = pd.DataFrame(rows, index=[f"s{i:02d}" for i in range(len(rows))], columns=[f"r{j}" for j in range(n_regions)])
+    wide = pd.DataFrame(
+        rows, index=[f"s{i:02d}" for i in range(len(rows))], columns=[f"r{j}" for j in range(n_regions)]
+    )
     return wide, np.array(truth)
 
 
@@ -90,8 +92,14 @@ def test_association_matches_scipy():
     groups = ["A"] * 5 + ["B"] + ["A"] * 2 + ["B"] * 4 + ["C"] * 5 + ["A"]
     ages = np.arange(18) * 2.0 + 40
     sex = ["F", "M"] * 9
-    parts = pd.DataFrame({"participant_id": [f"p{i}" for i in range(18)] + ["extra"],
-                          "group": groups + ["A"], "age": list(ages) + [99], "sex": sex + ["F"]})
+    parts = pd.DataFrame(
+        {
+            "participant_id": [f"p{i}" for i in range(18)] + ["extra"],
+            "group": groups + ["A"],
+            "age": list(ages) + [99],
+            "sex": sex + ["F"],
+        }
+    )
     out = cl.association(clusters, parts)
     table = pd.crosstab(pd.Series(groups, name="group"), pd.Series(clusters.to_numpy(), name="cluster"))
     pd.testing.assert_frame_equal(out["group"], table, check_names=False)

@@ -78,7 +78,7 @@ def test_grid_options_and_orientations(cohort):
     orient = {s.site: "".join(nib.aff2axcodes(s.flair_img.affine)) for s in subjects.discover(root)}
     assert orient == {"siteA": "RAS", "siteB": "LAS", "siteC": "RAS"}
     t = demo._random_transform(np.random.default_rng(0))
-    for grid, voxel in demo.GRIDS.items():
+    for voxel in demo.GRIDS.values():
         shape, aff = demo._subject_grid(t, voxel, "RAS")
         assert np.allclose(np.abs(np.diag(aff)[:3]), voxel)
         assert np.allclose(np.array(shape) * voxel, demo.FOV_MM, atol=3)
@@ -137,8 +137,9 @@ def test_skull_option_adds_bright_scalp_outside_the_brain():
 @pytest.fixture(scope="module")
 def unseen():
     """Three subjects of an unseen setting: Eve's brain, challenge grids, mixed skull, contrast jitter, one lesion-free."""
-    spec = demo.CohortSpec(n_subjects=3, seed=5, grid="challenge", brain="eve", skull="mixed", contrast=0.3,
-                           lesion_free_every=3)
+    spec = demo.CohortSpec(
+        n_subjects=3, seed=5, grid="challenge", brain="eve", skull="mixed", contrast=0.3, lesion_free_every=3
+    )
     return spec, [demo.make_subject(i, spec) for i in range(3)]
 
 
@@ -166,7 +167,9 @@ def test_eve_brain_is_another_anatomy_with_lesions_in_its_wm(unseen):
     dice = 2 * (wm_a & wm_b).sum() / (wm_a.sum() + wm_b.sum())
     assert 0.4 < dice < 0.85, f"Eve's WM should overlap MNI152's roughly but not exactly (Dice {dice:.2f})"
     assert 20 < (eve.vent_dist == 0).sum() / 1000 < 80, "Eve's lateral ventricles found as for MNI152"
-    assert s["transform"]["template"] == "eve" and "template" not in demo.make_subject(0, demo.CohortSpec())["transform"]
+    assert (
+        s["transform"]["template"] == "eve" and "template" not in demo.make_subject(0, demo.CohortSpec())["transform"]
+    )
 
 
 def test_mixed_skull_contrast_and_lesion_free_subjects(unseen):

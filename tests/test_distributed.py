@@ -39,14 +39,21 @@ def test_two_processes_train_the_weights_of_one(records, tmp_path):
     assert cmd.startswith("torchrun --standalone --nproc_per_node=2 -m wmloc_utils.training --config ")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = cmd.split()[1:]  # torchrun, as the module of this Python
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args, "--quiet"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", *args, "--quiet"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("best: ") == 1  # rank 0 alone reports
 
     one = training.train(cfg, records[:3], records[3:], tmp_path / "one", progress=False)
-    other_seed = training.train(tiny_cfg(batch_size=4, iters_per_epoch=2, seed=1), records[:3], records[3:],
-                                tmp_path / "seed1", progress=False)
+    other_seed = training.train(
+        tiny_cfg(batch_size=4, iters_per_epoch=2, seed=1), records[:3], records[3:], tmp_path / "seed1", progress=False
+    )
 
     # one set of files, written by rank 0, loading like any checkpoint, with the single-process config
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["best.pt", "history.csv", "last.pt"]
@@ -72,8 +79,10 @@ def test_two_processes_train_the_weights_of_one(records, tmp_path):
     diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
     diff = max(d for k, d in diffs.items() if k not in noise)
     seed_diff = max((a[k] - c[k]).abs().max().item() for k in a if k not in noise)
-    print(f"max |w_1 - w_2| = {diff:.3g} (weights up to {scale:.3g}; noise-gradient biases "
-          f"{max(diffs[k] for k in noise):.3g}); another seed: {seed_diff:.3g}")
+    print(
+        f"max |w_1 - w_2| = {diff:.3g} (weights up to {scale:.3g}; noise-gradient biases "
+        f"{max(diffs[k] for k in noise):.3g}); another seed: {seed_diff:.3g}"
+    )
     assert diff < 1e-4 * scale
     assert max(diffs[k] for k in noise) <= 2 * cfg.iters_per_epoch * cfg.lr
     # the same patches (every process draws the global batch with the epoch's seed and takes its slice) and
@@ -92,7 +101,7 @@ def test_global_loss_terms_equal_the_batch_terms():
     skel = torch.as_tensor(label_skeleton(target[0, 0].numpy(), 2, 2))[None, None].repeat(4, 1, 1, 1, 1)
     loss = SegLoss(ignore_label=2)
     whole = loss.terms(logits, target, skel)
-    halves = [(logits[i:i + 2], target[i:i + 2], skel[i:i + 2]) for i in (0, 2)]
+    halves = [(logits[i : i + 2], target[i : i + 2], skel[i : i + 2]) for i in (0, 2)]
     sums = []
     alone = loss.global_terms(*halves[1], reduce=lambda t: sums.append(t) or t)  # the other process's sums
     split = loss.global_terms(*halves[0], reduce=lambda t: t + sums[0])  # ours, with the other's added

@@ -53,8 +53,11 @@ def test_step_modules_import_no_plotting_library():
     assert probes.pop("figures")["importers"]["plotly"] == "wmloc_utils.figures"  # the probe sees an importer
     offenders = {}
     for module, probe in probes.items():
-        bad = [lib for lib in probe["loaded"]
-               if lib == "plotly" or probe["importers"].get(lib, "?").split(".")[0] not in LOAD_PYPLOT]
+        bad = [
+            lib
+            for lib in probe["loaded"]
+            if lib == "plotly" or probe["importers"].get(lib, "?").split(".")[0] not in LOAD_PYPLOT
+        ]
         if bad:
             offenders[module] = {lib: probe["importers"].get(lib) for lib in bad}
     assert not offenders, f"step modules that load a plotting library (its drawing belongs in figures.py): {offenders}"

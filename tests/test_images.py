@@ -34,8 +34,11 @@ def saved(tmp_path, image, name="x.nii.gz"):
 # ---------------------------------------------------------------- orientation header
 def test_no_orientation_codes_is_refused(tmp_path):
     path = saved(tmp_path, with_header(brain(), qform_code=0, sform_code=0))
-    with pytest.raises(InputError, match=r"subject s9: .*x.nii.gz: FLAIR has no orientation .*qform_code = 0 and "
-                                         r"sform_code = 0.*voxel-size-only affine.*left and right.*dcm2niix"):
+    with pytest.raises(
+        InputError,
+        match=r"subject s9: .*x.nii.gz: FLAIR has no orientation .*qform_code = 0 and "
+        r"sform_code = 0.*voxel-size-only affine.*left and right.*dcm2niix",
+    ):
         load_nifti(path, "s9", "FLAIR")
 
 
@@ -62,8 +65,11 @@ def test_qform_and_sform_must_agree(tmp_path, shift, ok):
     if ok:
         load_nifti(path)
         return
-    with pytest.raises(InputError, match=r"qform \(qform_code 1\) and an sform \(sform_code 1\) that disagree "
-                                         r"\(origin 5.00 mm apart.*nibabel uses the sform.*copysform2qform"):
+    with pytest.raises(
+        InputError,
+        match=r"qform \(qform_code 1\) and an sform \(sform_code 1\) that disagree "
+        r"\(origin 5.00 mm apart.*nibabel uses the sform.*copysform2qform",
+    ):
         load_nifti(path, "s1", "T1")
 
 
@@ -89,10 +95,14 @@ def test_authors_region_maps_load():
 
 
 # ---------------------------------------------------------------- voxel sizes
-@pytest.mark.parametrize("zooms, message", [
-    ((2000.0, 2.0, 2.0), r"voxel size \(pixdim\) is \(2000.0, 2.0, 2.0\) mm, not a plausible"),
-    ((0.01, 1.0, 1.0), r"voxel size \(pixdim\) is \(0.01, 1.0, 1.0\) mm, not a plausible"),
-], ids=["2000mm", "0.01mm"])
+@pytest.mark.parametrize(
+    "zooms, message",
+    [
+        ((2000.0, 2.0, 2.0), r"voxel size \(pixdim\) is \(2000.0, 2.0, 2.0\) mm, not a plausible"),
+        ((0.01, 1.0, 1.0), r"voxel size \(pixdim\) is \(0.01, 1.0, 1.0\) mm, not a plausible"),
+    ],
+    ids=["2000mm", "0.01mm"],
+)
 def test_implausible_voxel_sizes_are_refused(tmp_path, zooms, message):
     path = saved(tmp_path, nib.Nifti1Image(brain(), np.diag([*zooms, 1.0])))
     with pytest.raises(InputError, match=r"subject s1: .*FLAIR header " + message):

@@ -16,9 +16,9 @@ from wmloc_utils.networks import build_model
 def _subject(folder, zooms, orientation, shape):
     """FLAIR/T1 with one bright cuboid lesion off-centre (so a wrong flip or shift would miss it)."""
     ijk = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
-    brain = (ijk ** 2).sum(0) < 0.9
+    brain = (ijk**2).sum(0) < 0.9
     lesion = np.zeros(shape, np.uint8)
-    lesion[shape[0] // 5:shape[0] // 2, shape[1] // 3:2 * shape[1] // 3, shape[2] // 3:2 * shape[2] // 3 + 1] = 1
+    lesion[shape[0] // 5 : shape[0] // 2, shape[1] // 3 : 2 * shape[1] // 3, shape[2] // 3 : 2 * shape[2] // 3 + 1] = 1
     flair = brain * 1.0 + 2.0 * lesion
     aff = np.diag([*zooms, 1.0])
     if orientation == "LAS":
@@ -40,13 +40,20 @@ class FlairThreshold(torch.nn.Module):
 
 
 def _config(task="lesion", inputs="t1+flair"):
-    return training.model_config(training.TrainConfig(task=task, inputs=inputs, patch_size=(16, 16, 16),
-                                                      spacing=(2.0, 2.0, 2.0),
-                                                      model_overrides={"channels": (4, 8, 16, 32)}))
+    return training.model_config(
+        training.TrainConfig(
+            task=task,
+            inputs=inputs,
+            patch_size=(16, 16, 16),
+            spacing=(2.0, 2.0, 2.0),
+            model_overrides={"channels": (4, 8, 16, 32)},
+        )
+    )
 
 
-@pytest.mark.parametrize("zooms,orientation,shape", [((1.0, 1.0, 3.0), "LAS", (40, 36, 14)),
-                                                     ((2.0, 2.0, 2.0), "RAS", (24, 28, 22))])
+@pytest.mark.parametrize(
+    "zooms,orientation,shape", [((1.0, 1.0, 3.0), "LAS", (40, 36, 14)), ((2.0, 2.0, 2.0), "RAS", (24, 28, 22))]
+)
 def test_lesion_output_on_exact_flair_grid_and_aligned(tmp_path, zooms, orientation, shape):
     paths, lesion, aff = _subject(tmp_path, zooms, orientation, shape)
     seg = inference.Segmenter(FlairThreshold(), _config(), torch.device("cpu"), Path("stub.pt"))
@@ -89,7 +96,9 @@ class FlairClasses(torch.nn.Module):
 def test_region_probabilities_resampled_onto_flair_grid_in_chunks(tmp_path):
     """Class probabilities are inverted a few classes at a time; the chunking must not change the labels."""
     paths, lesion, aff = _subject(tmp_path, (1.0, 1.0, 3.0), "LAS", (40, 36, 14))
-    seg = inference.Segmenter(FlairClasses(), _config(task="regions", inputs="flair"), torch.device("cpu"), Path("r.pt"))
+    seg = inference.Segmenter(
+        FlairClasses(), _config(task="regions", inputs="flair"), torch.device("cpu"), Path("r.pt")
+    )
     whole = inference.segment(seg, flair_path=paths["flair"], chunk=37)["labels"]
     chunked = inference.segment(seg, flair_path=paths["flair"], chunk=4)["labels"]
     assert whole.shape == (40, 36, 14) and np.allclose(whole.affine, aff)
@@ -143,10 +152,16 @@ def head(tmp_path_factory):
     """A demo head with skull and scalp (bright on FLAIR), as files, and its true brain mask on the FLAIR grid."""
     from wmloc_utils import demo
 
-    folder = demo.write_subject(demo.make_subject(0, demo.CohortSpec(seed=1, skull=True)), tmp_path_factory.mktemp("head"))
+    folder = demo.write_subject(
+        demo.make_subject(0, demo.CohortSpec(seed=1, skull=True)), tmp_path_factory.mktemp("head")
+    )
     t = demo.template()
     mask = demo.warp_from_template(nib.Nifti1Image(t.brain.astype(np.uint8), t.affine), folder / "truth", order=0)
-    paths = {"t1": folder / "pre" / "T1.nii.gz", "flair": folder / "pre" / "FLAIR.nii.gz", "brain": folder / "brain.nii.gz"}
+    paths = {
+        "t1": folder / "pre" / "T1.nii.gz",
+        "flair": folder / "pre" / "FLAIR.nii.gz",
+        "brain": folder / "brain.nii.gz",
+    }
     nib.save(mask, paths["brain"])
     return paths, np.asanyarray(mask.dataobj) > 0
 
@@ -160,21 +175,29 @@ def test_nothing_is_predicted_outside_the_brain_mask(head):
     mask, prob = (np.asanyarray(out[k].dataobj) for k in ("mask", "prob"))
     assert not mask[~brain].any() and not prob[~brain].any()
     assert mask[brain].any(), "lesions inside the brain are still found"
-    regions = inference.Segmenter(FlairClasses(), _config(task="regions", inputs="flair"), torch.device("cpu"), Path("r.pt"))
-    labels = np.asanyarray(inference.segment(regions, flair_path=paths["flair"], brain_mask=nib.load(paths["brain"]))["labels"].dataobj)
+    regions = inference.Segmenter(
+        FlairClasses(), _config(task="regions", inputs="flair"), torch.device("cpu"), Path("r.pt")
+    )
+    labels = np.asanyarray(
+        inference.segment(regions, flair_path=paths["flair"], brain_mask=nib.load(paths["brain"]))["labels"].dataobj
+    )
     assert not labels[~brain].any() and labels[brain].any()
 
 
 def test_region_labels_kept_inside_a_wm_mask(tmp_path):
     """With a WM mask every WM voxel gets its most probable label 1..36 (never background), every other voxel 0."""
     paths, lesion, aff = _subject(tmp_path, (1.0, 1.0, 3.0), "LAS", (40, 36, 14))
-    seg = inference.Segmenter(FlairClasses(), _config(task="regions", inputs="flair"), torch.device("cpu"), Path("r.pt"))
+    seg = inference.Segmenter(
+        FlairClasses(), _config(task="regions", inputs="flair"), torch.device("cpu"), Path("r.pt")
+    )
     plain = np.asanyarray(inference.segment(seg, flair_path=paths["flair"])["labels"].dataobj)
     wm = np.zeros(plain.shape, bool)
     wm[:, :, 4:10] = True  # a slab that crosses the brain's edge: background there in the plain output
     assert (plain[wm] == 0).any()
     nib.save(nib.Nifti1Image(wm.astype(np.uint8), aff), tmp_path / "wm.nii.gz")
-    kept = np.asanyarray(inference.segment(seg, flair_path=paths["flair"], wm_mask=tmp_path / "wm.nii.gz")["labels"].dataobj)
+    kept = np.asanyarray(
+        inference.segment(seg, flair_path=paths["flair"], wm_mask=tmp_path / "wm.nii.gz")["labels"].dataobj
+    )
     assert not kept[~wm].any() and (kept[wm] >= 1).all() and kept.max() <= 36
     inside = wm & (plain > 0)
     np.testing.assert_array_equal(kept[inside], plain[inside])  # where the network said a region, it stands
@@ -205,8 +228,7 @@ def test_min_lesion_size_removes_small_components(tmp_path):
     data[18:20, 20:22, 16:18] += 2.0  # a second, tiny lesion of 8 voxels (0.064 mL)
     nib.save(nib.Nifti1Image(data, aff), paths["flair"])
     seg = inference.Segmenter(FlairThreshold(), _config(), torch.device("cpu"), Path("stub.pt"))
-    n = [_n_lesions(inference.segment(seg, paths["t1"], paths["flair"], min_lesion_ml=ml)["mask"])
-         for ml in (0.0, 0.2)]
+    n = [_n_lesions(inference.segment(seg, paths["t1"], paths["flair"], min_lesion_ml=ml)["mask"]) for ml in (0.0, 0.2)]
     assert n == [2, 1], n
     kept = np.asanyarray(inference.segment(seg, paths["t1"], paths["flair"], min_lesion_ml=0.2)["mask"].dataobj)
     assert 2 * (kept & lesion).sum() / (kept.sum() + lesion.sum()) > 0.8
@@ -244,9 +266,17 @@ def test_predict_cohort_reuses_an_unchanged_subject_and_redoes_a_changed_one(tmp
     demo.generate(tmp_path / "d", n_subjects=1, progress=False)
     s = subjects.discover(tmp_path / "d")[0]
     table = pd.DataFrame({"subject": [s.id], "t1": [str(s.t1)], "flair": [str(s.flair)], "lesion": [str(s.lesion)]})
-    cfg = training.TrainConfig(patch_size=16, spacing=4.0, epochs=1, iters_per_epoch=1, batch_size=2,
-                               model_overrides={"channels": (4, 8, 16, 32)})
-    best = training.train(cfg, training.make_records(table, "t1+flair", "lesion"), [], tmp_path / "m", progress=False)["best"]
+    cfg = training.TrainConfig(
+        patch_size=16,
+        spacing=4.0,
+        epochs=1,
+        iters_per_epoch=1,
+        batch_size=2,
+        model_overrides={"channels": (4, 8, 16, 32)},
+    )
+    best = training.train(cfg, training.make_records(table, "t1+flair", "lesion"), [], tmp_path / "m", progress=False)[
+        "best"
+    ]
     stamp = tmp_path / "p" / s.id / "lesion_prediction.json"
     inference.predict_cohort(table, tmp_path / "p", best, progress=False)
     written = stamp.stat().st_mtime_ns

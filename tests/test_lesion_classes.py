@@ -18,7 +18,7 @@ PV, JC, IT, DWM = lc.PERIVENTRICULAR, lc.JUXTACORTICAL, lc.INFRATENTORIAL, lc.DE
 def box(x, y, k):
     """Boolean mask of the voxel box x[0]..x[1], y[0]..y[1], k[0]..k[1] (inclusive)."""
     m = np.zeros(SHAPE, bool)
-    m[x[0]:x[1] + 1, y[0]:y[1] + 1, k[0]:k[1] + 1] = True
+    m[x[0] : x[1] + 1, y[0] : y[1] + 1, k[0] : k[1] + 1] = True
     return m
 
 
@@ -129,8 +129,10 @@ def _flipped_z():
 def test_classify_subject_derives_ventricles_cortex_and_brainstem(affine):
     lesion, tissue, regions, brain, stem = image_phantom(affine)
     if affine[2, 2] < 0:  # k runs downwards on this grid: flip the anatomy along k so that it stays upright
-        lesion, tissue, regions, brain = (nib.Nifti1Image(np.asanyarray(img.dataobj)[..., ::-1].copy(), affine)
-                                          for img in (lesion, tissue, regions, brain))
+        lesion, tissue, regions, brain = (
+            nib.Nifti1Image(np.asanyarray(img.dataobj)[..., ::-1].copy(), affine)
+            for img in (lesion, tissue, regions, brain)
+        )
         stem = stem[..., ::-1]
     out = lc.classify_subject(lesion, tissue, regions, brain, subject="p1")
     table, image = out["table"], np.asanyarray(out["classes"].dataobj)
@@ -139,8 +141,9 @@ def test_classify_subject_derives_ventricles_cortex_and_brainstem(affine):
     assert set(np.unique(image[les])) == {PV, JC, IT, DWM} and (image[~les] == 0).all()
     assert np.allclose(out["classes"].affine, affine)
     # the lesion in the supratentorial part of label 35 lies above the tentorial level: deep, not infratentorial
-    assert sorted(table["class"]) == sorted(["periventricular", "juxtacortical", "infratentorial",
-                                             "deep white matter", "deep white matter"])
+    assert sorted(table["class"]) == sorted(
+        ["periventricular", "juxtacortical", "infratentorial", "deep white matter", "deep white matter"]
+    )
     it_row = table[table["class_id"] == IT].iloc[0]
     assert it_row["region"] == 35 and it_row["n_voxels"] == 4 * 4 * 2
     assert it_row["volume_ml"] == pytest.approx(32 * 3.0 / 1000)
@@ -173,12 +176,15 @@ def test_bad_inputs_are_input_errors():
     with pytest.raises(InputError, match="lesion mask must only hold labels"):
         lc.classify_subject(two, tissue, regions, brain, subject="p1")
     assert len(lc.classify_subject(two, tissue, regions, brain, ignore_label=2)["table"]) == 0
-    no_csf = nib.Nifti1Image(np.where(np.asanyarray(tissue.dataobj) == 1, 3, np.asanyarray(tissue.dataobj)), lesion.affine)
+    no_csf = nib.Nifti1Image(
+        np.where(np.asanyarray(tissue.dataobj) == 1, 3, np.asanyarray(tissue.dataobj)), lesion.affine
+    )
     with pytest.raises(InputError, match="subject p1.*lateral ventricles"):
         lc.classify_subject(lesion, no_csf, regions, brain, subject="p1")
     with pytest.raises(InputError, match="tentorial level"):
-        no_mark = nib.Nifti1Image(np.where(np.asanyarray(regions.dataobj) == 13, 3, np.asanyarray(regions.dataobj)),
-                                  lesion.affine)
+        no_mark = nib.Nifti1Image(
+            np.where(np.asanyarray(regions.dataobj) == 13, 3, np.asanyarray(regions.dataobj)), lesion.affine
+        )
         lc.classify_subject(lesion, tissue, no_mark, brain, subject="p1")
 
 

@@ -1,4 +1,5 @@
-"""Ruff on the package, tests, benchmarks and the notebooks' code cells (ruff reads .ipynb): lint and format.
+"""Ruff on the package, tests, benchmarks and the notebooks' code cells (ruff reads .ipynb): lint, and format
+(the notebooks excepted: see pyproject.toml).
 
 The rules and the line length live in ``pyproject.toml`` ([tool.ruff]); fix with ``ruff check --fix .`` and
 ``ruff format .``.
@@ -33,6 +34,7 @@ def test_lint_catches_an_error(tmp_path):
     """The check itself fails on bad code (an undefined name), so a green run means something."""
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    return undefined_name\n")
-    done = subprocess.run([str(BIN / "ruff"), "check", "--config", str(REPO / "pyproject.toml"), str(bad)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [str(BIN / "ruff"), "check", "--config", str(REPO / "pyproject.toml"), str(bad)], capture_output=True, text=True
+    )
     assert done.returncode == 1 and "F821" in done.stdout

@@ -19,8 +19,16 @@ from wmloc_utils.errors import InputError
 
 ZOOMS = (1.0, 1.0, 3.0)  # 3 uL voxels
 VOX_ML = 0.003
-TABLE = pd.DataFrame({"id": [0, 1, 2, 5], "name": ["Background", "left", "right", "empty"], "short": ["BG", "L", "R", "E"],
-                      "r": [0, 200, 0, 0], "g": [0, 0, 200, 0], "b": [0, 0, 0, 200]})
+TABLE = pd.DataFrame(
+    {
+        "id": [0, 1, 2, 5],
+        "name": ["Background", "left", "right", "empty"],
+        "short": ["BG", "L", "R", "E"],
+        "r": [0, 200, 0, 0],
+        "g": [0, 0, 200, 0],
+        "b": [0, 0, 0, 200],
+    }
+)
 
 
 def maps() -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +96,9 @@ def test_image_level_grid_check_names_files(tmp_path):
     out = loc.regional_loads_img(les, reg, TABLE, subject="s1")
     assert out["lesion_ml"].sum() == pytest.approx(24 * VOX_ML)
     bad = _save(tmp_path, "s1_regions_1mm.nii.gz", regions, zooms=(1.0, 1.0, 1.0))
-    with pytest.raises(InputError, match=r"subject s1: .*s1_regions_1mm.nii.gz is not on the grid of .*s1_lesion.nii.gz"):
+    with pytest.raises(
+        InputError, match=r"subject s1: .*s1_regions_1mm.nii.gz is not on the grid of .*s1_lesion.nii.gz"
+    ):
         loc.regional_loads_img(les, bad, TABLE, subject="s1")
 
 
@@ -96,8 +106,13 @@ def test_cohort_wide_and_normalisation(tmp_path):
     lesion, regions = maps()
     recs = []
     for i, scale in enumerate([1, 0]):
-        recs.append({"subject": f"s{i}", "lesion": _save(tmp_path, f"l{i}.nii.gz", lesion * scale),
-                     "regions": _save(tmp_path, f"r{i}.nii.gz", regions)})
+        recs.append(
+            {
+                "subject": f"s{i}",
+                "lesion": _save(tmp_path, f"l{i}.nii.gz", lesion * scale),
+                "regions": _save(tmp_path, f"r{i}.nii.gz", regions),
+            }
+        )
     tidy = loc.cohort_loads(pd.DataFrame(recs), TABLE, progress=False)
     assert list(tidy.columns) == ["subject", *loc.COLUMNS]
     assert len(tidy) == 2 * 4
@@ -105,8 +120,13 @@ def test_cohort_wide_and_normalisation(tmp_path):
     assert list(wide.columns) == ["unlabelled", "L", "R", "E"]
     assert list(loc.wide_matrix(tidy, names="name").columns) == ["unlabelled", "left", "right", "empty"]
     assert wide.loc["s0", "L"] == pytest.approx(15 * VOX_ML) and wide.loc["s1"].sum() == 0
-    norm = loc.wide_matrix(tidy, normalise="icv", volumes=pd.DataFrame({"subject": ["s0", "s1"], "icv_ml": [1500.0, 1000.0]}),
-                           unlabelled=False, names="name")
+    norm = loc.wide_matrix(
+        tidy,
+        normalise="icv",
+        volumes=pd.DataFrame({"subject": ["s0", "s1"], "icv_ml": [1500.0, 1000.0]}),
+        unlabelled=False,
+        names="name",
+    )
     assert list(norm.columns) == ["left", "right", "empty"]
     assert norm.loc["s0", "left"] == pytest.approx(15 * VOX_ML / 1500 * 100)
     with pytest.raises(InputError, match=r"no wm volume for subjects \['s1'\]"):
@@ -129,7 +149,11 @@ def test_subject_report_and_figures(tmp_path):
     reg_img = nib.Nifti1Image(regions, np.diag([*ZOOMS, 1.0]))
     painted = loc.load_image(reg_img, tidy.set_index("region")["lesion_ml"])
     data = painted.get_fdata()
-    assert data[0, 0, 0] == pytest.approx(15 * VOX_ML) and data[15, 0, 0] == pytest.approx(6 * VOX_ML) and data[22, 0, 0] == 0
+    assert (
+        data[0, 0, 0] == pytest.approx(15 * VOX_ML)
+        and data[15, 0, 0] == pytest.approx(6 * VOX_ML)
+        and data[22, 0, 0] == 0
+    )
     display = figures.brain_figure(reg_img, tidy, display_mode="z", cut_coords=2)
     display.close()
 
@@ -139,10 +163,17 @@ def test_pairings_and_agreement(tmp_path):
     shifted = np.roll(regions, 2, axis=0)  # predicted regions: moved by 2 voxels
     pred = lesion.copy()
     pred[2:5, 2:4, 1:3] = 0  # the predicted mask misses the 12-voxel lesion of region 1
-    recs = pd.DataFrame([{"subject": "s0", "lesion": _save(tmp_path, "l.nii.gz", lesion),
-                          "regions": _save(tmp_path, "r.nii.gz", regions),
-                          "lesion_pred": _save(tmp_path, "lp.nii.gz", pred),
-                          "regions_pred": _save(tmp_path, "rp.nii.gz", shifted)}])
+    recs = pd.DataFrame(
+        [
+            {
+                "subject": "s0",
+                "lesion": _save(tmp_path, "l.nii.gz", lesion),
+                "regions": _save(tmp_path, "r.nii.gz", regions),
+                "lesion_pred": _save(tmp_path, "lp.nii.gz", pred),
+                "regions_pred": _save(tmp_path, "rp.nii.gz", shifted),
+            }
+        ]
+    )
     tidy = loc.cohort_pairings(recs, TABLE, progress=False)
     assert sorted(tidy["pairing"].unique()) == ["lesion_pred", "predicted", "reference"]
     assert tidy.groupby("pairing")["lesion_ml"].sum()["lesion_pred"] == pytest.approx(12 * VOX_ML)

@@ -15,7 +15,7 @@ from wmloc_utils.errors import InputError
 
 def block(shape=(12, 12, 10), lo=(3, 3, 3), size=(5, 5, 4)) -> np.ndarray:
     out = np.zeros(shape, np.uint8)
-    out[lo[0]:lo[0] + size[0], lo[1]:lo[1] + size[1], lo[2]:lo[2] + size[2]] = 1
+    out[lo[0] : lo[0] + size[0], lo[1] : lo[1] + size[1], lo[2] : lo[2] + size[2]] = 1
     return out
 
 
@@ -172,8 +172,13 @@ def test_hd95_matches_brute_force_in_world_coordinates():
     affine[:3, 3] = [-40, 12, 7]
 
     def edge_points(mask):
-        edge = np.stack([mask[..., z] & ~ndimage.binary_erosion(mask[..., z], np.ones((3, 3)), border_value=1)
-                         for z in range(mask.shape[2])], axis=-1)
+        edge = np.stack(
+            [
+                mask[..., z] & ~ndimage.binary_erosion(mask[..., z], np.ones((3, 3)), border_value=1)
+                for z in range(mask.shape[2])
+            ],
+            axis=-1,
+        )
         return apply_affine(affine, np.argwhere(edge))
 
     d = cdist(edge_points(ref), edge_points(pred))

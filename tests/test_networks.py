@@ -50,7 +50,7 @@ def test_multiresunet_blocks_follow_the_paper():
     assert [len(path) for path in model.res_paths] == [4, 3, 2, 1]
     assert [conv.conv.out_channels for conv in model.encoder[0].convs] == [8, 17, 26]  # W = 1.67 * 32 = 53.4
     assert model.encoder[0].shortcut.conv.kernel_size == (1, 1, 1)
-    assert [sum(multires_widths(32 * 2 ** i, 1.67)) for i in range(5)] == [51, 105, 212, 426, 853]
+    assert [sum(multires_widths(32 * 2**i, 1.67)) for i in range(5)] == [51, 105, 212, 426, 853]
     assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
     small = build_model("multiresunet", 1, 2, depth=2, dropout=0.2)
     assert sum(isinstance(m, torch.nn.Dropout) for m in small.modules()) == 5  # after every MultiRes block
@@ -63,8 +63,8 @@ def test_multiresunet_blocks_follow_the_paper():
 
 def _tube():
     lab = np.zeros((24, 24, 24), np.int16)
-    lab[6:18, 10:13, 10:13] = 1          # a thin bar
-    lab[4:8, 4:8, 4:8] = 2               # "other pathology"
+    lab[6:18, 10:13, 10:13] = 1  # a thin bar
+    lab[4:8, 4:8, 4:8] = 2  # "other pathology"
     return lab
 
 

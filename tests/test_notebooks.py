@@ -18,8 +18,16 @@ from wmloc_utils import artefacts, book
 from wmloc_utils.book import notebooks
 
 NOTEBOOKS = notebooks()
-HEADINGS = ["## Overview", "## Prerequisites", "## Imports", "## Parameters", "## Exercises", "## Summary", "## What's next",
-            "## Resources and references"]
+HEADINGS = [
+    "## Overview",
+    "## Prerequisites",
+    "## Imports",
+    "## Parameters",
+    "## Exercises",
+    "## Summary",
+    "## What's next",
+    "## Resources and references",
+]
 
 TINY = book.PRESETS["tiny"]  # enough to execute every cell, small enough for CI on 2 cores
 
@@ -51,13 +59,18 @@ def test_static(path):
     assert len(params) == 1, f"{path.name}: needs exactly one cell tagged 'parameters', found {len(params)}"
     assert "workdir = None" in params[0].source and "seed =" in params[0].source
     markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
-    assert markdown.lstrip().startswith(f"# {path.stem[:2]}."), f"{path.name}: first cell must be the '# NN. Title' heading"
+    assert markdown.lstrip().startswith(f"# {path.stem[:2]}."), (
+        f"{path.name}: first cell must be the '# NN. Title' heading"
+    )
     positions = [markdown.find(h) for h in HEADINGS]
     missing = [h for h, pos in zip(HEADINGS, positions) if pos < 0]
     assert not missing, f"{path.name}: missing skeleton headings {missing}"
     assert positions == sorted(positions), f"{path.name}: skeleton headings out of order"
-    long = [len(c.source.splitlines()) for c in code
-            if len(c.source.splitlines()) > 15 and "parameters" not in c.metadata.get("tags", [])]
+    long = [
+        len(c.source.splitlines())
+        for c in code
+        if len(c.source.splitlines()) > 15 and "parameters" not in c.metadata.get("tags", [])
+    ]
     assert not long, f"{path.name}: code cells longer than 15 lines belong in wmloc_utils ({long})"
     assert "sys.path" not in "\n".join(c.source for c in code)
 
@@ -89,17 +102,24 @@ def test_rerun_of_a_finished_book_writes_nothing(workdir, executed, capsys):
     assert _files(workdir, executed) == before
     assert capsys.readouterr().out.count("unchanged since its last run here, skipped") == len(NOTEBOOKS)
     # a changed parameter reruns that notebook (and says why); its unchanged steps still write nothing new
-    ran = book.run(workdir, executed, only=["08"], per_notebook={"08_clustering": {**TINY["08_clustering"], "n_boot": 4}})
+    ran = book.run(
+        workdir, executed, only=["08"], per_notebook={"08_clustering": {**TINY["08_clustering"], "n_boot": 4}}
+    )
     assert list(ran) == ["08_clustering"] and "--- 08_clustering.ipynb (other parameters)" in capsys.readouterr().out
     # a folder that is not the book's (a benchmark's) changes nothing; a touched image of the cohort reruns
     (workdir / "bench_notes").mkdir()
     (workdir / "bench_notes" / "x.txt").write_text("x")
-    assert book.run(workdir, executed, only=["08"], per_notebook={"08_clustering": {**TINY["08_clustering"], "n_boot": 4}}) == {}
+    assert (
+        book.run(workdir, executed, only=["08"], per_notebook={"08_clustering": {**TINY["08_clustering"], "n_boot": 4}})
+        == {}
+    )
     import pandas as pd
 
     flair = Path(pd.read_csv(workdir / "01_data" / "subjects.csv")["flair"].iloc[0])
     os.utime(flair, ns=(flair.stat().st_atime_ns, flair.stat().st_mtime_ns + 10**9))
-    ran = book.run(workdir, executed, only=["08"], per_notebook={"08_clustering": {**TINY["08_clustering"], "n_boot": 4}})
+    ran = book.run(
+        workdir, executed, only=["08"], per_notebook={"08_clustering": {**TINY["08_clustering"], "n_boot": 4}}
+    )
     assert list(ran) == ["08_clustering"] and "(the cohort's images changed)" in capsys.readouterr().out
     # the finished tiny book back as it was, so that the site's book run (tests/test_site.py) reruns nothing
     os.utime(flair, ns=(flair.stat().st_atime_ns, flair.stat().st_mtime_ns - 10**9))
@@ -125,15 +145,24 @@ def test_apply_chain_without_masks(workdir, tmp_path):
     params = {
         "01_data": {"data_dir": str(data), "n_subjects": None},
         "03_regions": {"score_truth": False, "eve_spacing": 3.0, "show_subjects": 1},
-        "06_evaluate": {"tta": False, "lesion_checkpoint": str(artefacts.path(workdir, artefacts.LESION_MODEL)),
-                        "region_checkpoint": str(artefacts.path(workdir, artefacts.REGION_MODEL))},
+        "06_evaluate": {
+            "tta": False,
+            "lesion_checkpoint": str(artefacts.path(workdir, artefacts.LESION_MODEL)),
+            "region_checkpoint": str(artefacts.path(workdir, artefacts.REGION_MODEL)),
+        },
         "08_clustering": {"k_range": [2], "n_boot": 3},
     }
     for stem in APPLY_CHAIN:
         path = next(p for p in NOTEBOOKS if p.stem == stem)
         out = tmp_path / path.name
-        pm.execute_notebook(str(path), str(out), parameters={"workdir": str(new_work), **params.get(stem, {})},
-                            cwd=str(tmp_path), kernel_name="python3", progress_bar=False)
+        pm.execute_notebook(
+            str(path),
+            str(out),
+            parameters={"workdir": str(new_work), **params.get(stem, {})},
+            cwd=str(tmp_path),
+            kernel_name="python3",
+            progress_bar=False,
+        )
         if stem == "06_evaluate":
             text = out.read_text()
             assert "the lesion evaluation is skipped" in text and "lesion evaluation: skipped" in text
@@ -141,8 +170,9 @@ def test_apply_chain_without_masks(workdir, tmp_path):
 
     loads = pd.read_csv(new_work / "07_localization" / "regional_loads.csv", dtype={"subject": str})
     assert set(loads["pairing"]) >= {"automatic"} and "reference" not in set(loads["pairing"])
-    assert sorted(loads["subject"].unique()) == sorted(pd.read_csv(new_work / "01_data" / "subjects.csv",
-                                                                   dtype={"subject": str})["subject"])
+    assert sorted(loads["subject"].unique()) == sorted(
+        pd.read_csv(new_work / "01_data" / "subjects.csv", dtype={"subject": str})["subject"]
+    )
     qc = pd.read_csv(new_work / "07_localization" / "lesion_qc.csv")
     assert (qc["unassigned_fraction"] <= 0.01).all(), qc
     assert (new_work / "08_clustering" / "clusters.csv").exists()
@@ -156,17 +186,32 @@ def test_a_chapter_opened_alone_prepares_what_it_needs(workdir, tmp_path, monkey
     if _failed:
         pytest.fail(f"the book chain failed at {_failed}")
     work = tmp_path / "work"
-    assert book.missing_chapters(work, "07") == ["01_data", "02_atlas", "03_regions", "04_train_lesions",
-                                                  "05_train_regions", "06_evaluate"]
+    assert book.missing_chapters(work, "07") == [
+        "01_data",
+        "02_atlas",
+        "03_regions",
+        "04_train_lesions",
+        "05_train_regions",
+        "06_evaluate",
+    ]
     for step in ("01_data", "02_atlas", "03_regions"):
         shutil.copytree(workdir / step, work / step)
     assert book.missing_chapters(work, "07") == ["04_train_lesions", "05_train_regions", "06_evaluate"]
     monkeypatch.setenv(book.PRESET_ENV, "tiny")
     out = tmp_path / "07_localization.ipynb"
-    pm.execute_notebook(str(next(p for p in NOTEBOOKS if p.stem == "07_localization")), str(out),
-                        parameters={"workdir": str(work)}, cwd=str(tmp_path), kernel_name="python3", progress_bar=False)
+    pm.execute_notebook(
+        str(next(p for p in NOTEBOOKS if p.stem == "07_localization")),
+        str(out),
+        parameters={"workdir": str(work)},
+        cwd=str(tmp_path),
+        kernel_name="python3",
+        progress_bar=False,
+    )
     text = out.read_text()
     assert "07_localization needs the results of 04_train_lesions, 05_train_regions, 06_evaluate" in text
     assert (work / "07_localization" / "regional_loads_wide.csv").exists()
     assert book.missing_chapters(work, "08") == [] and sorted(p.name for p in (work / "prepared").glob("*.ipynb")) == [
-        "04_train_lesions.ipynb", "05_train_regions.ipynb", "06_evaluate.ipynb"]
+        "04_train_lesions.ipynb",
+        "05_train_regions.ipynb",
+        "06_evaluate.ipynb",
+    ]

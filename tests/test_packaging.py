@@ -1,9 +1,9 @@
 """Packaging: environment.yml names the same packages as pyproject.toml; the CI runs the README's test command."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]

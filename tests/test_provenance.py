@@ -59,8 +59,9 @@ def test_replaced_file_and_other_path_and_params_and_version(image, tmp_path):
     other = tmp_path / "other.nii.gz"
     other.write_bytes(image.read_bytes())
     assert "another file" in provenance.changes(_fp(image), _fp(other))[0]
-    assert provenance.changes(_fp(image, method="Affine"), _fp(image, method="SyN")) == \
-        ["method changed ('Affine' -> 'SyN')"]
+    assert provenance.changes(_fp(image, method="Affine"), _fp(image, method="SyN")) == [
+        "method changed ('Affine' -> 'SyN')"
+    ]
     old = dict(_fp(image), version="0.0.1")
     assert provenance.changes(old, _fp(image))[0].startswith("wmloc version changed (0.0.1 ->")
     assert provenance.changes(None, _fp(image)) == ["no fingerprint (made by an older wmloc or interrupted)"]

@@ -32,8 +32,9 @@ def _downsample(img, interpolation):
     aff = img.affine.copy()
     aff[:3, :3] = aff[:3, :3] * SPACING
     shape = tuple(int(np.ceil(s / SPACING)) for s in img.shape[:3])
-    return resample_img(img, target_affine=aff, target_shape=shape, interpolation=interpolation,
-                        force_resample=True, copy_header=True)
+    return resample_img(
+        img, target_affine=aff, target_shape=shape, interpolation=interpolation, force_resample=True, copy_header=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,10 @@ def atlas_small(eve_dir):
     atlas = reg.atlas_inputs(data_dir=eve_dir)
     wm = _downsample(atlas["wm"], "continuous")
     labels = _downsample(atlas["labels"], "nearest")
-    return {"wm": like(wm, (wm.get_fdata() > 0.5).astype(np.float32)),
-            "labels": like(labels, np.asanyarray(labels.dataobj).astype(np.int16))}
+    return {
+        "wm": like(wm, (wm.get_fdata() > 0.5).astype(np.float32)),
+        "labels": like(labels, np.asanyarray(labels.dataobj).astype(np.int16)),
+    }
 
 
 def _known_transform(img):
@@ -52,8 +55,9 @@ def _known_transform(img):
     rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
     rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
     centre = ants.get_center_of_mass(img)
-    return ants.create_ants_transform(transform_type="AffineTransform", dimension=3, matrix=rz @ rx,
-                                      translation=(6.0, -5.0, 4.0), center=centre)
+    return ants.create_ants_transform(
+        transform_type="AffineTransform", dimension=3, matrix=rz @ rx, translation=(6.0, -5.0, 4.0), center=centre
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +71,19 @@ def recovered(atlas_small, tmp_path_factory):
     wm = subject_wm.get_fdata() > 0.5
     # the truth: the atlas labels carried by the known transform with the same rule (genericLabel, WM fill)
     subject_labels = reg.propagate_labels(atlas_small["labels"], [str(out / "truth.mat")], subject_wm, wm)
-    result = reg.register_atlas(atlas_small["wm"], subject_wm, outprefix=out / "known_", method="AffineFast",
-                                reg_spacing=None)
+    result = reg.register_atlas(
+        atlas_small["wm"], subject_wm, outprefix=out / "known_", method="AffineFast", reg_spacing=None
+    )
     regions = reg.propagate_labels(atlas_small["labels"], result["transforms"], subject_wm, wm)
-    return {"tx": tx, "result": result, "wm": wm, "regions": regions, "truth": subject_labels,
-            "grid": moving_wm, "out": out}
+    return {
+        "tx": tx,
+        "result": result,
+        "wm": wm,
+        "regions": regions,
+        "truth": subject_labels,
+        "grid": moving_wm,
+        "out": out,
+    }
 
 
 def test_registration_recovers_known_affine(recovered):
@@ -108,8 +120,8 @@ def test_fill_uses_nearest_region():
     assert np.all(out[:4] == 4) and np.all(out[5:] == 20)
     # anisotropic voxels: distance in mm, not in voxels
     labels2 = np.zeros((5, 5, 1), np.int16)
-    labels2[0, 2] = 3     # 2 voxels along x of 1 mm
-    labels2[2, 4] = 7     # 2 voxels along y of 3 mm
+    labels2[0, 2] = 3  # 2 voxels along x of 1 mm
+    labels2[2, 4] = 7  # 2 voxels along y of 3 mm
     out2 = reg.fill_wm_labels(labels2, np.ones_like(labels2, bool), (1, 3, 1))
     assert out2[2, 2, 0] == 3
 
@@ -117,8 +129,9 @@ def test_fill_uses_nearest_region():
 def test_empty_wm_raises_naming_subject(atlas_small, recovered):
     empty = np.zeros(atlas_small["wm"].shape, bool)
     with pytest.raises(InputError, match="sub-07.*WM mask is empty"):
-        reg.propagate_labels(atlas_small["labels"], recovered["result"]["transforms"], atlas_small["wm"], empty,
-                             subject="sub-07")
+        reg.propagate_labels(
+            atlas_small["labels"], recovered["result"]["transforms"], atlas_small["wm"], empty, subject="sub-07"
+        )
 
 
 def test_process_subject_without_wm_names_subject(tmp_path, monkeypatch, atlas_small):
@@ -159,8 +172,9 @@ def test_run_cohort_skips_finished_subjects(tmp_path, monkeypatch):
     monkeypatch.setattr(reg, "process_subject", fake)
     monkeypatch.setattr(reg, "atlas_inputs", lambda workdir=None, data_dir=None: {})
     csv = tmp_path / "subjects.csv"
-    pd.DataFrame({"subject": ["001", "002"], "t1": ["a", "b"], "flair": ["c", "d"], "lesion": ["", ""],
-                  "truth_dir": ["", ""]}).to_csv(csv, index=False)
+    pd.DataFrame(
+        {"subject": ["001", "002"], "t1": ["a", "b"], "flair": ["c", "d"], "lesion": ["", ""], "truth_dir": ["", ""]}
+    ).to_csv(csv, index=False)
     first = reg.run_cohort(csv, tmp_path, progress=False, n_jobs=1)
     assert calls == ["001", "002"] and list(first["subject"]) == ["001", "002"]
     mtime = (tmp_path / "03_regions" / "001" / reg.DONE).stat().st_mtime_ns
@@ -170,7 +184,10 @@ def test_run_cohort_skips_finished_subjects(tmp_path, monkeypatch):
     assert second.equals(first)
     reg.run_cohort(csv, tmp_path, progress=False, n_jobs=1, overwrite=True)
     assert calls == ["001", "002", "001", "002"]
-    assert pd.read_csv(tmp_path / "03_regions" / "regions.csv", dtype={"subject": str})["subject"].tolist() == ["001", "002"]
+    assert pd.read_csv(tmp_path / "03_regions" / "regions.csv", dtype={"subject": str})["subject"].tolist() == [
+        "001",
+        "002",
+    ]
 
 
 @pytest.mark.parametrize("flip", [True, False], ids=["LAS", "RAS"])
@@ -191,8 +208,12 @@ def test_ants_round_trip_keeps_orientation(flip):
 
 def test_propagation_matches_full_grid_resampling(atlas_small, recovered):
     """Cropping to the WM box changes nothing: labelled WM voxels equal a full-grid genericLabel resampling."""
-    full = ants.apply_transforms(to_ants(atlas_small["wm"]), to_ants(atlas_small["labels"]),
-                                 recovered["result"]["transforms"], interpolator="genericLabel").numpy()
+    full = ants.apply_transforms(
+        to_ants(atlas_small["wm"]),
+        to_ants(atlas_small["labels"]),
+        recovered["result"]["transforms"],
+        interpolator="genericLabel",
+    ).numpy()
     labels = np.asanyarray(recovered["regions"].dataobj)
     keep = recovered["wm"] & (full > 0)
     assert keep.sum() > 1000
@@ -207,8 +228,9 @@ def _manifest(root, workdir, source=None):
 
     found = subjects.discover(source or root)
     table = subjects.validate(found, progress=False)
-    return subjects.write_manifest(table, subjects.read_participants(root, table["subject"].tolist()),
-                                   workdir / "01_data")["subjects"]
+    return subjects.write_manifest(
+        table, subjects.read_participants(root, table["subject"].tolist()), workdir / "01_data"
+    )["subjects"]
 
 
 def _tree(folder):
@@ -315,15 +337,21 @@ def test_run_cohort_real_rerun_writes_nothing_even_read_only(demo_csv, tmp_path,
     def refuse(*args, **kwargs):
         raise PermissionError("read-only work directory")
 
-    for module, name in ((reg, "save_nifti"), (reg, "atomic_path"), (reg, "process_subject"),
-                         (provenance, "atomic_path")):
+    for module, name in (
+        (reg, "save_nifti"),
+        (reg, "atomic_path"),
+        (reg, "process_subject"),
+        (provenance, "atomic_path"),
+    ):
         monkeypatch.setattr(module, name, refuse)
     pd.testing.assert_frame_equal(reg.run_cohort(demo_csv, work, reg_spacing=4.0, progress=False), first)
     monkeypatch.undo()
     # a deleted output is not a finished result
     (artefacts.path(work, artefacts.SUBJECT_REGIONS, subject="002") / "regions.nii.gz").unlink()
     calls = []
-    monkeypatch.setattr(reg, "process_subject", lambda subject, *a, **k: calls.append(subject) or dict(qc, subject=subject))
+    monkeypatch.setattr(
+        reg, "process_subject", lambda subject, *a, **k: calls.append(subject) or dict(qc, subject=subject)
+    )
     reg.run_cohort(demo_csv, work, reg_spacing=4.0, progress=False)
     assert calls == ["002"]
 
@@ -356,8 +384,14 @@ def test_t1_on_its_own_grid_is_registered_once_and_used_downstream(tmp_path):
     t1_iso = nib.load(iso / "pre" / "T1.nii.gz")
     nib.save(_moved(t1_iso), tmp_path / "T1_moved.nii.gz")
     manifest = tmp_path / "manifest.csv"
-    pd.DataFrame({"subject": ["001"], "t1": ["T1_moved.nii.gz"], "flair": [str(aniso / "pre" / "FLAIR.nii.gz")],
-                  "lesion": [str(aniso / "wmh.nii.gz")]}).to_csv(manifest, index=False)
+    pd.DataFrame(
+        {
+            "subject": ["001"],
+            "t1": ["T1_moved.nii.gz"],
+            "flair": [str(aniso / "pre" / "FLAIR.nii.gz")],
+            "lesion": [str(aniso / "wmh.nii.gz")],
+        }
+    ).to_csv(manifest, index=False)
     work = tmp_path / "work"
     subjects_csv = _manifest(tmp_path, work, source=manifest)
     qc = reg.run_cohort(subjects_csv, work, progress=False)
@@ -370,11 +404,16 @@ def test_t1_on_its_own_grid_is_registered_once_and_used_downstream(tmp_path):
     t1_aniso = nib.load(aniso / "pre" / "T1.nii.gz").get_fdata()
     # the unmoved 1 mm T1 through the headers: where a perfect registration puts it (the demo grids share world space)
     ideal = ants.resample_image_to_target(to_ants(t1_iso), to_ants(flair), "linear").numpy()
-    header_only = ants.resample_image_to_target(to_ants(nib.load(tmp_path / "T1_moved.nii.gz")), to_ants(flair),
-                                                "linear").numpy()
-    scores = {"ideal": _corr(on_flair.get_fdata(), ideal, brain), "aniso_t1": _corr(on_flair.get_fdata(), t1_aniso, brain),
-              "ideal_vs_aniso_t1": _corr(ideal, t1_aniso, brain), "header_only": _corr(header_only, t1_aniso, brain),
-              "brain_mask_dice": dice(np.asanyarray(nib.load(qc.loc[0, "brain_mask"]).dataobj) > 0, brain)}
+    header_only = ants.resample_image_to_target(
+        to_ants(nib.load(tmp_path / "T1_moved.nii.gz")), to_ants(flair), "linear"
+    ).numpy()
+    scores = {
+        "ideal": _corr(on_flair.get_fdata(), ideal, brain),
+        "aniso_t1": _corr(on_flair.get_fdata(), t1_aniso, brain),
+        "ideal_vs_aniso_t1": _corr(ideal, t1_aniso, brain),
+        "header_only": _corr(header_only, t1_aniso, brain),
+        "brain_mask_dice": dice(np.asanyarray(nib.load(qc.loc[0, "brain_mask"]).dataobj) > 0, brain),
+    }
     print("T1 on its own grid:", {k: round(v, 3) for k, v in scores.items()})
     assert scores["ideal"] > 0.95, scores
     # vs the aniso T1 (own noise, bias field and lesions) as close as the perfectly placed 1 mm T1 is
@@ -391,13 +430,20 @@ def test_t1_on_its_own_grid_is_registered_once_and_used_downstream(tmp_path):
 
 def test_subjects_on_flair_grid_refuses_an_unregistered_off_grid_t1(tmp_path):
     (tmp_path / "01_data").mkdir()
-    pd.DataFrame({"subject": ["001", "002"], "t1": ["a.nii.gz", "b.nii.gz"], "flair": ["c.nii.gz", "d.nii.gz"],
-                  "t1_on_flair_grid": [True, False]}).to_csv(tmp_path / "01_data" / "subjects.csv", index=False)
+    pd.DataFrame(
+        {
+            "subject": ["001", "002"],
+            "t1": ["a.nii.gz", "b.nii.gz"],
+            "flair": ["c.nii.gz", "d.nii.gz"],
+            "t1_on_flair_grid": [True, False],
+        }
+    ).to_csv(tmp_path / "01_data" / "subjects.csv", index=False)
     with pytest.raises(InputError, match="subject.s. 002: the T1 is not on the FLAIR grid.*03_regions"):
         reg.subjects_on_flair_grid(tmp_path)
     artefacts.folder(tmp_path, artefacts.REGIONS)
     pd.DataFrame({"subject": ["001", "002"], "t1_on_flair": ["", "/w/002/t1_on_flair.nii.gz"]}).to_csv(
-        artefacts.path(tmp_path, artefacts.REGIONS), index=False)
+        artefacts.path(tmp_path, artefacts.REGIONS), index=False
+    )
     table = reg.subjects_on_flair_grid(tmp_path)
     assert table["t1"].tolist() == ["a.nii.gz", "/w/002/t1_on_flair.nii.gz"]
     assert table["t1_native"].tolist() == ["a.nii.gz", "b.nii.gz"]
@@ -430,12 +476,23 @@ def _sha256(path) -> str:
 def test_registration_is_repeatable_in_and_across_processes(moved_pair):
     """Same inputs, same seed: byte-identical transforms twice in this process and once in a fresh one."""
     atlas_wm, subject_wm = (nib.load(moved_pair / f) for f in ("atlas_wm.nii.gz", "subject_wm.nii.gz"))
-    first, second = (reg.register_atlas(atlas_wm, subject_wm, outprefix=moved_pair / f"run{k}_", reg_spacing=4.0)
-                     for k in (1, 2))
+    first, second = (
+        reg.register_atlas(atlas_wm, subject_wm, outprefix=moved_pair / f"run{k}_", reg_spacing=4.0) for k in (1, 2)
+    )
     assert _sha256(first["transforms"][0]) == _sha256(second["transforms"][0]), "two runs in one process differ"
-    other = subprocess.run([sys.executable, "-c", _REGISTER_ONCE, str(moved_pair / "atlas_wm.nii.gz"),
-                            str(moved_pair / "subject_wm.nii.gz"), str(moved_pair / "proc_")],
-                           capture_output=True, text=True, check=True)
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _REGISTER_ONCE,
+            str(moved_pair / "atlas_wm.nii.gz"),
+            str(moved_pair / "subject_wm.nii.gz"),
+            str(moved_pair / "proc_"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert other.stdout.split()[-1] == _sha256(first["transforms"][0]), "a fresh process gave another transform"
 
 
@@ -476,7 +533,9 @@ def test_an_edited_refined_atlas_in_the_workdir_is_checked(tmp_path, eve_dir):
     save_nifti(bad, tmp_path / "02_atlas" / "refined_atlas.nii.gz")
     with pytest.raises(InputError, match=r"refined atlas must only hold labels"):
         reg.atlas_inputs(tmp_path)
-    save_nifti(nib.Nifti1Image(np.asanyarray(atlas.dataobj)[:-1], atlas.affine), tmp_path / "02_atlas" / "refined_atlas.nii.gz")
+    save_nifti(
+        nib.Nifti1Image(np.asanyarray(atlas.dataobj)[:-1], atlas.affine), tmp_path / "02_atlas" / "refined_atlas.nii.gz"
+    )
     with pytest.raises(InputError, match="is not on the grid of the Eve atlas"):
         reg.atlas_inputs(tmp_path)
 
@@ -486,7 +545,10 @@ def test_syn_relabels_follow_their_inputs(tmp_path, monkeypatch, capsys, eve_dir
     subject_dir, flair = tmp_path / "03_regions" / "7", tmp_path / "FLAIR.nii.gz"
     subject_dir.mkdir(parents=True)
     for name in ("prob_wm.nii.gz", "wm_mask.nii.gz", "FLAIR.nii.gz"):
-        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), (tmp_path if name == "FLAIR.nii.gz" else subject_dir) / name)
+        nib.save(
+            nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)),
+            (tmp_path if name == "FLAIR.nii.gz" else subject_dir) / name,
+        )
     calls = []
 
     def fake_relabel(src, flair_path, atlas, method, outdir, reg_spacing):
@@ -494,8 +556,11 @@ def test_syn_relabels_follow_their_inputs(tmp_path, monkeypatch, capsys, eve_dir
         Path(outdir).mkdir(parents=True, exist_ok=True)
         (Path(outdir) / "regions.nii.gz").write_bytes(b"r")
         (Path(outdir) / "atlas_to_subject_0GenericAffine.mat").write_bytes(b"t")
-        return {"method": method, "regions": str(Path(outdir) / "regions.nii.gz"),
-                "transform": str(Path(outdir) / "atlas_to_subject_0GenericAffine.mat")}
+        return {
+            "method": method,
+            "regions": str(Path(outdir) / "regions.nii.gz"),
+            "transform": str(Path(outdir) / "atlas_to_subject_0GenericAffine.mat"),
+        }
 
     monkeypatch.setattr(reg, "relabel", fake_relabel)
     upstream = reg.provenance.upstream_fingerprints(reg.atlas_sources(tmp_path, data_dir=eve_dir))
@@ -505,7 +570,10 @@ def test_syn_relabels_follow_their_inputs(tmp_path, monkeypatch, capsys, eve_dir
     assert calls == ["SyN"]  # the second call reused the result
     os.utime(subject_dir / "prob_wm.nii.gz", ns=(1, 1))
     demo_truth.syn_regions(subject_dir, flair, syn_dir, {}, upstream)
-    assert calls == ["SyN", "SyN"] and "subject 7 (SyN): WM probability changed (mtime), recomputing" in capsys.readouterr().out
+    assert (
+        calls == ["SyN", "SyN"]
+        and "subject 7 (SyN): WM probability changed (mtime), recomputing" in capsys.readouterr().out
+    )
     (syn_dir / "regions.nii.gz").write_bytes(b"edited")
     demo_truth.syn_regions(subject_dir, flair, syn_dir, {}, upstream)
     assert len(calls) == 3  # an output changed after it was written
@@ -526,11 +594,29 @@ def test_a_head_gives_byte_identical_region_maps_in_another_process(tmp_path, ev
 
     row = demo.generate(tmp_path / "data", n_subjects=1, skull=True, progress=False).iloc[0]
     pre = tmp_path / "data" / row["site"] / row["participant_id"] / "pre"
-    reg.process_subject("h", pre / "T1.nii.gz", pre / "FLAIR.nii.gz", tmp_path / "here",
-                        reg.atlas_inputs(data_dir=eve_dir), reg_spacing=4.0)
+    reg.process_subject(
+        "h",
+        pre / "T1.nii.gz",
+        pre / "FLAIR.nii.gz",
+        tmp_path / "here",
+        reg.atlas_inputs(data_dir=eve_dir),
+        reg_spacing=4.0,
+    )
     env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "2"}
-    subprocess.run([sys.executable, "-c", _PROCESS_ONCE, str(pre / "T1.nii.gz"), str(pre / "FLAIR.nii.gz"),
-                    str(tmp_path / "there"), str(eve_dir)], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _PROCESS_ONCE,
+            str(pre / "T1.nii.gz"),
+            str(pre / "FLAIR.nii.gz"),
+            str(tmp_path / "there"),
+            str(eve_dir),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     written = sorted(p.name for p in (tmp_path / "here").iterdir() if p.name != reg.DONE)
     assert "regions.nii.gz" in written and "brain_mask.nii.gz" in written
     assert sorted(p.name for p in (tmp_path / "there").iterdir() if p.name != reg.DONE) == written

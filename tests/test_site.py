@@ -34,14 +34,18 @@ def built_site(workdir: Path, executed: Path) -> Path:
     shutil.copytree(executed, SITE_ROOT / "book" / "notebooks", ignore=shutil.ignore_patterns(".*"))
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
     start = time.perf_counter()
-    done = subprocess.run([str(jupyter_book), "build", "-W", "-n", "--keep-going", str(SITE_ROOT / "book")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [str(jupyter_book), "build", "-W", "-n", "--keep-going", str(SITE_ROOT / "book")],
+        capture_output=True,
+        text=True,
+    )
     print(f"site built in {time.perf_counter() - start:.0f} s")
     assert done.returncode == 0, f"jupyter-book build failed:\n{done.stdout[-5000:]}\n{done.stderr[-5000:]}"
     return SITE_ROOT / "_build" / "html"
 
 
 # --- the built site ---------------------------------------------------------------------------------
+
 
 def test_plotly_js_once_for_the_whole_site(built_site):
     copies = [p for p in built_site.rglob("*.js") if p.read_bytes()[:20000].find(b"plotly.js v") >= 0]
@@ -54,7 +58,7 @@ def test_plotly_js_once_for_the_whole_site(built_site):
         scripts = [s.split("?")[0] for s in re.findall(r'<script[^>]*src="([^"]+)"', head)]  # no ?v=hash
         plotly = [i for i, s in enumerate(scripts) if s.endswith("_static/plotly.min.js")]
         assert len(plotly) == 1, f"{page.name}: plotly.min.js loaded {len(plotly)} times in <head>"
-        assert not any("require" in s for s in scripts[:plotly[0]]), f"{page.name}: require.js before plotly.js"
+        assert not any("require" in s for s in scripts[: plotly[0]]), f"{page.name}: require.js before plotly.js"
 
 
 def test_site_pages_within_size_limits(built_site):
@@ -87,6 +91,7 @@ def test_every_page_works_in_a_real_browser(built_site):
 
 
 # --- the figure output ------------------------------------------------------------------------------
+
 
 def test_figures_carry_no_plotly_js_and_no_cdn():
     import plotly.graph_objects as go
@@ -128,6 +133,7 @@ def test_slice_viewer_sends_8_bit_slices_with_a_transparent_background():
 
 # --- the checkers, on pages made to fail -----------------------------------------------------------
 
+
 def _page(path: Path, body: str, head: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'>{head}</head><body>{body}</body></html>")
@@ -135,9 +141,12 @@ def _page(path: Path, body: str, head: str = "") -> Path:
 
 
 def test_link_checker_finds_missing_files_and_anchors(tmp_path):
-    _page(tmp_path / "a.html", '<h1 id="top">a</h1><a href="#top">ok</a><a href="b.html#there">ok</a>'
-          '<a href="sub/">ok</a><a href="https://example.org/x">external, not fetched</a>'
-          '<a href="b.html#nowhere">bad anchor</a><a href="#gone">bad self anchor</a><img src="_images/none.png">')
+    _page(
+        tmp_path / "a.html",
+        '<h1 id="top">a</h1><a href="#top">ok</a><a href="b.html#there">ok</a>'
+        '<a href="sub/">ok</a><a href="https://example.org/x">external, not fetched</a>'
+        '<a href="b.html#nowhere">bad anchor</a><a href="#gone">bad self anchor</a><img src="_images/none.png">',
+    )
     _page(tmp_path / "b.html", '<p id="there">b</p>')
     _page(tmp_path / "sub" / "index.html", '<a href="../a.html">up</a>')
     broken = {(b.page, b.ref) for b in site.check_links(tmp_path)}
@@ -169,8 +178,11 @@ def test_find_strings_reports_files_and_snippets(tmp_path):
 def test_browser_check_fails_on_broken_figures_images_and_scripts(tmp_path):
     js = site.write_plotly_js(tmp_path / "_static")
     figure = {"text/html": figures.figure_html({"data": [{"type": "scatter", "y": [1, 3, 2]}], "layout": {}})}
-    good = _page(tmp_path / "good.html", figure["text/html"], head=f'<script src="_static/{js.name}"></script>'
-                 '<script src="https://cdn.example.org/lib.js"></script>')
+    good = _page(
+        tmp_path / "good.html",
+        figure["text/html"],
+        head=f'<script src="_static/{js.name}"></script><script src="https://cdn.example.org/lib.js"></script>',
+    )
     no_plotly = _page(tmp_path / "no_plotly.html", figure["text/html"])
     broken = _page(tmp_path / "broken.html", '<img src="missing.png"><script>undefinedFunction()</script>')
     report = site.check_in_browser(tmp_path, tmp_path / "shots", pages=[good, no_plotly, broken], timeout_ms=3000)

@@ -58,7 +58,9 @@ def test_bids_layout_with_sessions_and_derivatives(tmp_path):
             save_nifti(img(rng.random((8, 8, 8)).astype(np.float32)), anat / f"{stem}_{suffix}.nii.gz")
     mask = np.zeros((8, 8, 8), np.uint8)
     mask[2:4, 2:4, 2:4] = 1
-    save_nifti(img(mask), tmp_path / "derivatives" / "manual" / "sub-01" / "anat" / "sub-01_FLAIR_label-WMH_mask.nii.gz")
+    save_nifti(
+        img(mask), tmp_path / "derivatives" / "manual" / "sub-01" / "anat" / "sub-01_FLAIR_label-WMH_mask.nii.gz"
+    )
     found = {s.id: s for s in subjects.discover(tmp_path)}
     assert set(found) == {"sub-01", "sub-02_ses-1"}
     assert found["sub-01"].lesion is not None and found["sub-02_ses-1"].lesion is None
@@ -68,8 +70,14 @@ def test_bids_layout_with_sessions_and_derivatives(tmp_path):
 
 def test_csv_manifest_with_relative_paths(tmp_path):
     write_subject(tmp_path / "data" / "a")
-    pd.DataFrame({"subject": ["a"], "t1": ["data/a/pre/T1.nii.gz"], "flair": ["data/a/pre/FLAIR.nii.gz"],
-                  "lesion": ["data/a/wmh.nii.gz"]}).to_csv(tmp_path / "m.csv", index=False)
+    pd.DataFrame(
+        {
+            "subject": ["a"],
+            "t1": ["data/a/pre/T1.nii.gz"],
+            "flair": ["data/a/pre/FLAIR.nii.gz"],
+            "lesion": ["data/a/wmh.nii.gz"],
+        }
+    ).to_csv(tmp_path / "m.csv", index=False)
     (found,) = subjects.discover(tmp_path / "m.csv")
     assert found.flair == (tmp_path / "data" / "a" / "pre" / "FLAIR.nii.gz").resolve()
     assert found.lesion_img is not None
@@ -192,7 +200,14 @@ def test_write_manifest_and_participants(tmp_path):
     parts = subjects.read_participants(tmp_path / "data", table["subject"].tolist())
     paths = subjects.write_manifest(table, parts, tmp_path / "out")
     manifest = pd.read_csv(paths["subjects"], dtype={"subject": str})
-    assert manifest.loc[0, "group"] == "deep" and manifest.columns[:6].tolist() == ["subject", "site", "group", "t1", "flair", "lesion"]
+    assert manifest.loc[0, "group"] == "deep" and manifest.columns[:6].tolist() == [
+        "subject",
+        "site",
+        "group",
+        "t1",
+        "flair",
+        "lesion",
+    ]
 
 
 # ---------------------------------------------------------------- BIDS entities
@@ -209,28 +224,54 @@ def write_bids(root, names, shape=(8, 8, 8)):
 
 
 def test_bids_brain_mask_is_not_a_lesion_mask(tmp_path):
-    write_bids(tmp_path, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_FLAIR.nii.gz",
-                          "derivatives/fsl/sub-01/anat/sub-01_desc-brain_mask.nii.gz",
-                          "derivatives/fsl/sub-01/anat/sub-01_label-brain_desc-lesion_mask.nii.gz",
-                          "derivatives/fsl/sub-01/anat/sub-01_label-WMH_probseg.nii.gz",
-                          "derivatives/manual/sub-01/anat/sub-01_FLAIR_label-WMH_mask.nii.gz"])
+    write_bids(
+        tmp_path,
+        [
+            "sub-01/anat/sub-01_T1w.nii.gz",
+            "sub-01/anat/sub-01_FLAIR.nii.gz",
+            "derivatives/fsl/sub-01/anat/sub-01_desc-brain_mask.nii.gz",
+            "derivatives/fsl/sub-01/anat/sub-01_label-brain_desc-lesion_mask.nii.gz",
+            "derivatives/fsl/sub-01/anat/sub-01_label-WMH_probseg.nii.gz",
+            "derivatives/manual/sub-01/anat/sub-01_FLAIR_label-WMH_mask.nii.gz",
+        ],
+    )
     (s,) = subjects.discover(tmp_path)
     assert s.lesion.name == "sub-01_FLAIR_label-WMH_mask.nii.gz"
 
 
 def test_bids_brain_mask_alone_gives_no_lesion(tmp_path):
-    write_bids(tmp_path, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_FLAIR.nii.gz",
-                          "derivatives/fsl/sub-01/anat/sub-01_desc-brain_mask.nii.gz",
-                          "derivatives/fsl/sub-01/anat/sub-01_mask.nii.gz"])
+    write_bids(
+        tmp_path,
+        [
+            "sub-01/anat/sub-01_T1w.nii.gz",
+            "sub-01/anat/sub-01_FLAIR.nii.gz",
+            "derivatives/fsl/sub-01/anat/sub-01_desc-brain_mask.nii.gz",
+            "derivatives/fsl/sub-01/anat/sub-01_mask.nii.gz",
+        ],
+    )
     (s,) = subjects.discover(tmp_path)
     assert s.lesion is None
 
 
-@pytest.mark.parametrize("mask", ["sub-01_label-wmh_mask", "sub-01_label-Lesions_dseg", "sub-01_desc-lesion_mask",
-                                  "sub-01_space-orig_desc-WMH_dseg", "sub-01_label-lesion_mask"])
+@pytest.mark.parametrize(
+    "mask",
+    [
+        "sub-01_label-wmh_mask",
+        "sub-01_label-Lesions_dseg",
+        "sub-01_desc-lesion_mask",
+        "sub-01_space-orig_desc-WMH_dseg",
+        "sub-01_label-lesion_mask",
+    ],
+)
 def test_bids_lesion_mask_entities(tmp_path, mask):
-    write_bids(tmp_path, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_FLAIR.nii.gz",
-                          f"derivatives/x/sub-01/anat/{mask}.nii.gz"])
+    write_bids(
+        tmp_path,
+        [
+            "sub-01/anat/sub-01_T1w.nii.gz",
+            "sub-01/anat/sub-01_FLAIR.nii.gz",
+            f"derivatives/x/sub-01/anat/{mask}.nii.gz",
+        ],
+    )
     (s,) = subjects.discover(tmp_path)
     assert s.lesion.name == f"{mask}.nii.gz"
 
@@ -245,24 +286,35 @@ def test_bids_name_parsing():
 
 def test_bids_masks_match_subject_and_session(tmp_path):
     """sub-1's mask must not go to sub-10 (prefix) or sub-01 (labels are strings), nor a ses-2 mask to ses-1."""
-    write_bids(tmp_path, [f"{sub}/ses-1/anat/{sub}_ses-1_{m}.nii.gz" for sub in ("sub-1", "sub-10", "sub-01")
-                          for m in ("T1w", "FLAIR")]
-               + ["derivatives/m/sub-1/ses-1/anat/sub-1_ses-1_label-WMH_mask.nii.gz"])
+    write_bids(
+        tmp_path,
+        [f"{sub}/ses-1/anat/{sub}_ses-1_{m}.nii.gz" for sub in ("sub-1", "sub-10", "sub-01") for m in ("T1w", "FLAIR")]
+        + ["derivatives/m/sub-1/ses-1/anat/sub-1_ses-1_label-WMH_mask.nii.gz"],
+    )
     found = {s.id: s for s in subjects.discover(tmp_path)}
     assert found["sub-1_ses-1"].lesion.name == "sub-1_ses-1_label-WMH_mask.nii.gz"
     assert found["sub-10_ses-1"].lesion is None and found["sub-01_ses-1"].lesion is None
     # a ses-2 mask is not given to ses-1: it fits no FLAIR, which is an error that names it
     write_bids(tmp_path, ["derivatives/m/sub-10/ses-2/anat/sub-10_ses-2_label-WMH_mask.nii.gz"])
-    with pytest.raises(InputError, match=r"1 lesion mask\(s\) under .*derivatives fit no FLAIR of the data set: "
-                                         r".*sub-10_ses-2_label-WMH_mask.nii.gz.*rename it"):
+    with pytest.raises(
+        InputError,
+        match=r"1 lesion mask\(s\) under .*derivatives fit no FLAIR of the data set: "
+        r".*sub-10_ses-2_label-WMH_mask.nii.gz.*rename it",
+    ):
         subjects.discover(tmp_path)
 
 
 def test_bids_mask_of_an_unchosen_run_is_not_an_orphan(tmp_path):
-    write_bids(tmp_path, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_run-1_FLAIR.nii.gz",
-                          "sub-01/anat/sub-01_run-2_FLAIR.nii.gz",
-                          "derivatives/m/sub-01/anat/sub-01_run-1_label-WMH_mask.nii.gz",
-                          "derivatives/m/sub-01/anat/sub-01_run-3_label-WMH_mask.nii.gz"])
+    write_bids(
+        tmp_path,
+        [
+            "sub-01/anat/sub-01_T1w.nii.gz",
+            "sub-01/anat/sub-01_run-1_FLAIR.nii.gz",
+            "sub-01/anat/sub-01_run-2_FLAIR.nii.gz",
+            "derivatives/m/sub-01/anat/sub-01_run-1_label-WMH_mask.nii.gz",
+            "derivatives/m/sub-01/anat/sub-01_run-3_label-WMH_mask.nii.gz",
+        ],
+    )
     with pytest.raises(InputError, match="sub-01_run-3_label-WMH_mask.nii.gz"):  # run-3 exists nowhere
         subjects.discover(tmp_path, run=2)
     (tmp_path / "derivatives/m/sub-01/anat/sub-01_run-3_label-WMH_mask.nii.gz").unlink()
@@ -271,12 +323,21 @@ def test_bids_mask_of_an_unchosen_run_is_not_an_orphan(tmp_path):
 
 
 def test_bids_several_runs_need_a_choice(tmp_path):
-    write_bids(tmp_path, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_run-1_FLAIR.nii.gz",
-                          "sub-01/anat/sub-01_run-2_FLAIR.nii.gz",
-                          "derivatives/m/sub-01/anat/sub-01_run-1_label-WMH_mask.nii.gz",
-                          "derivatives/m/sub-01/anat/sub-01_run-02_label-WMH_mask.nii.gz"])
-    with pytest.raises(InputError, match=r"subject sub-01: 2 FLAIR images in .*anat \(sub-01_run-1_FLAIR.nii.gz, "
-                                         r"sub-01_run-2_FLAIR.nii.gz\).*discover\(\.\.\., run=N\)"):
+    write_bids(
+        tmp_path,
+        [
+            "sub-01/anat/sub-01_T1w.nii.gz",
+            "sub-01/anat/sub-01_run-1_FLAIR.nii.gz",
+            "sub-01/anat/sub-01_run-2_FLAIR.nii.gz",
+            "derivatives/m/sub-01/anat/sub-01_run-1_label-WMH_mask.nii.gz",
+            "derivatives/m/sub-01/anat/sub-01_run-02_label-WMH_mask.nii.gz",
+        ],
+    )
+    with pytest.raises(
+        InputError,
+        match=r"subject sub-01: 2 FLAIR images in .*anat \(sub-01_run-1_FLAIR.nii.gz, "
+        r"sub-01_run-2_FLAIR.nii.gz\).*discover\(\.\.\., run=N\)",
+    ):
         subjects.discover(tmp_path)
     (s,) = subjects.discover(tmp_path, run=2)
     assert s.flair.name == "sub-01_run-2_FLAIR.nii.gz" and s.t1.name == "sub-01_T1w.nii.gz"
@@ -286,8 +347,14 @@ def test_bids_several_runs_need_a_choice(tmp_path):
 
 
 def test_bids_acquisitions_chosen_by_entity(tmp_path):
-    write_bids(tmp_path, ["sub-01/anat/sub-01_acq-sag_T1w.nii.gz", "sub-01/anat/sub-01_acq-ax_T1w.nii.gz",
-                          "sub-01/anat/sub-01_FLAIR.nii.gz"])
+    write_bids(
+        tmp_path,
+        [
+            "sub-01/anat/sub-01_acq-sag_T1w.nii.gz",
+            "sub-01/anat/sub-01_acq-ax_T1w.nii.gz",
+            "sub-01/anat/sub-01_FLAIR.nii.gz",
+        ],
+    )
     with pytest.raises(InputError, match="2 T1w images"):
         subjects.discover(tmp_path)
     (s,) = subjects.discover(tmp_path, run="acq-sag")
@@ -295,9 +362,15 @@ def test_bids_acquisitions_chosen_by_entity(tmp_path):
 
 
 def test_bids_two_matching_lesion_masks_are_refused(tmp_path):
-    write_bids(tmp_path, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_FLAIR.nii.gz",
-                          "derivatives/rater1/sub-01/anat/sub-01_label-WMH_mask.nii.gz",
-                          "derivatives/rater2/sub-01/anat/sub-01_desc-lesion_dseg.nii.gz"])
+    write_bids(
+        tmp_path,
+        [
+            "sub-01/anat/sub-01_T1w.nii.gz",
+            "sub-01/anat/sub-01_FLAIR.nii.gz",
+            "derivatives/rater1/sub-01/anat/sub-01_label-WMH_mask.nii.gz",
+            "derivatives/rater2/sub-01/anat/sub-01_desc-lesion_dseg.nii.gz",
+        ],
+    )
     with pytest.raises(InputError, match=r"subject sub-01: 2 lesion masks match sub-01_FLAIR.nii.gz: .*rater1.*rater2"):
         subjects.discover(tmp_path)
 
@@ -313,8 +386,11 @@ def test_same_id_at_two_sites_is_refused_unless_prefixed(tmp_path):
     write_subject(tmp_path / "Utrecht" / "0")
     write_subject(tmp_path / "Amsterdam" / "0", lesion=False)
     write_subject(tmp_path / "Amsterdam" / "1", lesion=False)
-    with pytest.raises(InputError, match=r"1 subject id\(s\) appear more than once \(0: .*Amsterdam/0, .*Utrecht/0\);"
-                                         r" use discover\(\.\.\., site_prefix=True\)"):
+    with pytest.raises(
+        InputError,
+        match=r"1 subject id\(s\) appear more than once \(0: .*Amsterdam/0, .*Utrecht/0\);"
+        r" use discover\(\.\.\., site_prefix=True\)",
+    ):
         subjects.discover(tmp_path)
     found = subjects.discover(tmp_path, site_prefix=True)
     assert [s.id for s in found] == ["Amsterdam_0", "Amsterdam_1", "Utrecht_0"]
@@ -374,8 +450,14 @@ def test_notebook_01_runs_without_lesion_masks(tmp_path):
     for mask in data.glob("*/*/wmh.nii.gz"):
         mask.unlink()
     notebook = Path(__file__).resolve().parents[1] / "notebooks" / "01_data.ipynb"
-    out = pm.execute_notebook(str(notebook), str(tmp_path / "01.ipynb"), cwd=str(tmp_path), kernel_name="python3",
-                              progress_bar=False, parameters={"data_dir": str(data), "workdir": str(tmp_path / "w")})
+    out = pm.execute_notebook(
+        str(notebook),
+        str(tmp_path / "01.ipynb"),
+        cwd=str(tmp_path),
+        kernel_name="python3",
+        progress_bar=False,
+        parameters={"data_dir": str(data), "workdir": str(tmp_path / "w")},
+    )
     printed = "".join(o.get("text", "") for c in out.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "no reference lesion masks: evaluation sections will be skipped" in printed
     table = pd.read_csv(tmp_path / "w" / "01_data" / "subjects.csv", dtype={"subject": str})

@@ -24,8 +24,11 @@ def eve_small(eve_dir):
     t1 = resample_img(eve["t1"], interpolation="continuous", **kw)
     mask = resample_img(eve["mask"], interpolation="nearest", **kw)
     truth = resample_img(eve["tissue"], interpolation="nearest", **kw)
-    return {"t1": t1, "mask": like(t1, (np.asanyarray(mask.dataobj) > 0).astype(np.uint8)),
-            "truth": np.asanyarray(truth.dataobj)}
+    return {
+        "t1": t1,
+        "mask": like(t1, (np.asanyarray(mask.dataobj) > 0).astype(np.uint8)),
+        "truth": np.asanyarray(truth.dataobj),
+    }
 
 
 def test_eve_wm_matches_eve_tissue_classes(eve_small):
@@ -52,7 +55,7 @@ def test_lesions_are_filled_into_wm(eve_small):
     les = np.zeros(t1.shape, np.uint8)
     centre = np.argwhere(truth == 3).mean(0).astype(int)
     les[tuple(slice(c - 2, c + 2) for c in centre)] = 1
-    les &= (truth == 3)
+    les &= truth == 3
     dark = np.where(les > 0, np.median(t1[truth == 2]), t1)
     img = like(eve_small["t1"], dark)
     plain = np.asanyarray(tissue.segment_tissues(img, None, eve_small["mask"])["labels"].dataobj)
@@ -135,10 +138,13 @@ def test_brain_mask_of_a_head_is_the_same_in_every_process_whatever_the_itk_thre
 
     row = demo.generate(tmp_path, n_subjects=1, skull=True, progress=False).iloc[0]
     t1 = tmp_path / row["site"] / row["participant_id"] / "pre" / "T1.nii.gz"
-    here = [hashlib.sha256(np.asanyarray(tissue.brain_mask(t1, stripped=False).dataobj).tobytes()).hexdigest()
-            for _ in range(2)]
+    here = [
+        hashlib.sha256(np.asanyarray(tissue.brain_mask(t1, stripped=False).dataobj).tobytes()).hexdigest()
+        for _ in range(2)
+    ]
     env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "2"}
     env.pop("WMLOC_ITK_THREADS", None)
-    other = subprocess.run([sys.executable, "-c", _MASK_ONCE, str(t1)], capture_output=True, text=True, check=True,
-                           env=env).stdout.split()
+    other = subprocess.run(
+        [sys.executable, "-c", _MASK_ONCE, str(t1)], capture_output=True, text=True, check=True, env=env
+    ).stdout.split()
     assert here[0] == here[1] == other[0] == other[1]

@@ -18,12 +18,12 @@ from wmloc_utils.networks import ARCHITECTURES
 def make_subject(folder, name, rng, shape=(32, 32, 32), zooms=(2.0, 2.0, 2.0), orientation="RAS"):
     """A tiny brain-like ellipsoid with bright FLAIR blobs (label 1), one label-2 blob, on a RAS or LAS grid."""
     ijk = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
-    brain = (ijk ** 2).sum(0) < 0.8
+    brain = (ijk**2).sum(0) < 0.8
     lesion = np.zeros(shape, np.uint8)
     for _ in range(3):
         c = rng.integers([s // 4 for s in shape], [3 * s // 4 for s in shape])
         lesion[tuple(slice(ci - 2, ci + 2) for ci in c)] = 1
-    lesion[shape[0] // 2 - 1:shape[0] // 2 + 1, 2 + shape[1] // 4:4 + shape[1] // 4, shape[2] // 2] = 2
+    lesion[shape[0] // 2 - 1 : shape[0] // 2 + 1, 2 + shape[1] // 4 : 4 + shape[1] // 4, shape[2] // 2] = 2
     lesion[~brain] = 0
     flair = brain * (1.0 + 0.05 * rng.standard_normal(shape)) + 1.5 * (lesion == 1)
     t1 = brain * (1.0 + 0.05 * rng.standard_normal(shape)) - 0.4 * (lesion == 1)
@@ -49,8 +49,15 @@ def cohort(tmp_path_factory):
 
 
 def tiny_cfg(**kw):
-    base = dict(patch_size=(16, 16, 16), batch_size=2, samples_per_volume=2, epochs=1, iters_per_epoch=1,
-                spacing=(4.0, 4.0, 4.0), model_overrides={"channels": (4, 8, 16, 32)})
+    base = dict(
+        patch_size=(16, 16, 16),
+        batch_size=2,
+        samples_per_volume=2,
+        epochs=1,
+        iters_per_epoch=1,
+        spacing=(4.0, 4.0, 4.0),
+        model_overrides={"channels": (4, 8, 16, 32)},
+    )
     return training.TrainConfig(**{**base, **kw})
 
 
@@ -78,7 +85,7 @@ def test_records_check_grids(cohort, tmp_path):
 
 def test_pipeline_orientation_spacing_and_skeleton(cohort):
     cfg = tiny_cfg(spacing=(2.0, 2.0, 2.0))
-    rec = training.make_records(cohort, "t1+flair", "lesion")[1]   # a LAS subject
+    rec = training.make_records(cohort, "t1+flair", "lesion")[1]  # a LAS subject
     item = checkpoints.preprocessing(cfg.spacing, with_label=True)(rec)
     assert item["image"].shape == (2, 32, 32, 32)
     assert nib.aff2axcodes(item["image"].affine.numpy()) == ("R", "A", "S")
@@ -149,7 +156,9 @@ def test_region_mirroring_flips_left_right_and_swaps_labels():
     label[0, 3:] = 19  # right half is region 19, a right region
     image = torch.arange(6.0)[None, :, None, None].expand(2, 6, 4, 4).clone()
     data = {"image": MetaTensor(image), "label": MetaTensor(label), "skeleton": MetaTensor(label.clone())}
-    flipped = training.RandMirrord(["image", "label", "skeleton"], ["label", "skeleton"], atlas.mirror_labels(), prob=1.0)(data)
+    flipped = training.RandMirrord(
+        ["image", "label", "skeleton"], ["label", "skeleton"], atlas.mirror_labels(), prob=1.0
+    )(data)
     np.testing.assert_array_equal(flipped["image"].numpy(), image.flip(1).numpy())
     out = flipped["label"][0].numpy()
     assert (out[:3] == 2).all() and (out[3:] == 18).all()  # left half now holds the mirror of region 19, and so on
@@ -177,6 +186,7 @@ def test_training_without_masks_says_how_to_apply_instead():
 
 
 # ----------------------------------------------------------------------------- robustness: brain masks, augmentation
+
 
 @pytest.fixture(scope="module")
 def headed(cohort, tmp_path_factory):
@@ -224,10 +234,18 @@ def test_brain_masked_pipeline_needs_masks(headed, tmp_path):
 
 
 def test_augment_sets(cohort):
-    names = {aug: [type(t).__name__ for t in training.training_transforms(tiny_cfg(augment=aug)).transforms]
-             for aug in training.AUGMENTATIONS}
-    scanner = {"RandBiasFieldd", "RandAdjustContrastd", "RandHistogramShiftd", "RandGaussianNoised",
-               "RandGaussianSmoothd", "RandSimulateLowResolutiond"}
+    names = {
+        aug: [type(t).__name__ for t in training.training_transforms(tiny_cfg(augment=aug)).transforms]
+        for aug in training.AUGMENTATIONS
+    }
+    scanner = {
+        "RandBiasFieldd",
+        "RandAdjustContrastd",
+        "RandHistogramShiftd",
+        "RandGaussianNoised",
+        "RandGaussianSmoothd",
+        "RandSimulateLowResolutiond",
+    }
     assert scanner <= set(names["scanner"]) and not scanner & set(names["basic"])
     assert names["basic"][-3:] == ["RandAffined", "RandScaleIntensityd", "RandShiftIntensityd"]
     assert training.TrainConfig().augment == "scanner"
@@ -262,8 +280,11 @@ def test_tissue_contrast_shifts_each_class_of_each_channel_by_its_own_offset():
     assert "tissue" not in out
     shift = out["image"] - image
     assert not out["image"][:, tissue[0] == 0].any(), "the background stays zero"
-    cores = {1: (slice(2, 3), slice(2, 22), slice(2, 22)), 2: (slice(5, 6), slice(5, 19), slice(5, 19)),
-             3: (slice(11, 13), slice(11, 13), slice(11, 13))}  # a voxel or more from other classes
+    cores = {
+        1: (slice(2, 3), slice(2, 22), slice(2, 22)),
+        2: (slice(5, 6), slice(5, 19), slice(5, 19)),
+        3: (slice(11, 13), slice(11, 13), slice(11, 13)),
+    }  # a voxel or more from other classes
     offsets = np.array([[float(shift[c][cores[k]].mean()) for k in (1, 2, 3)] for c in range(2)])
     assert np.abs(offsets).max() <= 1.0 and len(np.unique(offsets.round(3))) == 6, offsets
     assert float(shift[0][cores[3]].std()) < 1e-4, "one offset for the class, smooth only at its borders"
@@ -295,6 +316,7 @@ def test_brain_masked_training_records_it_in_the_checkpoint(headed, tmp_path):
 
 
 # ----------------------------------------------------------------------------- safe checkpoints
+
 
 def _types(obj):
     """Every container/scalar type in a nested structure (tensors excluded)."""
@@ -336,8 +358,11 @@ def test_crafted_checkpoint_is_refused_without_running_code(tmp_path):
 
     path = tmp_path / "best.pt"
     torch.save({"config": {"architecture": "unet"}, "model": {}, "extra": Payload()}, path)
-    with pytest.raises(InputError, match=r"best\.pt: not loaded: the file holds Python objects beyond tensors and "
-                                         r"plain data \(GLOBAL .*exec\)"):
+    with pytest.raises(
+        InputError,
+        match=r"best\.pt: not loaded: the file holds Python objects beyond tensors and "
+        r"plain data \(GLOBAL .*exec\)",
+    ):
         checkpoints.load_checkpoint(path, device="cpu")
     assert not marker.exists()
 
@@ -345,8 +370,12 @@ def test_crafted_checkpoint_is_refused_without_running_code(tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "zeroed"])
 def test_corrupt_checkpoint_names_the_file(trained, tmp_path, damage):
     data = (trained / "last.pt").read_bytes()
-    bad = {"truncated": data[:len(data) // 2], "garbage": b"not a checkpoint" * 8, "empty": b"",
-           "zeroed": data[:200] + b"\0" * 60 + data[260:]}[damage]
+    bad = {
+        "truncated": data[: len(data) // 2],
+        "garbage": b"not a checkpoint" * 8,
+        "empty": b"",
+        "zeroed": data[:200] + b"\0" * 60 + data[260:],
+    }[damage]
     path = tmp_path / "last.pt"
     path.write_bytes(bad)
     with pytest.raises(InputError, match=rf"{path}: not loaded: corrupt"):
@@ -369,6 +398,7 @@ def test_checkpoint_of_older_versions_still_loads(tmp_path):
 
 
 # ----------------------------------------------------------------------------- training that goes wrong
+
 
 def test_nan_voxels_stop_training_naming_epoch_step_and_subject(cohort, tmp_path):
     rows = cohort.copy()
@@ -409,6 +439,7 @@ def test_non_finite_weights_are_never_saved(cohort, tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- resume
 
+
 def test_resume_after_interruption_equals_a_straight_run(cohort, tmp_path, monkeypatch):
     """Killed in epoch 1, then resumed: the weights and history of a straight run (dropout uses torch's RNG)."""
     recs = training.make_records(cohort, "t1+flair", "lesion")
@@ -443,8 +474,10 @@ def test_resume_after_interruption_equals_a_straight_run(cohort, tmp_path, monke
 
 # ----------------------------------------------------------------------------- disk errors
 
-@pytest.mark.parametrize("code, problem", [(errno.EROFS, "read-only file system"),
-                                           (errno.ENOSPC, "no space left on device")])
+
+@pytest.mark.parametrize(
+    "code, problem", [(errno.EROFS, "read-only file system"), (errno.ENOSPC, "no space left on device")]
+)
 def test_disk_errors_name_the_path_and_leave_no_temp_files(cohort, tmp_path, monkeypatch, code, problem):
     recs = training.make_records(cohort, "t1+flair", "lesion")
     save = torch.save
@@ -459,8 +492,15 @@ def test_disk_errors_name_the_path_and_leave_no_temp_files(cohort, tmp_path, mon
     assert not list(tmp_path.iterdir())  # no half-written checkpoint, no temporary file
     monkeypatch.setattr(torch, "save", save)
     replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(code, os.strerror(code)))
-                        if str(dst).endswith("history.csv") else replace(src, dst))
+    monkeypatch.setattr(
+        os,
+        "replace",
+        lambda src, dst: (
+            (_ for _ in ()).throw(OSError(code, os.strerror(code)))
+            if str(dst).endswith("history.csv")
+            else replace(src, dst)
+        ),
+    )
     with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'history.csv'}: {problem}"):
         training.train(tiny_cfg(), recs[:3], recs[3:], tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]

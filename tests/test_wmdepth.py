@@ -15,7 +15,7 @@ ZOOMS = (1.0, 1.5, 3.0)  # anisotropic voxels (mm)
 def phantom(shape=(90, 60, 30), r_vent=8.0, r_wm=36.0, r_brain=40.0):
     """Concentric spheres (mm): ventricle r<r_vent, WM r_vent<=r<r_wm, cortex r_wm<=r<r_brain."""
     grids = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * z for n, z in zip(shape, ZOOMS)], indexing="ij")
-    radius = np.sqrt(sum(g ** 2 for g in grids))
+    radius = np.sqrt(sum(g**2 for g in grids))
     vent = radius < r_vent
     wm = (radius >= r_vent) & (radius < r_wm)
     brain = radius < r_brain
@@ -93,8 +93,12 @@ def test_bullseye_on_regions_kept_inside_wm(eve_dir):
     sub = (slice(None, None, 2),) * 3  # 2 mm for speed
     aff = eve["tissue"].affine @ np.diag([2, 2, 2, 1])
     brain = np.asanyarray(eve["mask"].dataobj)[sub].astype(np.uint8)
-    maps = wmdepth.depth_maps(nib.Nifti1Image(tissue[sub].astype(np.int16), aff), nib.Nifti1Image(brain, aff),
-                              nib.Nifti1Image(in_wm[sub], aff), csf_labels=(0,))
+    maps = wmdepth.depth_maps(
+        nib.Nifti1Image(tissue[sub].astype(np.int16), aff),
+        nib.Nifti1Image(brain, aff),
+        nib.Nifti1Image(in_wm[sub], aff),
+        csf_labels=(0,),
+    )
     bull = np.asanyarray(maps["bullseye"].dataobj)
     wm = tissue[sub] == 3
     assert (bull[wm] > 0).mean() > 0.95, "nearly every WM voxel gets a lobe x shell label"

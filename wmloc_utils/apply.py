@@ -42,8 +42,9 @@ if TYPE_CHECKING:
 REGION_SOURCES = {"atlas": "regions", "network": "regions_pred"}  # region source -> region column of the records
 
 
-def prepare_subjects(data: str | os.PathLike, workdir: str | os.PathLike, n_subjects: int | None = None,
-                     progress: bool = True) -> Path:
+def prepare_subjects(
+    data: str | os.PathLike, workdir: str | os.PathLike, n_subjects: int | None = None, progress: bool = True
+) -> Path:
     """Notebook 01's step: find and validate the subjects, write :data:`artefacts.SUBJECTS`; its path."""
     found = subjects.discover(data)[:n_subjects]
     table = subjects.validate(found, progress=progress)
@@ -63,10 +64,15 @@ def records(workdir: str | os.PathLike) -> pd.DataFrame:
     """One row per subject with what notebooks 01, 03 and 06 wrote: images, masks, regions and predictions."""
     table = pd.read_csv(artefacts.require(workdir, artefacts.SUBJECTS), dtype={"subject": str}, keep_default_na=False)
     regions = pd.read_csv(artefacts.require(workdir, artefacts.REGIONS), dtype={"subject": str})
-    preds = pd.read_csv(artefacts.require(workdir, artefacts.PREDICTIONS), dtype={"subject": str}, keep_default_na=False)
+    preds = pd.read_csv(
+        artefacts.require(workdir, artefacts.PREDICTIONS), dtype={"subject": str}, keep_default_na=False
+    )
     keep = [c for c in ("subject", "site", "group", "t1", "flair", "lesion", "truth_dir") if c in table]
-    out = (table[keep].merge(regions.drop(columns=["group"], errors="ignore"), on="subject")
-           .merge(preds.drop(columns=["t1", "flair", "lesion"], errors="ignore"), on="subject"))
+    out = (
+        table[keep]
+        .merge(regions.drop(columns=["group"], errors="ignore"), on="subject")
+        .merge(preds.drop(columns=["t1", "flair", "lesion"], errors="ignore"), on="subject")
+    )
     return out
 
 
@@ -80,8 +86,10 @@ def pairings(records: pd.DataFrame, region_source: str = "atlas") -> dict[str, t
     if region_source not in REGION_SOURCES:
         raise InputError(f"region_source must be one of {sorted(REGION_SOURCES)}, got {region_source!r}")
     if REGION_SOURCES[region_source] not in records:
-        raise InputError(f"region_source={region_source!r} needs the column {REGION_SOURCES[region_source]!r} "
-                         f"(for 'network', give notebook 06 / wmloc-apply a region checkpoint)")
+        raise InputError(
+            f"region_source={region_source!r} needs the column {REGION_SOURCES[region_source]!r} "
+            f"(for 'network', give notebook 06 / wmloc-apply a region checkpoint)"
+        )
     out = {"automatic": ("lesion_pred", REGION_SOURCES[region_source])}
     if "lesion" in records and (records["lesion"].astype(str) != "").all():
         out["reference"] = ("lesion", "regions")
@@ -91,11 +99,18 @@ def pairings(records: pd.DataFrame, region_source: str = "atlas") -> dict[str, t
     return out
 
 
-def cohort_loads(records: pd.DataFrame, table: pd.DataFrame | str | os.PathLike, region_source: str = "atlas",
-                 progress: bool = True) -> pd.DataFrame:
+def cohort_loads(
+    records: pd.DataFrame, table: pd.DataFrame | str | os.PathLike, region_source: str = "atlas", progress: bool = True
+) -> pd.DataFrame:
     """Tidy regional loads of every supported pairing; every lesion voxel in the brain gets a WM region."""
-    return localization.cohort_pairings(records, table, pairings(records, region_source), progress=progress,
-                                        fill_from=atlas.WM_REGIONS, brain="brain_mask")
+    return localization.cohort_pairings(
+        records,
+        table,
+        pairings(records, region_source),
+        progress=progress,
+        fill_from=atlas.WM_REGIONS,
+        brain="brain_mask",
+    )
 
 
 def cohort_table(tidy: pd.DataFrame, pairing: str = "automatic") -> pd.DataFrame:
@@ -106,11 +121,20 @@ def cohort_table(tidy: pd.DataFrame, pairing: str = "automatic") -> pd.DataFrame
     return qc.join(wide).reset_index()
 
 
-def run(data: str | os.PathLike, workdir: str | os.PathLike, lesion_checkpoint: str | os.PathLike,
-        region_checkpoint: str | os.PathLike | None = None, region_source: str = "atlas",
-        n_subjects: int | None = None, tta: bool = False, device: str = "auto", n_jobs: int | None = None,
-        progress: bool = True, scheduler: str | Client = "processes",
-        cluster_config: str | os.PathLike | dict | None = None) -> dict[str, Path]:
+def run(
+    data: str | os.PathLike,
+    workdir: str | os.PathLike,
+    lesion_checkpoint: str | os.PathLike,
+    region_checkpoint: str | os.PathLike | None = None,
+    region_source: str = "atlas",
+    n_subjects: int | None = None,
+    tta: bool = False,
+    device: str = "auto",
+    n_jobs: int | None = None,
+    progress: bool = True,
+    scheduler: str | Client = "processes",
+    cluster_config: str | os.PathLike | dict | None = None,
+) -> dict[str, Path]:
     """The whole apply path on a folder or manifest; returns the paths of the tables it wrote.
 
     Registration runs on ``scheduler`` with ``n_jobs`` workers (:func:`registration.run_cohort`), and so does
@@ -126,14 +150,32 @@ def run(data: str | os.PathLike, workdir: str | os.PathLike, lesion_checkpoint: 
     subjects_csv = prepare_subjects(data, workdir, n_subjects, progress)
     lut = prepare_atlas(workdir)
     timings["subjects"] = time.perf_counter() - start
-    regions = registration.run_cohort(subjects_csv, workdir, n_jobs=n_jobs, progress=progress, scheduler=scheduler,
-                                      errors="record", cluster_config=cluster_config)
+    regions = registration.run_cohort(
+        subjects_csv,
+        workdir,
+        n_jobs=n_jobs,
+        progress=progress,
+        scheduler=scheduler,
+        errors="record",
+        cluster_config=cluster_config,
+    )
     if (regions["status"] == "failed").all():
-        raise InputError(f"every subject failed in the registration step, nothing to segment: {regions['error'].iloc[0]}")
+        raise InputError(
+            f"every subject failed in the registration step, nothing to segment: {regions['error'].iloc[0]}"
+        )
     timings["regions"] = time.perf_counter() - start - sum(timings.values())
-    preds = inference.predict_step(workdir, lesion_checkpoint, region_checkpoint, tta=tta, device=device,
-                                   progress=progress, scheduler=None if scheduler == "processes" else scheduler,
-                                   n_jobs=n_jobs, errors="record", cluster_config=cluster_config)
+    preds = inference.predict_step(
+        workdir,
+        lesion_checkpoint,
+        region_checkpoint,
+        tta=tta,
+        device=device,
+        progress=progress,
+        scheduler=None if scheduler == "processes" else scheduler,
+        n_jobs=n_jobs,
+        errors="record",
+        cluster_config=cluster_config,
+    )
     timings["segmentation"] = time.perf_counter() - start - sum(timings.values())
     failed = preds.loc[preds["status"] == "failed", ["subject", "status", "error"]]
     regions, err = regions.copy(), failed.set_index("subject")["error"]  # each subject's status: now segmentation's too
@@ -145,8 +187,9 @@ def run(data: str | os.PathLike, workdir: str | os.PathLike, lesion_checkpoint: 
         raise InputError(f"every subject failed in the segmentation step: {failed['error'].iloc[0]}")
     tidy = cohort_loads(recs, lut, region_source, progress=progress)
     paths = localization.write_loads(tidy, artefacts.folder(workdir, artefacts.REGIONAL_LOADS))
-    paths["cohort"] = write_table_atomic(with_status(cohort_table(tidy), regions), workdir / artefacts.COHORT_LOADS,
-                                         index=False, float_format="%.6g")
+    paths["cohort"] = write_table_atomic(
+        with_status(cohort_table(tidy), regions), workdir / artefacts.COHORT_LOADS, index=False, float_format="%.6g"
+    )
     timings["loads"] = time.perf_counter() - start - sum(timings.values())
     if progress:
         print(f"{len(recs)} subjects; seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
@@ -163,9 +206,14 @@ def with_status(table: pd.DataFrame, regions: pd.DataFrame) -> pd.DataFrame:
     return out[["subject", "status", "error", *[c for c in table if c != "subject"]]]
 
 
-def evaluate(workdir: str | os.PathLike, references: dict[str, str | os.PathLike],
-             lesion_checkpoint: str | os.PathLike, region_source: str = "atlas", truth_regions=None,
-             progress: bool = True) -> dict[str, pd.DataFrame]:
+def evaluate(
+    workdir: str | os.PathLike,
+    references: dict[str, str | os.PathLike],
+    lesion_checkpoint: str | os.PathLike,
+    region_source: str = "atlas",
+    truth_regions=None,
+    progress: bool = True,
+) -> dict[str, pd.DataFrame]:
     """Score an apply run against reference masks kept apart (e.g. :func:`wmloc_utils.demo.withhold_masks`).
 
     Returns tables: ``lesions`` (challenge metrics per subject, with reference and predicted mL),
@@ -183,10 +231,16 @@ def evaluate(workdir: str | os.PathLike, references: dict[str, str | os.PathLike
     qc = localization.lesion_qc(tidy)
     volumes = qc.pivot(index="subject", columns="pairing", values="lesion_ml")
     lesions = inference.score_lesions({lesion_checkpoint: recs}, recs, recs["subject"].tolist(), progress=progress)
-    lesions = lesions.merge(volumes[["reference", "automatic"]].rename(
-        columns={"reference": "reference_ml", "automatic": "predicted_ml"}).reset_index(), on="subject")
-    agreement = pd.concat({p: localization.load_agreement(tidy, p, "reference") for p in tidy["pairing"].unique()
-                           if p != "reference"}, names=["pairing", "subject"]).reset_index()
+    lesions = lesions.merge(
+        volumes[["reference", "automatic"]]
+        .rename(columns={"reference": "reference_ml", "automatic": "predicted_ml"})
+        .reset_index(),
+        on="subject",
+    )
+    agreement = pd.concat(
+        {p: localization.load_agreement(tidy, p, "reference") for p in tidy["pairing"].unique() if p != "reference"},
+        names=["pairing", "subject"],
+    ).reset_index()
     out = {"lesions": lesions, "agreement": agreement, "qc": qc}
     if truth_regions is not None:
         rows = []
@@ -202,30 +256,56 @@ def evaluate(workdir: str | os.PathLike, references: dict[str, str | os.PathLike
 
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point ``wmloc-apply`` (see the module docstring)."""
-    parser = argparse.ArgumentParser(description="Apply trained wmloc networks to a cohort: regions, lesions, "
-                                                 "regional loads (no manual masks needed).")
+    parser = argparse.ArgumentParser(
+        description="Apply trained wmloc networks to a cohort: regions, lesions, "
+        "regional loads (no manual masks needed)."
+    )
     parser.add_argument("data", help="challenge-layout folder, BIDS data set or CSV manifest subject,t1,flair[,lesion]")
     parser.add_argument("workdir", help="output work directory (same layout as the book's)")
     parser.add_argument("--lesion-checkpoint", required=True, help="lesion network best.pt (notebook 04)")
     parser.add_argument("--region-checkpoint", help="region network best.pt (notebook 05); optional")
-    parser.add_argument("--region-source", choices=sorted(REGION_SOURCES), default="atlas",
-                        help="regions of the automatic loads: registered atlas (default) or the region network")
+    parser.add_argument(
+        "--region-source",
+        choices=sorted(REGION_SOURCES),
+        default="atlas",
+        help="regions of the automatic loads: registered atlas (default) or the region network",
+    )
     parser.add_argument("--n-subjects", type=int, help="only the first N subjects")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (slower)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--scheduler", choices=cluster.SCHEDULERS, default="processes",
-                        help="where the registration step runs: this machine's processes (default), a local Dask "
-                             "cluster, or SLURM jobs (dask-jobqueue)")
-    parser.add_argument("--n-workers", "--n-jobs", dest="n_workers", type=int,
-                        help="workers of the registration step, one subject each (default: one per CPU core; "
-                             "required for slurm)")
-    parser.add_argument("--cluster-config", help="YAML file of SLURMCluster options (queue, account, memory, walltime"
-                                                 ", ...; see wmloc_utils.cluster)")
+    parser.add_argument(
+        "--scheduler",
+        choices=cluster.SCHEDULERS,
+        default="processes",
+        help="where the registration step runs: this machine's processes (default), a local Dask "
+        "cluster, or SLURM jobs (dask-jobqueue)",
+    )
+    parser.add_argument(
+        "--n-workers",
+        "--n-jobs",
+        dest="n_workers",
+        type=int,
+        help="workers of the registration step, one subject each (default: one per CPU core; required for slurm)",
+    )
+    parser.add_argument(
+        "--cluster-config",
+        help="YAML file of SLURMCluster options (queue, account, memory, walltime, ...; see wmloc_utils.cluster)",
+    )
     args = parser.parse_args(argv)
     try:
-        paths = run(args.data, args.workdir, args.lesion_checkpoint, args.region_checkpoint, args.region_source,
-                    args.n_subjects, args.tta, args.device, args.n_workers, scheduler=args.scheduler,
-                    cluster_config=args.cluster_config)
+        paths = run(
+            args.data,
+            args.workdir,
+            args.lesion_checkpoint,
+            args.region_checkpoint,
+            args.region_source,
+            args.n_subjects,
+            args.tta,
+            args.device,
+            args.n_workers,
+            scheduler=args.scheduler,
+            cluster_config=args.cluster_config,
+        )
     except (InputError, FileNotFoundError) as err:
         raise SystemExit(f"wmloc-apply: {err}") from None
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))

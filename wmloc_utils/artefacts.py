@@ -31,7 +31,9 @@ class Artefact:
 # 01: the cohort
 SUBJECTS = Artefact("01_data", "subjects.csv", "the validated subject table: T1, FLAIR, lesion mask, site, group, grid")
 PARTICIPANTS = Artefact("01_data", "participants.tsv", "the participants' attributes: group, age, ...")
-DEMO_COHORT = Artefact("01_data", "demo_cohort", "the synthetic demo cohort, made when data_dir is None, with its truth")
+DEMO_COHORT = Artefact(
+    "01_data", "demo_cohort", "the synthetic demo cohort, made when data_dir is None, with its truth"
+)
 
 # 02: the atlas
 REFINED_ATLAS = Artefact("02_atlas", "refined_atlas.nii.gz", "the refined Eve atlas: 34 WM regions + 2 non-WM labels")
@@ -39,11 +41,17 @@ REFINED_LUT = Artefact("02_atlas", "refined_atlas_lut.tsv", "the refined atlas's
 EVE_DEPTH_MAPS = Artefact("02_atlas", "eve_{map}.nii.gz", "Eve's ventricles, periventricular/deep WM and bullseye maps")
 
 # 03: every subject's region labels
-REGIONS = Artefact("03_regions", "regions.csv",
-                   "one QC row per subject, with the paths of its region map, tissue classes, brain and WM masks")
-SUBJECT_REGIONS = Artefact("03_regions", "{subject}",
-                           "a subject's brain mask, tissues, WM mask and region map on its FLAIR grid, and qc.json")
-SYN_REGIONS = Artefact("03_regions", "syn/{subject}", "demo only: a subject's regions by SyN, to compare with the affine")
+REGIONS = Artefact(
+    "03_regions",
+    "regions.csv",
+    "one QC row per subject, with the paths of its region map, tissue classes, brain and WM masks",
+)
+SUBJECT_REGIONS = Artefact(
+    "03_regions", "{subject}", "a subject's brain mask, tissues, WM mask and region map on its FLAIR grid, and qc.json"
+)
+SYN_REGIONS = Artefact(
+    "03_regions", "syn/{subject}", "demo only: a subject's regions by SyN, to compare with the affine"
+)
 REGION_DICE = Artefact("03_regions", "region_dice.csv", "demo only: each region's Dice against the true regions")
 TEMPLATE_TRUTH = Artefact("03_regions", "template_truth", "demo only: the true regions in the template's space, cached")
 
@@ -53,23 +61,34 @@ LESION_MODEL = Artefact("04_train_lesions", "best.pt", "the lesion network's bes
 REGION_MODEL = Artefact("05_train_regions", "best.pt", "the region network's best checkpoint, with its configuration")
 
 # 06: predictions and scores
-PREDICTIONS = Artefact("06_evaluate", "predictions.csv",
-                       "every subject's predicted lesions, regions when there is a region network, and split")
+PREDICTIONS = Artefact(
+    "06_evaluate",
+    "predictions.csv",
+    "every subject's predicted lesions, regions when there is a region network, and split",
+)
 SUBJECT_PREDICTIONS = Artefact("06_evaluate", "{subject}", "a subject's predicted lesion mask, probability and regions")
-COMPARED_PREDICTIONS = Artefact("06_evaluate", "compare/model{number}",
-                                "the test subjects' lesions by the compare_checkpoints networks")
-LESION_SCORES = Artefact("06_evaluate", "lesion_scores.csv", "the challenge's lesion metrics per network and test subject")
+COMPARED_PREDICTIONS = Artefact(
+    "06_evaluate", "compare/model{number}", "the test subjects' lesions by the compare_checkpoints networks"
+)
+LESION_SCORES = Artefact(
+    "06_evaluate", "lesion_scores.csv", "the challenge's lesion metrics per network and test subject"
+)
 REGION_SCORES = Artefact("06_evaluate", "region_scores.csv", "the region network's Dice per region and test subject")
 
 # 07: regional lesion loads
-REGIONAL_LOADS = Artefact("07_localization", "regional_loads.csv",
-                          "lesion mL per subject, region and pairing, with the class, depth and bullseye loads")
-REGIONAL_LOADS_WIDE = Artefact("07_localization", "regional_loads_wide.csv",
-                               "lesion mL per region, one row per pairing and subject")
+REGIONAL_LOADS = Artefact(
+    "07_localization",
+    "regional_loads.csv",
+    "lesion mL per subject, region and pairing, with the class, depth and bullseye loads",
+)
+REGIONAL_LOADS_WIDE = Artefact(
+    "07_localization", "regional_loads_wide.csv", "lesion mL per region, one row per pairing and subject"
+)
 LESION_QC = Artefact("07_localization", "lesion_qc.csv", "per subject and pairing: lesion mL, in a region and in none")
 LESIONS = Artefact("07_localization", "lesions.csv", "one row per lesion: its location class and volume")
-LESION_CLASS_MAPS = Artefact("07_localization", "{subject}_lesion_classes.nii.gz",
-                             "a subject's lesion voxels labelled by location class")
+LESION_CLASS_MAPS = Artefact(
+    "07_localization", "{subject}_lesion_classes.nii.gz", "a subject's lesion voxels labelled by location class"
+)
 DEPTH_MAPS = Artefact("07_localization", "{subject}_{map}.nii.gz", "a subject's periventricular/deep and bullseye maps")
 
 # 08: clusters
@@ -82,8 +101,11 @@ COHORT_LOADS = "cohort_loads.csv"  # wmloc-apply's cohort table, at the top of i
 NEW_COHORT = Artefact("09_new_cohort", "data", "the new demo cohort, made when data_dir is None, masks withheld")
 WITHHELD_MASKS = Artefact("09_new_cohort", "withheld_masks", "the new demo cohort's lesion masks, kept apart to score")
 APPLY_WORK = Artefact("09_new_cohort", "work", "the new cohort's wmloc-apply work directory, in the book's layout")
-NEW_COHORT_LOADS = Artefact("09_new_cohort", f"{APPLY_WORK.path}/{COHORT_LOADS}",
-                            "one row per new subject: status, lesion mL, mL in no region, mL per region")
+NEW_COHORT_LOADS = Artefact(
+    "09_new_cohort",
+    f"{APPLY_WORK.path}/{COHORT_LOADS}",
+    "one row per new subject: status, lesion mL, mL in no region, mL per region",
+)
 
 # 10: the paper's tables
 RESULT_LESIONS = Artefact("10_results", "lesions.csv", "the lesion segmentation table")
@@ -138,7 +160,11 @@ def require(workdir: str | os.PathLike, artefact: Artefact, given: str | os.Path
     ``given``: a file given in its place (a parameter, such as a checkpoint trained elsewhere), checked instead.
     """
     if given:
-        return must_exist(given, f"check the path given for {artefact.about}, or give None to use notebook "
-                                 f"{artefact.notebook}.ipynb's")
-    return must_exist(path(workdir, artefact, **fields), f"run notebook {artefact.notebook}.ipynb first, with the "
-                                                         f"same work directory (it writes {artefact.about})")
+        return must_exist(
+            given,
+            f"check the path given for {artefact.about}, or give None to use notebook {artefact.notebook}.ipynb's",
+        )
+    return must_exist(
+        path(workdir, artefact, **fields),
+        f"run notebook {artefact.notebook}.ipynb first, with the same work directory (it writes {artefact.about})",
+    )

@@ -100,8 +100,10 @@ def regions_table() -> pd.DataFrame:
     twice = sorted(counts[counts > 1].index.tolist())
     extra = sorted(set(ids) - set(range(N_TYPE2 + 1)))
     if missing or twice or extra:
-        raise InputError(f"{where}: each Type-II id 0..{N_TYPE2} must appear exactly once; "
-                         f"missing {missing}, repeated {twice}, unknown {extra}")
+        raise InputError(
+            f"{where}: each Type-II id 0..{N_TYPE2} must appear exactly once; "
+            f"missing {missing}, repeated {twice}, unknown {extra}"
+        )
     return table
 
 
@@ -186,8 +188,11 @@ def lobe_table() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["code", "lobe", "hemisphere", "name"])
 
 
-def lobe_map(regions: np.ndarray | nib.spatialimages.SpatialImage, absorb_deep: bool = False,
-             zooms: tuple[float, float, float] | None = None) -> np.ndarray | nib.Nifti1Image:
+def lobe_map(
+    regions: np.ndarray | nib.spatialimages.SpatialImage,
+    absorb_deep: bool = False,
+    zooms: tuple[float, float, float] | None = None,
+) -> np.ndarray | nib.Nifti1Image:
     """Map refined region ids (0..36) to lobe codes (see :func:`lobe_table`); array or image, as given.
 
     With ``absorb_deep=True`` the voxels of the "deep" regions (corona radiata, internal and
@@ -198,7 +203,9 @@ def lobe_map(regions: np.ndarray | nib.spatialimages.SpatialImage, absorb_deep: 
     is_img = isinstance(regions, nib.spatialimages.SpatialImage)
     data = np.asarray(np.asanyarray(regions.dataobj) if is_img else regions).astype(np.int64)
     if data.min() < 0 or data.max() > 36:
-        raise InputError(f"refined region map holds ids outside 0..36: {np.unique(data[(data < 0) | (data > 36)])[:10].tolist()}")
+        raise InputError(
+            f"refined region map holds ids outside 0..36: {np.unique(data[(data < 0) | (data > 36)])[:10].tolist()}"
+        )
     table = regions_table()
     lut = np.zeros(37, dtype=np.int16)
     for row in table.itertuples():

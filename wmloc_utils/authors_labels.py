@@ -22,7 +22,8 @@ import nibabel as nib
 import pandas as pd
 
 from .errors import InputError
-from .fetch import AUTHORS_LABELS, DataError, RegistryEntry, fetch, registry as _registry
+from .fetch import AUTHORS_LABELS, DataError, RegistryEntry, fetch
+from .fetch import registry as _registry
 from .images import check_same_grid
 from .metrics import score_regions
 
@@ -46,12 +47,14 @@ def challenge_id(subject: str | int, site: str = "") -> str:
     challenge ids have no leading zeros, the demo cohort's do) is an :class:`InputError`."""
     text = str(subject).strip()
     if site and text.startswith(f"{site}_"):
-        text = text[len(site) + 1:]
+        text = text[len(site) + 1 :]
     if text.isdigit() and text == str(int(text)):
         return text
     prefixed = f" or {site}_<number>" if site else ""
-    raise InputError(f"subject {subject!r}: not a WMH challenge subject id (the challenge names subjects by a "
-                     f"number{prefixed}); the authors' region maps exist only for the challenge's 170 subjects")
+    raise InputError(
+        f"subject {subject!r}: not a WMH challenge subject id (the challenge names subjects by a "
+        f"number{prefixed}); the authors' region maps exist only for the challenge's 170 subjects"
+    )
 
 
 class NotPublishedError(DataError):
@@ -65,8 +68,13 @@ def _splits(split: str | None) -> tuple[str, ...]:
     return SPLITS if split is None else (split,)
 
 
-def fetch_map(subject: str | int, split: str | None = None, path: str | os.PathLike | None = None,
-              download: bool = True, site: str = "") -> Path:
+def fetch_map(
+    subject: str | int,
+    split: str | None = None,
+    path: str | os.PathLike | None = None,
+    download: bool = True,
+    site: str = "",
+) -> Path:
     """Local, verified path of the authors' map of challenge subject ``subject`` (fetched if missing).
 
     ``split`` ("Train" or "Test") says where to look; None tries both (challenge ids are unique across
@@ -83,14 +91,21 @@ def fetch_map(subject: str | int, split: str | None = None, path: str | os.PathL
     entries = registry()
     name = next((n for n in names if n in entries), None)
     if name is None:
-        raise NotPublishedError(f"subject {subject!r}: the authors published no region map for challenge id {cid} "
-                                f"(looked for {' and '.join(names)} among the {len(entries)} files of "
-                                f"wmloc_utils/data/{AUTHORS_LABELS.registry})")
+        raise NotPublishedError(
+            f"subject {subject!r}: the authors published no region map for challenge id {cid} "
+            f"(looked for {' and '.join(names)} among the {len(entries)} files of "
+            f"wmloc_utils/data/{AUTHORS_LABELS.registry})"
+        )
     return fetch(name, path, download=download, collection=AUTHORS_LABELS)
 
 
-def attach(subjects: pd.DataFrame, path: str | os.PathLike | None = None, split: str | None = None,
-           download: bool = True, missing: str = "error") -> pd.DataFrame:
+def attach(
+    subjects: pd.DataFrame,
+    path: str | os.PathLike | None = None,
+    split: str | None = None,
+    download: bool = True,
+    missing: str = "error",
+) -> pd.DataFrame:
     """A copy of a subjects table (``subject`` and, when present, ``site``) with an ``authors_regions`` column.
 
     Each subject gets the path of its authors' map (:func:`fetch_map`, matched by challenge id, a
@@ -115,8 +130,9 @@ def attach(subjects: pd.DataFrame, path: str | os.PathLike | None = None, split:
     return out
 
 
-def score(registered: nib.spatialimages.SpatialImage, authors: nib.spatialimages.SpatialImage,
-          subject: str | None = None) -> pd.Series:
+def score(
+    registered: nib.spatialimages.SpatialImage, authors: nib.spatialimages.SpatialImage, subject: str | None = None
+) -> pd.Series:
     """Dice of our registered labels against the authors' map of the same subject (same FLAIR grid required).
 
     As :func:`wmloc_utils.metrics.score_regions`: one Dice per label 1..36, ``mean`` over the WM
@@ -125,8 +141,10 @@ def score(registered: nib.spatialimages.SpatialImage, authors: nib.spatialimages
     try:
         check_same_grid(authors, registered, "the authors' region map", "the registered region map", subject)
     except InputError as err:
-        raise InputError(f"{err}. The authors' maps lie on the challenge FLAIR grids: is this subject the WMH "
-                         f"challenge subject of that id?") from err
+        raise InputError(
+            f"{err}. The authors' maps lie on the challenge FLAIR grids: is this subject the WMH "
+            f"challenge subject of that id?"
+        ) from err
     return score_regions(registered, authors)
 
 
@@ -143,7 +161,10 @@ def compare(table: pd.DataFrame, regions: str = "regions", authors: str = COLUMN
         ours, theirs = str(row.get(regions) or ""), str(row.get(authors) or "")
         if ours in ("", "nan") or theirs in ("", "nan"):
             continue
-        scores = score(load_nifti(ours, row["subject"], "region map"),
-                       load_nifti(theirs, row["subject"], "authors' region map"), row["subject"])
+        scores = score(
+            load_nifti(ours, row["subject"], "region map"),
+            load_nifti(theirs, row["subject"], "authors' region map"),
+            row["subject"],
+        )
         rows += [{"subject": row["subject"], "region": str(k), "dice": v} for k, v in scores.items()]
     return pd.DataFrame(rows, columns=["subject", "region", "dice"])

@@ -11,10 +11,9 @@ import csv
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
-
-import sys
 
 import nbformat
 import papermill as pm
@@ -36,8 +35,11 @@ PRESETS: dict[str, dict[str, dict]] = {
         "06_evaluate": {"tta": False},
         "07_localization": {},
         "08_clustering": {"k_range": [2, 3], "n_boot": 5},
-        "09_new_cohort": {"n_subjects": 2, "tta": False,
-                          "demo_options": {"brain": "eve", "grid": "2mm", "skull": "mixed", "lesion_free_every": 2}},
+        "09_new_cohort": {
+            "n_subjects": 2,
+            "tta": False,
+            "demo_options": {"brain": "eve", "grid": "2mm", "skull": "mixed", "lesion_free_every": 2},
+        },
     },
     "quick": {
         "01_data": {"n_subjects": 12},
@@ -55,24 +57,37 @@ PRESET_ENV = "WMLOC_PREPARE_PRESET"  # the preset that prepare() runs (default "
 
 # What each chapter needs from earlier ones, and the files that say it has run in a work directory.
 NEEDS: dict[str, tuple[str, ...]] = {
-    "01_data": (), "02_atlas": (), "03_regions": ("01_data", "02_atlas"), "04_train_lesions": ("03_regions",),
+    "01_data": (),
+    "02_atlas": (),
+    "03_regions": ("01_data", "02_atlas"),
+    "04_train_lesions": ("03_regions",),
     "05_train_regions": ("03_regions", "04_train_lesions"),
     "06_evaluate": ("01_data", "03_regions", "04_train_lesions", "05_train_regions"),
-    "07_localization": ("02_atlas", "06_evaluate"), "08_clustering": ("01_data", "02_atlas", "07_localization"),
+    "07_localization": ("02_atlas", "06_evaluate"),
+    "08_clustering": ("01_data", "02_atlas", "07_localization"),
     "09_new_cohort": ("04_train_lesions", "05_train_regions"),  # apply.run makes its own atlas folder
     "10_results": ("03_regions", "06_evaluate", "07_localization", "08_clustering"),
 }
-FINISHED: dict[str, tuple[artefacts.Artefact, ...]] = {files[0].notebook: files for files in (
-    (artefacts.SUBJECTS, artefacts.PARTICIPANTS), (artefacts.REFINED_ATLAS, artefacts.REFINED_LUT),
-    (artefacts.REGIONS,), (artefacts.SPLIT, artefacts.LESION_MODEL), (artefacts.REGION_MODEL,),
-    (artefacts.PREDICTIONS,), (artefacts.REGIONAL_LOADS_WIDE,), (artefacts.CLUSTERS,), (artefacts.NEW_COHORT_LOADS,),
-    (artefacts.RESULT_CLUSTERS,))}
+FINISHED: dict[str, tuple[artefacts.Artefact, ...]] = {
+    files[0].notebook: files
+    for files in (
+        (artefacts.SUBJECTS, artefacts.PARTICIPANTS),
+        (artefacts.REFINED_ATLAS, artefacts.REFINED_LUT),
+        (artefacts.REGIONS,),
+        (artefacts.SPLIT, artefacts.LESION_MODEL),
+        (artefacts.REGION_MODEL,),
+        (artefacts.PREDICTIONS,),
+        (artefacts.REGIONAL_LOADS_WIDE,),
+        (artefacts.CLUSTERS,),
+        (artefacts.NEW_COHORT_LOADS,),
+        (artefacts.RESULT_CLUSTERS,),
+    )
+}
 
 
 def notebooks(folder: Path = REPO / "notebooks") -> list[Path]:
     """The book's notebooks, in order (their names start with a two-digit number)."""
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
-
 
 
 def _sha256_files(paths: list[Path]) -> str:
@@ -106,9 +121,11 @@ def _manifest(folder: Path, skip=lambda rel: False) -> dict[str, list[int]]:
 def _upstream(workdir: Path, number: int) -> dict[str, list[int]]:
     """The step folders of notebooks 01..``number`` as notebook ``number`` leaves them (data flows one way,
     01 to the end; other folders, such as a benchmark's, are not the book's)."""
+
     def not_a_step_up_to_here(rel: str) -> bool:
         top = rel.split("/", 1)[0]
         return "/" not in rel or not (top[:2].isdigit() and int(top[:2]) <= number)
+
     return _manifest(workdir, not_a_step_up_to_here)
 
 
@@ -126,11 +143,16 @@ def _state(nb: Path, params: dict, workdir: Path, out: Path, code: str) -> dict:
     """Everything an executed notebook depends on and made: source, code, parameters, files it read and wrote."""
     paths = {k: v for k, v in params.items() if k != "workdir" and isinstance(v, str) and os.path.exists(v)}
     atlas = os.environ.get("WMLOC_DATA", "")
-    return {"notebook": _sha256_files([nb]), "package": code, "params": params,
-            "path_params": {k: _manifest(Path(v)) for k, v in paths.items()},
-            "atlas_data": _manifest(Path(atlas)) if atlas and Path(atlas).is_dir() else {},
-            "executed": _manifest(out) if out.exists() else {}, "workdir": _upstream(workdir, int(nb.stem[:2])),
-            "cohort": _cohort(workdir)}
+    return {
+        "notebook": _sha256_files([nb]),
+        "package": code,
+        "params": params,
+        "path_params": {k: _manifest(Path(v)) for k, v in paths.items()},
+        "atlas_data": _manifest(Path(atlas)) if atlas and Path(atlas).is_dir() else {},
+        "executed": _manifest(out) if out.exists() else {},
+        "workdir": _upstream(workdir, int(nb.stem[:2])),
+        "cohort": _cohort(workdir),
+    }
 
 
 def missing_chapters(workdir: str | Path, chapter: str, provided: tuple[str, ...] | list[str] = ()) -> list[str]:
@@ -154,8 +176,9 @@ def missing_chapters(workdir: str | Path, chapter: str, provided: tuple[str, ...
     return sorted(needed)
 
 
-def prepare(workdir: str | Path, chapter: str, provided: tuple[str, ...] | list[str] = (),
-            preset: str | None = None) -> dict[str, float]:
+def prepare(
+    workdir: str | Path, chapter: str, provided: tuple[str, ...] | list[str] = (), preset: str | None = None
+) -> dict[str, float]:
     """Let a chapter start alone: run the earlier chapters it needs that have not run in ``workdir``.
 
     They run with the ``preset`` parameters (default ``$WMLOC_PREPARE_PRESET`` or "quick": small, a few
@@ -171,9 +194,11 @@ def prepare(workdir: str | Path, chapter: str, provided: tuple[str, ...] | list[
     params = PRESETS[preset]
     seconds = json.loads((REPO / "wmloc_utils" / "data" / "preset_seconds.json").read_text()).get(preset, {})
     estimate = sum(seconds.get(m, 60) for m in missing) / 60
-    print(f"{chapter} needs the results of {', '.join(missing)}, which have not run in this work directory.\n"
-          f"Running them now with the {preset!r} parameters (about {estimate:.0f} min on 2 CPU cores); "
-          f"for the book's own results run every chapter with its defaults (make book):")
+    print(
+        f"{chapter} needs the results of {', '.join(missing)}, which have not run in this work directory.\n"
+        f"Running them now with the {preset!r} parameters (about {estimate:.0f} min on 2 CPU cores); "
+        f"for the book's own results run every chapter with its defaults (make book):"
+    )
     for name in missing:
         print(f"  {name}: {params.get(name, {})}")
     sys.stdout.flush()
@@ -184,17 +209,29 @@ def _why_rerun(old: dict | None, new: dict) -> str | None:
     """Why a notebook must run again (None: it ran with exactly this and its results are untouched)."""
     if not old:
         return "not run in this work directory yet"
-    labels = {"notebook": "the notebook changed", "package": "wmloc_utils changed", "params": "other parameters",
-              "path_params": "a file given as a parameter changed", "atlas_data": "the atlas files changed",
-              "executed": "the executed copy is missing or changed", "workdir": "its inputs or results changed",
-              "cohort": "the cohort's images changed"}
+    labels = {
+        "notebook": "the notebook changed",
+        "package": "wmloc_utils changed",
+        "params": "other parameters",
+        "path_params": "a file given as a parameter changed",
+        "atlas_data": "the atlas files changed",
+        "executed": "the executed copy is missing or changed",
+        "workdir": "its inputs or results changed",
+        "cohort": "the cohort's images changed",
+    }
     changed = [text for key, text in labels.items() if old.get(key) != new.get(key)]
     return ", ".join(changed) if changed else None
 
 
-def run(workdir: str | Path, out_dir: str | Path = REPO / "book" / "notebooks", only: list[str] | None = None,
-        parameters: dict | None = None, per_notebook: dict[str, dict] | None = None,
-        force: bool = False, announce: bool = True) -> dict[str, float]:
+def run(
+    workdir: str | Path,
+    out_dir: str | Path = REPO / "book" / "notebooks",
+    only: list[str] | None = None,
+    parameters: dict | None = None,
+    per_notebook: dict[str, dict] | None = None,
+    force: bool = False,
+    announce: bool = True,
+) -> dict[str, float]:
     """Execute the notebooks in order; return seconds per notebook run. Stops at the first failing cell.
 
     A notebook is skipped when it already ran here with the same source, package code, parameters and
@@ -226,8 +263,15 @@ def run(workdir: str | Path, out_dir: str | Path = REPO / "book" / "notebooks", 
             continue
         start = time.perf_counter()
         print(f"--- {nb.name} ({why}) {scrub_text(str(params), workdir)}", flush=True)
-        pm.execute_notebook(str(nb), str(out), parameters=params, cwd=str(out_dir),
-                            kernel_name="python3", progress_bar=False, log_output=False)
+        pm.execute_notebook(
+            str(nb),
+            str(out),
+            parameters=params,
+            cwd=str(out_dir),
+            kernel_name="python3",
+            progress_bar=False,
+            log_output=False,
+        )
         scrub_paths(out, workdir)
         timings[nb.stem] = round(time.perf_counter() - start, 1)
         print(f"    done in {timings[nb.stem]} s", flush=True)
@@ -246,9 +290,14 @@ def machine_paths(workdir: str | Path) -> dict[str, str]:
     from .fetch import data_dir
 
     home = Path.home()
-    shown = {str(Path(workdir).resolve()): Path(workdir).name, str(data_dir()): "$WMLOC_DATA",
-             str(Path(data_dir()).resolve()): "$WMLOC_DATA", sys.prefix: "<python>", str(REPO): "<repo>",
-             str(home): "~"}
+    shown = {
+        str(Path(workdir).resolve()): Path(workdir).name,
+        str(data_dir()): "$WMLOC_DATA",
+        str(Path(data_dir()).resolve()): "$WMLOC_DATA",
+        sys.prefix: "<python>",
+        str(REPO): "<repo>",
+        str(home): "~",
+    }
     return dict(sorted(((k, v) for k, v in shown.items() if len(k) > 1), key=lambda kv: -len(kv[0])))
 
 
@@ -297,13 +346,24 @@ def chapter_times(seconds: dict[str, float]) -> str:
     """A Markdown table of each chapter's run time in the last book run (for the course page)."""
     import platform
 
-    rows = [f"| {nb.stem[:2]} | {nb.stem[3:].replace('_', ' ')} | {seconds[nb.stem] / 60:.1f} |"
-            for nb in notebooks() if nb.stem in seconds]
+    rows = [
+        f"| {nb.stem[:2]} | {nb.stem[3:].replace('_', ' ')} | {seconds[nb.stem] / 60:.1f} |"
+        for nb in notebooks()
+        if nb.stem in seconds
+    ]
     total = sum(seconds.get(nb.stem, 0) for nb in notebooks()) / 60
-    return "\n".join([
-        f"Measured in the last book run on this build machine ({os.cpu_count()} CPU cores, {platform.machine()}, "
-        "no GPU unless the device line of a chapter says so):", "",
-        "| chapter | title | minutes |", "| --- | --- | --- |", *rows, f"| | **all chapters** | **{total:.1f}** |", ""])
+    return "\n".join(
+        [
+            f"Measured in the last book run on this build machine ({os.cpu_count()} CPU cores, {platform.machine()}, "
+            "no GPU unless the device line of a chapter says so):",
+            "",
+            "| chapter | title | minutes |",
+            "| --- | --- | --- |",
+            *rows,
+            f"| | **all chapters** | **{total:.1f}** |",
+            "",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -312,9 +372,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", default=str(REPO / "work"))
     parser.add_argument("--out", default=str(REPO / "book" / "notebooks"))
     parser.add_argument("--only", nargs="*", help="notebook number prefixes to run, e.g. 01 02")
-    parser.add_argument("--force", action="store_true", help="run every notebook, even those unchanged since their last run")
-    parser.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
-                        help="a parameter for every notebook (value parsed as JSON when possible)")
+    parser.add_argument(
+        "--force", action="store_true", help="run every notebook, even those unchanged since their last run"
+    )
+    parser.add_argument(
+        "-p",
+        nargs=2,
+        action="append",
+        metavar=("NAME", "VALUE"),
+        default=[],
+        help="a parameter for every notebook (value parsed as JSON when possible)",
+    )
     args = parser.parse_args(argv)
 
     def parse(v: str):

@@ -17,38 +17,55 @@ import pickle
 import re
 import sys
 import zipfile
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform, MaskIntensityd,
-                              NormalizeIntensityd, Orientationd, Spacingd)
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    MaskIntensityd,
+    NormalizeIntensityd,
+    Orientationd,
+    Spacingd,
+)
 
 from . import runtime
 from .errors import InputError
 from .images import atomic_path, write_errors
 from .networks import build_model
 
-NORMALISATION = "z-score per modality over non-zero (brain) voxels: NormalizeIntensityd(nonzero=True, channel_wise=True)"
+NORMALISATION = (
+    "z-score per modality over non-zero (brain) voxels: NormalizeIntensityd(nonzero=True, channel_wise=True)"
+)
 
 
 # ----------------------------------------------------------------------------- preprocessing
+
 
 class RequireFiled(MapTransform):
     """Raise :class:`InputError` naming the subject when a pipeline gets a record without a file it needs."""
 
     # record key -> what it is, the setting that needs it, the make_records column, notebook 03's file
-    NEEDS = {"brain": ("brain mask", "this pipeline is brain-masked (brain_masked=True)", "brain_col", "brain_mask"),
-             "tissue": ("tissue map", 'augment="tissue" shifts each tissue class', "tissue_col", "tissue")}
+    NEEDS = {
+        "brain": ("brain mask", "this pipeline is brain-masked (brain_masked=True)", "brain_col", "brain_mask"),
+        "tissue": ("tissue map", 'augment="tissue" shifts each tissue class', "tissue_col", "tissue"),
+    }
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
         for key in self.keys:
             if not data.get(key):
                 what, why, col, name = self.NEEDS[key]
                 who = f"subject {data['subject']}: " if data.get("subject") else ""
-                raise InputError(f"{who}no {what}: {why}; give each record a '{key}' path "
-                                 f"(make_records(..., {col}=...), e.g. notebook 03's {name}.nii.gz)")
+                raise InputError(
+                    f"{who}no {what}: {why}; give each record a '{key}' path "
+                    f"(make_records(..., {col}=...), e.g. notebook 03's {name}.nii.gz)"
+                )
         return data
 
 
@@ -64,19 +81,26 @@ def preprocessing(spacing: Sequence[float], with_label: bool, brain: bool = Fals
     for key, wanted in (("brain", brain), ("tissue", tissue)):
         if wanted:
             keys, modes = [*keys, key], [*modes, "nearest"]
-    return Compose([
-        *([RequireFiled([k for k, wanted in (("brain", brain), ("tissue", tissue)) if wanted])] if brain or tissue else []),
-        LoadImaged(keys, image_only=True),
-        EnsureChannelFirstd(keys),
-        Orientationd(keys, axcodes="RAS", labels=None),
-        Spacingd(keys, pixdim=tuple(spacing), mode=modes),
-        *([MaskIntensityd("image", mask_key="brain")] if brain else []),
-        NormalizeIntensityd("image", nonzero=True, channel_wise=True),
-        EnsureTyped(keys, dtype=torch.float32, track_meta=True),
-    ])
+    return Compose(
+        [
+            *(
+                [RequireFiled([k for k, wanted in (("brain", brain), ("tissue", tissue)) if wanted])]
+                if brain or tissue
+                else []
+            ),
+            LoadImaged(keys, image_only=True),
+            EnsureChannelFirstd(keys),
+            Orientationd(keys, axcodes="RAS", labels=None),
+            Spacingd(keys, pixdim=tuple(spacing), mode=modes),
+            *([MaskIntensityd("image", mask_key="brain")] if brain else []),
+            NormalizeIntensityd("image", nonzero=True, channel_wise=True),
+            EnsureTyped(keys, dtype=torch.float32, track_meta=True),
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
 
 def plain_data(value: Any, where: str = "config") -> Any:
     """``value`` as plain data (dict/list/str/int/float/bool/None, tuples as lists), which loads with ``weights_only``.
@@ -141,17 +165,23 @@ def read_checkpoint(path: str | os.PathLike, needs: Sequence[str] = ("config", "
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: (GLOBAL \S+)", str(err))
         if found:
-            raise InputError(f"{path}: not loaded: the file holds Python objects beyond tensors and plain data "
-                             f"({found.group(1)}), which could run code when loaded; use checkpoints written by "
-                             f"wmloc's train(), from a source you trust") from None
+            raise InputError(
+                f"{path}: not loaded: the file holds Python objects beyond tensors and plain data "
+                f"({found.group(1)}), which could run code when loaded; use checkpoints written by "
+                f"wmloc's train(), from a source you trust"
+            ) from None
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
-        raise InputError(f"{path}: not loaded: corrupt, truncated or not a torch checkpoint (the safe loader "
-                         f"refused it: {detail.group(1).strip()[:200] if detail else type(err).__name__}); "
-                         f"write it again (train again, or resume=False)") from None
+        raise InputError(
+            f"{path}: not loaded: corrupt, truncated or not a torch checkpoint (the safe loader "
+            f"refused it: {detail.group(1).strip()[:200] if detail else type(err).__name__}); "
+            f"write it again (train again, or resume=False)"
+        ) from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
-        raise InputError(f"{path}: not loaded: corrupt or truncated checkpoint ({type(err).__name__}: "
-                         f"{str(err).split('. ')[0][:200] if str(err) else 'empty or cut short'}); "
-                         f"write it again (train again, or resume=False)") from None
+        raise InputError(
+            f"{path}: not loaded: corrupt or truncated checkpoint ({type(err).__name__}: "
+            f"{str(err).split('. ')[0][:200] if str(err) else 'empty or cut short'}); "
+            f"write it again (train again, or resume=False)"
+        ) from None
     missing = [k for k in needs if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise InputError(f"{path}: not a wmloc checkpoint (no {'/'.join(missing)} entries)")
@@ -166,8 +196,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "auto"
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
-        raise InputError(f"{path}: its weights do not fit the {config['architecture']} network its config describes "
-                         f"({str(err).splitlines()[0][:200]})") from None
+        raise InputError(
+            f"{path}: its weights do not fit the {config['architecture']} network its config describes "
+            f"({str(err).splitlines()[0][:200]})"
+        ) from None
     dev = device if isinstance(device, torch.device) else runtime.resolve_device(device)
     return model.to(dev).eval(), config
 
@@ -178,4 +210,5 @@ def check_inputs(config: dict, inputs: str, checkpoint: str | os.PathLike = "che
         raise InputError(
             f"{checkpoint}: this {config['architecture']} {config['task']} network was trained on inputs "
             f"{config['inputs']!r} ({' + '.join(m.upper() for m in config['modalities'])}) and cannot be used "
-            f"with inputs {inputs!r}; train a network for {inputs!r} or provide {config['inputs']!r}")
+            f"with inputs {inputs!r}; train a network for {inputs!r} or provide {config['inputs']!r}"
+        )

@@ -84,8 +84,9 @@ def slurm_cluster(config: str | os.PathLike | dict | None = None, **kwargs) -> S
     return SLURMCluster(**slurm_settings(config, **kwargs))
 
 
-def client(n_workers: int | None = None, kind: str = "local", config: str | os.PathLike | dict | None = None,
-           **jobqueue_kwargs) -> Client:
+def client(
+    n_workers: int | None = None, kind: str = "local", config: str | os.PathLike | dict | None = None, **jobqueue_kwargs
+) -> Client:
     """A ``dask.distributed.Client`` on a new cluster of ``n_workers`` single-threaded worker processes.
 
     ``kind="local"``: a ``LocalCluster`` on this machine (None: one worker per CPU core); ``"slurm"``: a
@@ -95,8 +96,13 @@ def client(n_workers: int | None = None, kind: str = "local", config: str | os.P
     from dask.distributed import Client, LocalCluster
 
     if kind == "local":
-        cluster = LocalCluster(n_workers=n_workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                               env=dict(WORKER_ENV), dashboard_address=None)
+        cluster = LocalCluster(
+            n_workers=n_workers or os.cpu_count() or 1,
+            threads_per_worker=1,
+            processes=True,
+            env=dict(WORKER_ENV),
+            dashboard_address=None,
+        )
     elif kind == "slurm":
         if not n_workers:
             raise InputError("a SLURM cluster needs n_workers (how many single-core worker jobs to submit)")
@@ -112,8 +118,14 @@ def worker_count(n_jobs: int | None, n_tasks: int) -> int:
     return min(n_tasks, n_jobs or os.cpu_count() or 1)
 
 
-def run_each(fn: Callable, jobs: Sequence, n_workers: int | None, scheduler: str | Client = "processes", names: Sequence[str] | None = None,
-             config: str | os.PathLike | dict | None = None) -> Iterator[tuple[int, object]]:
+def run_each(
+    fn: Callable,
+    jobs: Sequence,
+    n_workers: int | None,
+    scheduler: str | Client = "processes",
+    names: Sequence[str] | None = None,
+    config: str | os.PathLike | dict | None = None,
+) -> Iterator[tuple[int, object]]:
     """Run ``fn(job)`` for every job on ``scheduler``; yield ``(index, result)`` as each finishes.
 
     A job that raises yields its exception as the result (the other jobs go on): the caller decides
@@ -139,8 +151,10 @@ def run_each(fn: Callable, jobs: Sequence, n_workers: int | None, scheduler: str
     dask_client = client(n_workers, scheduler, config) if own else scheduler
     try:
         names = list(names) if names is not None else [str(i) for i in range(len(jobs))]
-        futures = {dask_client.submit(fn, job, key=f"wmloc-{name}-{os.urandom(4).hex()}", pure=False): i
-                   for i, (name, job) in enumerate(zip(names, jobs))}
+        futures = {
+            dask_client.submit(fn, job, key=f"wmloc-{name}-{os.urandom(4).hex()}", pure=False): i
+            for i, (name, job) in enumerate(zip(names, jobs))
+        }
         for fut in dask_completed(futures):
             yield futures[fut], _outcome(fut)
     finally:

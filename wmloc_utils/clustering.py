@@ -8,7 +8,7 @@ by bootstrap ARI, and clusters are related to known participant data (group, age
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -38,12 +38,16 @@ def features(wide: pd.DataFrame, transform: str = "log", standardise: bool = Tru
         raise InputError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
     values = wide.astype(float)
     if values.isna().any().any():
-        raise InputError(f"load matrix has missing values for subjects {values.index[values.isna().any(axis=1)].tolist()[:10]}")
+        raise InputError(
+            f"load matrix has missing values for subjects {values.index[values.isna().any(axis=1)].tolist()[:10]}"
+        )
     bad = ~np.isfinite(values.to_numpy())
     if bad.any():
         rows, cols = np.nonzero(bad)
-        raise InputError(f"load matrix has infinite values (subject {values.index[rows[0]]!r}, region "
-                         f"{values.columns[cols[0]]!r}, {int(bad.sum())} cells): fix the loads instead of dropping the region")
+        raise InputError(
+            f"load matrix has infinite values (subject {values.index[rows[0]]!r}, region "
+            f"{values.columns[cols[0]]!r}, {int(bad.sum())} cells): fix the loads instead of dropping the region"
+        )
     if (values < 0).any().any():
         raise InputError("load matrix has negative values")
     if transform == "log":
@@ -85,16 +89,23 @@ def cluster(X: pd.DataFrame | np.ndarray, method: str = "kmeans", k: int = 3, se
         raise InputError(f"k={k} needs 2 <= k < number of subjects ({len(X)})")
     distinct = len(np.unique(X, axis=0))
     if distinct < k:
-        raise InputError(f"k={k} clusters asked for, but the {len(X)} subjects have only {distinct} distinct "
-                         f"feature rows: there are at most {distinct} clusters to find")
+        raise InputError(
+            f"k={k} clusters asked for, but the {len(X)} subjects have only {distinct} distinct "
+            f"feature rows: there are at most {distinct} clusters to find"
+        )
     labels = _relabel(_model(method, k, seed).fit_predict(X))
     if len(np.unique(labels)) < k:
         raise InputError(f"{method} found only {len(np.unique(labels))} of the k={k} clusters asked for")
     return labels
 
 
-def choose_k(X: pd.DataFrame | np.ndarray, method: str = "kmeans", k_range: Iterable[int] = range(2, 7),
-             seed: int = 0, criterion: str = "silhouette") -> tuple[pd.DataFrame, int]:
+def choose_k(
+    X: pd.DataFrame | np.ndarray,
+    method: str = "kmeans",
+    k_range: Iterable[int] = range(2, 7),
+    seed: int = 0,
+    criterion: str = "silhouette",
+) -> tuple[pd.DataFrame, int]:
     """Silhouette (and BIC for ``gmm``) for each k, and the chosen k (best silhouette, or lowest BIC)."""
     X = np.asarray(X, float)
     ks = [int(k) for k in k_range if 2 <= int(k) < len(X)]
@@ -120,8 +131,14 @@ def choose_k(X: pd.DataFrame | np.ndarray, method: str = "kmeans", k_range: Iter
     return table, best
 
 
-def stability(X: pd.DataFrame | np.ndarray, method: str = "kmeans", k: int = 3, n_boot: int = 50,
-              seed: int = 0, progress: bool = False) -> np.ndarray:
+def stability(
+    X: pd.DataFrame | np.ndarray,
+    method: str = "kmeans",
+    k: int = 3,
+    n_boot: int = 50,
+    seed: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
     """Bootstrap stability: ARI between the full-data clusters and clusters of each resample, on the resampled subjects."""
     X = np.asarray(X, float)
     reference = cluster(X, method, k, seed)
@@ -187,7 +204,9 @@ def association(clusters: pd.Series, participants: pd.DataFrame, id_column: str 
     clusters.index = clusters.index.astype(str)
     merged = parts.merge(clusters.rename_axis(id_column).reset_index(), on=id_column, how="inner")
     if merged.empty:
-        raise InputError(f"no subject of the clusters ({list(clusters.index[:3])}...) is in participants[{id_column!r}]")
+        raise InputError(
+            f"no subject of the clusters ({list(clusters.index[:3])}...) is in participants[{id_column!r}]"
+        )
     out: dict = {}
     tests = []
     for var in ("group", "sex"):
@@ -200,17 +219,33 @@ def association(clusters: pd.Series, participants: pd.DataFrame, id_column: str 
         out[var] = table
         tests.append({"variable": var, "n": int(len(known)), **_categorical_test(table)})
     if "age" in merged.columns:
-        known = merged[pd.to_numeric(merged["age"], errors="coerce").notna()].assign(age=lambda d: d["age"].astype(float))
+        known = merged[pd.to_numeric(merged["age"], errors="coerce").notna()].assign(
+            age=lambda d: d["age"].astype(float)
+        )
         groups = [g["age"].to_numpy() for _, g in known.groupby("cluster")]
         if len(groups) >= 2 and all(len(g) >= 1 for g in groups):
             out["age"] = known.groupby("cluster")["age"].describe()[["count", "mean", "std", "min", "max"]]
             if all(len(g) >= 2 for g in groups):
                 anova = stats.f_oneway(*groups)
-                tests.append({"variable": "age", "n": int(len(known)), "test": "one-way ANOVA",
-                              "statistic": float(anova.statistic), "p": float(anova.pvalue)})
+                tests.append(
+                    {
+                        "variable": "age",
+                        "n": int(len(known)),
+                        "test": "one-way ANOVA",
+                        "statistic": float(anova.statistic),
+                        "p": float(anova.pvalue),
+                    }
+                )
             kw = stats.kruskal(*groups)
-            tests.append({"variable": "age", "n": int(len(known)), "test": "Kruskal-Wallis",
-                          "statistic": float(kw.statistic), "p": float(kw.pvalue)})
+            tests.append(
+                {
+                    "variable": "age",
+                    "n": int(len(known)),
+                    "test": "Kruskal-Wallis",
+                    "statistic": float(kw.statistic),
+                    "p": float(kw.pvalue),
+                }
+            )
     out["tests"] = pd.DataFrame(tests, columns=["variable", "n", "test", "statistic", "p", "dof"])
     return out
 

@@ -71,11 +71,11 @@ class CohortSpec:
     n_subjects: int = 24
     seed: int = 0
     grid: str = "2mm"
-    skull: bool | str = False        # True, False or "mixed" (on the first and third site, not the second)
+    skull: bool | str = False  # True, False or "mixed" (on the first and third site, not the second)
     lacune_every: int = 5
-    brain: str = "mni152"            # "mni152" (nilearn's template) or "eve" (the JHU Eve subject; needs WMLOC_DATA)
-    contrast: float = 0.0            # extra scanner jitter: tissue intensities, gamma, bias and noise (0: none)
-    lesion_free_every: int = 0       # every k-th subject has no lesions at all (0: none)
+    brain: str = "mni152"  # "mni152" (nilearn's template) or "eve" (the JHU Eve subject; needs WMLOC_DATA)
+    contrast: float = 0.0  # extra scanner jitter: tissue intensities, gamma, bias and noise (0: none)
+    lesion_free_every: int = 0  # every k-th subject has no lesions at all (0: none)
 
 
 # ---------------------------------------------------------------- template space
@@ -89,7 +89,7 @@ class Template:
     wm: np.ndarray
     brain: np.ndarray
     vent_dist: np.ndarray  # mm from the lateral ventricles
-    out_dist: np.ndarray   # mm outside the brain mask (0 inside)
+    out_dist: np.ndarray  # mm outside the brain mask (0 inside)
 
 
 @lru_cache(maxsize=2)
@@ -145,8 +145,9 @@ def _derive_template(affine: np.ndarray, gm: np.ndarray, wm: np.ndarray, brain: 
     return Template(affine, csf, gm, wm, brain, vent_dist, out_dist)
 
 
-def _sample(volume: np.ndarray, tmpl_affine: np.ndarray, coords_mm: np.ndarray, order: int = 1,
-            cval: float = 0.0) -> np.ndarray:
+def _sample(
+    volume: np.ndarray, tmpl_affine: np.ndarray, coords_mm: np.ndarray, order: int = 1, cval: float = 0.0
+) -> np.ndarray:
     """Sample a template-space volume at world coordinates (..., 3) in mm."""
     inv = np.linalg.inv(tmpl_affine)
     vox = coords_mm @ inv[:3, :3].T + inv[:3, 3]
@@ -164,8 +165,11 @@ def _random_transform(rng: np.random.Generator) -> dict:
     fwd[:3, :3] = _rotation(ang) @ np.diag(scale)
     fwd[:3, 3] = rng.uniform(-10, 10, 3)
     control = rng.normal(0.0, 2.5, size=(3, 5, 6, 5))  # mm, smooth after cubic interpolation
-    return {"template_to_subject": fwd.tolist(), "control_mm": control.tolist(),
-            "control_box_mm": [[-96.0, -132.0, -78.0], [96.0, 96.0, 112.0]]}
+    return {
+        "template_to_subject": fwd.tolist(),
+        "control_mm": control.tolist(),
+        "control_box_mm": [[-96.0, -132.0, -78.0], [96.0, 96.0, 112.0]],
+    }
 
 
 def _pullback(transform: dict, world_mm: np.ndarray) -> np.ndarray:
@@ -190,8 +194,9 @@ def _rotation(angles_rad: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _subject_grid(transform: dict, voxel: tuple[float, float, float], orientation: str,
-                  oblique_deg: np.ndarray | None = None) -> tuple[tuple, np.ndarray]:
+def _subject_grid(
+    transform: dict, voxel: tuple[float, float, float], orientation: str, oblique_deg: np.ndarray | None = None
+) -> tuple[tuple, np.ndarray]:
     """Shape and affine of a subject grid centred on the subject's brain, stored RAS, LAS or LPS.
 
     ``oblique_deg`` (x, y, z angles) rotates the voxel axes, as an oblique acquisition's header does.
@@ -220,8 +225,9 @@ def template_coords(truth_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarra
     return _pullback(info, _world_coords(shape, affine)), affine
 
 
-def warp_from_template(img: nib.spatialimages.SpatialImage, truth_dir: str | os.PathLike,
-                       order: int = 0) -> nib.Nifti1Image:
+def warp_from_template(
+    img: nib.spatialimages.SpatialImage, truth_dir: str | os.PathLike, order: int = 0
+) -> nib.Nifti1Image:
     """Carry an image in MNI152 world space (any grid) into a demo subject through its true transform.
 
     ``order=0`` (nearest neighbour) is right for label maps; ``order=1`` for continuous maps.
@@ -235,11 +241,10 @@ def warp_from_template(img: nib.spatialimages.SpatialImage, truth_dir: str | os.
 
 
 # ---------------------------------------------------------------- lesions and images
-def _lesion_candidates(where: str, coords: np.ndarray, vent: np.ndarray, wm: np.ndarray,
-                       out: np.ndarray) -> np.ndarray:
+def _lesion_candidates(where: str, coords: np.ndarray, vent: np.ndarray, wm: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Voxels where a group may seed lesions, from template coordinates and ventricle distance."""
     y, z = coords[..., 1], coords[..., 2]
-    inside = (wm > 0.75)
+    inside = wm > 0.75
     if where == "frontal_pv":
         return inside & (vent < 7) & (y > 5)
     if where == "posterior_pv":
@@ -249,8 +254,14 @@ def _lesion_candidates(where: str, coords: np.ndarray, vent: np.ndarray, wm: np.
     return inside & (vent > 6)
 
 
-def _make_lesions(rng: np.random.Generator, prior: dict, coords: np.ndarray, vent: np.ndarray,
-                  wm_true: np.ndarray, voxel: tuple[float, float, float]) -> np.ndarray:
+def _make_lesions(
+    rng: np.random.Generator,
+    prior: dict,
+    coords: np.ndarray,
+    vent: np.ndarray,
+    wm_true: np.ndarray,
+    voxel: tuple[float, float, float],
+) -> np.ndarray:
     """Grow Gaussian blobs (in template mm) at prior-weighted seeds until the target WM load is reached.
 
     Each blob only touches a window of voxels around its seed, so the cost does not grow with the grid.
@@ -283,12 +294,28 @@ def _smooth_field(rng: np.random.Generator, shape: tuple, strength: float) -> np
     axes = [np.linspace(-1, 1, s, dtype=np.float32) for s in shape]
     x, y, z = np.meshgrid(*axes, indexing="ij")
     c = rng.normal(0, strength / 2, 9)
-    poly = c[0] * x + c[1] * y + c[2] * z + c[3] * x * y + c[4] * y * z + c[5] * x * z + c[6] * x * x + c[7] * y * y + c[8] * z * z
+    poly = (
+        c[0] * x
+        + c[1] * y
+        + c[2] * z
+        + c[3] * x * y
+        + c[4] * y * z
+        + c[5] * x * z
+        + c[6] * x * x
+        + c[7] * y * y
+        + c[8] * z * z
+    )
     return np.exp(poly).astype(np.float32)
 
 
-def _contrast(pv: np.ndarray, means: np.ndarray, rng: np.random.Generator, bias: np.ndarray,
-              noise: float, extra: np.ndarray | None = None) -> np.ndarray:
+def _contrast(
+    pv: np.ndarray,
+    means: np.ndarray,
+    rng: np.random.Generator,
+    bias: np.ndarray,
+    noise: float,
+    extra: np.ndarray | None = None,
+) -> np.ndarray:
     """Mix tissue fractions (…, 4: CSF, GM, WM, lesion) into one image with jittered intensities, bias and noise."""
     mu = means * rng.uniform(0.92, 1.08, 4)
     img = (pv * mu).sum(-1)
@@ -297,7 +324,7 @@ def _contrast(pv: np.ndarray, means: np.ndarray, rng: np.random.Generator, bias:
     img = img * bias
     real = img + rng.normal(0, noise, img.shape)
     imag = rng.normal(0, noise, img.shape)
-    return np.sqrt(real ** 2 + imag ** 2).astype(np.float32)  # Rician magnitude noise
+    return np.sqrt(real**2 + imag**2).astype(np.float32)  # Rician magnitude noise
 
 
 def _site_grid(index: int, spec: CohortSpec, extra: np.random.Generator) -> tuple[str, tuple, str, np.ndarray | None]:
@@ -320,9 +347,14 @@ def _scanner(extra: np.random.Generator, strength: float) -> dict:
     """Scanner-specific changes drawn for ``contrast=strength``: tissue intensity factors, gamma, bias, noise, scale."""
     if strength <= 0:
         return {"t1": 1.0, "flair": 1.0, "gamma": (1.0, 1.0), "bias": 1.0, "noise": 1.0, "scale": 1.0}
-    return {"t1": extra.uniform(1 - strength, 1 + strength, 4), "flair": extra.uniform(1 - strength, 1 + strength, 4),
-            "gamma": tuple(np.exp(extra.uniform(-strength, strength, 2))), "bias": 1 + strength * extra.uniform(0, 3),
-            "noise": 1 + strength * extra.uniform(0, 4), "scale": float(np.exp(extra.uniform(-1, 1)))}
+    return {
+        "t1": extra.uniform(1 - strength, 1 + strength, 4),
+        "flair": extra.uniform(1 - strength, 1 + strength, 4),
+        "gamma": tuple(np.exp(extra.uniform(-strength, strength, 2))),
+        "bias": 1 + strength * extra.uniform(0, 3),
+        "noise": 1 + strength * extra.uniform(0, 4),
+        "scale": float(np.exp(extra.uniform(-1, 1))),
+    }
 
 
 def make_subject(index: int, spec: CohortSpec) -> dict:
@@ -374,18 +406,30 @@ def make_subject(index: int, spec: CohortSpec) -> dict:
     sc = _scanner(extra, spec.contrast)
     bias = _smooth_field(rng, shape, 0.25 * sc["bias"])
     t1 = _contrast(pv, T1_MEANS * sc["t1"], rng, bias, 0.02 * sc["noise"], t1_extra)
-    flair = _contrast(pv, FLAIR_MEANS * sc["flair"], rng, bias * _smooth_field(rng, shape, 0.1 * sc["bias"]),
-                      0.025 * sc["noise"], flair_extra)
+    flair = _contrast(
+        pv,
+        FLAIR_MEANS * sc["flair"],
+        rng,
+        bias * _smooth_field(rng, shape, 0.1 * sc["bias"]),
+        0.025 * sc["noise"],
+        flair_extra,
+    )
     if spec.contrast > 0:  # a scanner-specific non-linear intensity response
         t1, flair = (np.power(np.maximum(img, 0), g) for img, g in zip((t1, flair), sc["gamma"]))
     tissue[lesion] = 3
     scale = 1000 * sc["scale"]
     return {
-        "id": f"{index + 1:03d}", "site": site, "group": "none" if lesion_free else group, "affine": affine,
+        "id": f"{index + 1:03d}",
+        "site": site,
+        "group": "none" if lesion_free else group,
+        "affine": affine,
         "transform": dict(transform, template=spec.brain) if spec.brain != "mni152" else transform,
-        "t1": np.clip(t1 * scale, 0, 32767).astype(np.int16), "flair": np.clip(flair * scale, 0, 32767).astype(np.int16),
-        "wmh": wmh, "tissue": tissue,
-        "age": int(round(rng.normal(*prior["age"]))), "sex": str(rng.choice(["F", "M"])),
+        "t1": np.clip(t1 * scale, 0, 32767).astype(np.int16),
+        "flair": np.clip(flair * scale, 0, 32767).astype(np.int16),
+        "wmh": wmh,
+        "tissue": tissue,
+        "age": int(round(rng.normal(*prior["age"]))),
+        "sex": str(rng.choice(["F", "M"])),
         "lesion_ml": float(lesion.sum() * voxel_ml),
     }
 
@@ -408,17 +452,30 @@ def write_subject(subj: dict, root: Path) -> Path:
     save_nifti(_image(subj["flair"], aff), tmp / "pre" / "FLAIR.nii.gz")
     save_nifti(_image(subj["wmh"], aff), tmp / "wmh.nii.gz")
     save_nifti(_image(subj["tissue"], aff), tmp / "truth" / "tissue.nii.gz")
-    info = dict(subj["transform"], shape=list(subj["t1"].shape), affine=aff.tolist(),
-                note="subject world y -> template world x = inv(template_to_subject) y + d(.)")
+    info = dict(
+        subj["transform"],
+        shape=list(subj["t1"].shape),
+        affine=aff.tolist(),
+        note="subject world y -> template world x = inv(template_to_subject) y + d(.)",
+    )
     (tmp / "truth" / "transform.json").write_text(json.dumps(info))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
 
 
-def generate(root: str | os.PathLike, n_subjects: int = 24, seed: int = 0, grid: str = "2mm",
-             skull: bool | str = False, progress: bool = True, brain: str = "mni152", contrast: float = 0.0,
-             lesion_free_every: int = 0, lacune_every: int = 5) -> pd.DataFrame:
+def generate(
+    root: str | os.PathLike,
+    n_subjects: int = 24,
+    seed: int = 0,
+    grid: str = "2mm",
+    skull: bool | str = False,
+    progress: bool = True,
+    brain: str = "mni152",
+    contrast: float = 0.0,
+    lesion_free_every: int = 0,
+    lacune_every: int = 5,
+) -> pd.DataFrame:
     """Generate (or reuse, when the same spec is already there) the demo cohort; return participants.
 
     ``grid``: "2mm", "1mm", "aniso" (1x1x3 mm) or "challenge" (per-site MICCAI-like voxels, LPS, oblique);
@@ -437,8 +494,16 @@ def generate(root: str | os.PathLike, n_subjects: int = 24, seed: int = 0, grid:
         raise ValueError(f"n_subjects must be at least 1, got {n_subjects}")
     if contrast < 0 or lesion_free_every < 0:
         raise ValueError(f"contrast ({contrast}) and lesion_free_every ({lesion_free_every}) must not be negative")
-    spec = CohortSpec(n_subjects=n_subjects, seed=seed, grid=grid, skull=skull, lacune_every=lacune_every,
-                      brain=brain, contrast=float(contrast), lesion_free_every=int(lesion_free_every))
+    spec = CohortSpec(
+        n_subjects=n_subjects,
+        seed=seed,
+        grid=grid,
+        skull=skull,
+        lacune_every=lacune_every,
+        brain=brain,
+        contrast=float(contrast),
+        lesion_free_every=int(lesion_free_every),
+    )
     root = Path(root)
     stamp = root / "cohort.json"
     want = dict(asdict(spec), format=FORMAT_VERSION)
@@ -454,8 +519,16 @@ def generate(root: str | os.PathLike, n_subjects: int = 24, seed: int = 0, grid:
         subj = make_subject(i, spec)
         write_subject(subj, root)
         seconds.append(time.perf_counter() - start)
-        rows.append({"participant_id": subj["id"], "site": subj["site"], "group": subj["group"],
-                     "age": subj["age"], "sex": subj["sex"], "lesion_ml": round(subj["lesion_ml"], 3)})
+        rows.append(
+            {
+                "participant_id": subj["id"],
+                "site": subj["site"],
+                "group": subj["group"],
+                "age": subj["age"],
+                "sex": subj["sex"],
+                "lesion_ml": round(subj["lesion_ml"], 3),
+            }
+        )
     participants = pd.DataFrame(rows)
     write_table_atomic(participants, root / "participants.tsv", index=False)
     with atomic_path(stamp) as tmp:  # written last: its presence means the whole cohort is there
@@ -489,8 +562,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contrast", type=float, default=0.0, help="extra scanner contrast jitter (e.g. 0.3)")
     parser.add_argument("--lesion-free-every", type=int, default=0, help="every k-th subject has no lesions")
     args = parser.parse_args(argv)
-    table = generate(args.out, args.n_subjects, args.seed, args.grid, "mixed" if args.mixed_skull else args.skull,
-                     brain=args.brain, contrast=args.contrast, lesion_free_every=args.lesion_free_every)
+    table = generate(
+        args.out,
+        args.n_subjects,
+        args.seed,
+        args.grid,
+        "mixed" if args.mixed_skull else args.skull,
+        brain=args.brain,
+        contrast=args.contrast,
+        lesion_free_every=args.lesion_free_every,
+    )
     print(table.to_string(index=False))
 
 

@@ -46,10 +46,12 @@ def truth_regions_in_template(cache_dir: str | os.PathLike, data_dir=None, spaci
     fixed = coarsen(fixed_full, spacing)
     moving = coarsen(to_ants(eve_t1), spacing)
     seed_ants(0)
-    reg = ants.registration(fixed, moving, type_of_transform="SyN", outprefix=str(cache / "eve_to_mni152_"),
-                            reg_iterations=(60, 30, 10))
-    warped = ants.apply_transforms(fixed_full, to_ants(refined_atlas(data_dir)), reg["fwdtransforms"],
-                                   interpolator="genericLabel")
+    reg = ants.registration(
+        fixed, moving, type_of_transform="SyN", outprefix=str(cache / "eve_to_mni152_"), reg_iterations=(60, 30, 10)
+    )
+    warped = ants.apply_transforms(
+        fixed_full, to_ants(refined_atlas(data_dir)), reg["fwdtransforms"], interpolator="genericLabel"
+    )
     out = like(mni, np.rint(warped.numpy()).astype(np.uint8))
     remove_files(set(reg["fwdtransforms"]) | set(reg["invtransforms"]))
     save_nifti(out, path)
@@ -78,9 +80,11 @@ def truth_regions(template_regions: nib.spatialimages.SpatialImage, truth_dir: s
 def syn_regions(subject_dir: Path, flair, syn_dir: Path, atlas: dict, upstream: dict) -> Path:
     """SyN regions of one processed subject (:func:`wmloc_utils.registration.relabel`), reused while its
     fingerprint (its WM maps and FLAIR, the atlas files, the version) is unchanged, else recomputed, saying why."""
-    fp = provenance.fingerprint({"WM probability": subject_dir / "prob_wm.nii.gz",
-                                 "WM mask": subject_dir / "wm_mask.nii.gz", "FLAIR": flair},
-                                {"method": "SyN", "reg_spacing": 2.0}, upstream)
+    fp = provenance.fingerprint(
+        {"WM probability": subject_dir / "prob_wm.nii.gz", "WM mask": subject_dir / "wm_mask.nii.gz", "FLAIR": flair},
+        {"method": "SyN", "reg_spacing": 2.0},
+        upstream,
+    )
     why, old = registration.stale(syn_dir, fp)
     if why:
         if old is not None:
@@ -102,8 +106,13 @@ def _syn_worker(args: tuple) -> Path:
     return syn_regions(subject_dir, flair, syn_dir, registration.atlas_inputs(workdir), upstream)
 
 
-def score_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, syn_subjects: int = 2,
-                 progress: bool = True, n_jobs: int | None = None) -> pd.DataFrame:
+def score_cohort(
+    subjects_csv: str | os.PathLike,
+    workdir: str | os.PathLike,
+    syn_subjects: int = 2,
+    progress: bool = True,
+    n_jobs: int | None = None,
+) -> pd.DataFrame:
     """Per-region Dice of a demo cohort's regions against the true ones: affine and (first ``syn_subjects``) SyN.
 
     Needs :func:`wmloc_utils.registration.run_cohort` first. SyN re-labels each subject's WM into
@@ -119,9 +128,16 @@ def score_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, sy
     upstream = provenance.upstream_fingerprints(registration.atlas_sources(workdir))
     template_dir = artefacts.path(workdir, artefacts.TEMPLATE_TRUTH)
     jobs = [(None, None, template_dir, None, None)]
-    jobs += [(artefacts.path(workdir, artefacts.SUBJECT_REGIONS, subject=row["subject"]), row["flair"],
-              artefacts.path(workdir, artefacts.SYN_REGIONS, subject=row["subject"]), str(workdir), upstream)
-             for row in table.head(max(0, syn_subjects)).to_dict("records")]
+    jobs += [
+        (
+            artefacts.path(workdir, artefacts.SUBJECT_REGIONS, subject=row["subject"]),
+            row["flair"],
+            artefacts.path(workdir, artefacts.SYN_REGIONS, subject=row["subject"]),
+            str(workdir),
+            upstream,
+        )
+        for row in table.head(max(0, syn_subjects)).to_dict("records")
+    ]
     n_jobs = cluster.worker_count(n_jobs, len(jobs))
     if n_jobs > 1:
         with ProcessPoolExecutor(max_workers=n_jobs) as pool:
@@ -137,7 +153,9 @@ def score_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, sy
             results["SyN"] = syn[i]
         for method, path in results.items():
             scores = score_regions(load_nifti(path, row["subject"], "regions"), truth)
-            rows += [{"subject": row["subject"], "method": method, "region": str(k), "dice": v} for k, v in scores.items()]
+            rows += [
+                {"subject": row["subject"], "method": method, "region": str(k), "dice": v} for k, v in scores.items()
+            ]
     out = pd.DataFrame(rows)
     write_table_atomic(out, artefacts.path(workdir, artefacts.REGION_DICE), index=False)
     return out

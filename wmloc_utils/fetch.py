@@ -74,8 +74,9 @@ def sha256(path: str | os.PathLike) -> str:
     return pooch.file_hash(str(path), alg="sha256")
 
 
-def fetch(name: str, path: str | os.PathLike | None = None, download: bool = True,
-          collection: Collection = EVE) -> Path:
+def fetch(
+    name: str, path: str | os.PathLike | None = None, download: bool = True, collection: Collection = EVE
+) -> Path:
     """Return the local path of ``collection``'s registered file ``name``, verified; download it if missing.
 
     ``name`` may hold a subfolder (``Train/WMH_0.nii.gz``), kept under the collection's folder.
@@ -98,17 +99,21 @@ def fetch(name: str, path: str | os.PathLike | None = None, download: bool = Tru
             )
         return target
     var = collection.env_var
-    how = (f"Download it from {entry.url} into {target.parent}, or set {var} to a folder that holds it "
-           f"(e.g. export {var}=/path/to/{collection.example}).")
+    how = (
+        f"Download it from {entry.url} into {target.parent}, or set {var} to a folder that holds it "
+        f"(e.g. export {var}=/path/to/{collection.example})."
+    )
     if not download:
         raise DataError(f"Data file {name} not found in {folder}. {how}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fetched = pooch.retrieve(entry.url, known_hash=f"sha256:{entry.sha256}", fname=target.name,
-                                 path=target.parent, progressbar=False)
+        fetched = pooch.retrieve(
+            entry.url, known_hash=f"sha256:{entry.sha256}", fname=target.name, path=target.parent, progressbar=False
+        )
     except Exception as err:  # network errors, read-only folders, hash mismatch of the download
-        raise DataError(f"Data file {name} not found in {folder} and could not be downloaded "
-                        f"({type(err).__name__}: {err}). {how}") from err
+        raise DataError(
+            f"Data file {name} not found in {folder} and could not be downloaded ({type(err).__name__}: {err}). {how}"
+        ) from err
     return Path(fetched)
 
 

@@ -9,7 +9,7 @@ stay light and work offline, no CDN. Image viewers send 8-bit slices (1 byte a v
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import nibabel as nib
 import numpy as np
@@ -33,8 +33,15 @@ def figure_html(figure: dict | go.Figure) -> str:
 
     No plotly.js (4.8 MB a figure with the ``notebook`` renderer) and no MathJax CDN script.
     """
-    return pio.to_html(figure, include_plotlyjs=False, include_mathjax=False, full_html=False,
-                       default_width="100%", default_height=525, validate=False)
+    return pio.to_html(
+        figure,
+        include_plotlyjs=False,
+        include_mathjax=False,
+        full_html=False,
+        default_width="100%",
+        default_height=525,
+        validate=False,
+    )
 
 
 # ---------------------------------------------------------------- image viewers
@@ -70,14 +77,22 @@ def _slice_slider(slices: dict[int, list[dict]], prefix: str) -> go.Figure:
         for trace in traces:
             fig.add_trace(go.Heatmap(**trace, visible=i == mid))
     per = len(fig.data) // len(slices)
-    steps = [dict(method="update", args=[{"visible": [j // per == i for j in range(len(fig.data))]}], label=str(int(z)))
-             for i, z in enumerate(slices)]
+    steps = [
+        dict(method="update", args=[{"visible": [j // per == i for j in range(len(fig.data))]}], label=str(int(z)))
+        for i, z in enumerate(slices)
+    ]
     fig.update_layout(sliders=[dict(active=mid, steps=steps, currentvalue={"prefix": prefix})])
     return fig
 
 
-def slice_viewer(background: nib.spatialimages.SpatialImage, overlay: nib.spatialimages.SpatialImage | None = None,
-                 title: str = "", n_slices: int = 12, colorscale: str = "Reds", opacity: float = 0.5) -> go.Figure:
+def slice_viewer(
+    background: nib.spatialimages.SpatialImage,
+    overlay: nib.spatialimages.SpatialImage | None = None,
+    title: str = "",
+    n_slices: int = 12,
+    colorscale: str = "Reds",
+    opacity: float = 0.5,
+) -> go.Figure:
     """An interactive axial viewer: background image with an optional overlay and a slice slider.
 
     Both images must share a grid; they are reoriented to RAS so left is on the left of the screen
@@ -98,8 +113,17 @@ def slice_viewer(background: nib.spatialimages.SpatialImage, overlay: nib.spatia
     for z in np.unique(np.linspace(nz * 0.2, nz * 0.85, n_slices).astype(int)):
         slices[z] = [dict(z=bg[:, :, z].T, colorscale="Gray", zmin=0, zmax=255, showscale=False, hoverinfo="skip")]
         if ov is not None:
-            slices[z].append(dict(z=ov[:, :, z].T, colorscale=transparent_zero(colorscale, ov_max + 1), zmin=0,
-                                  zmax=ov_max, opacity=opacity, showscale=False, hovertemplate="%{z}<extra></extra>"))
+            slices[z].append(
+                dict(
+                    z=ov[:, :, z].T,
+                    colorscale=transparent_zero(colorscale, ov_max + 1),
+                    zmin=0,
+                    zmax=ov_max,
+                    opacity=opacity,
+                    showscale=False,
+                    hovertemplate="%{z}<extra></extra>",
+                )
+            )
     fig = _slice_slider(slices, "axial slice ")
     fig.update_layout(title=title, width=520, height=560, margin=dict(l=10, r=10, t=40, b=10))
     fig.update_yaxes(scaleanchor="x", scaleratio=zooms[1] / zooms[0], showticklabels=False)
@@ -116,8 +140,12 @@ def label_colormap(table: pd.DataFrame):
     return ListedColormap(colours)
 
 
-def plot_labels_nilearn(img: nib.spatialimages.SpatialImage, table: pd.DataFrame,
-                        bg_img: nib.spatialimages.SpatialImage | None = None, **kwargs):
+def plot_labels_nilearn(
+    img: nib.spatialimages.SpatialImage,
+    table: pd.DataFrame,
+    bg_img: nib.spatialimages.SpatialImage | None = None,
+    **kwargs,
+):
     """``nilearn.plotting.plot_roi`` of a label map with the table's own colours (ids map exactly to colours)."""
     from nilearn import plotting
 
@@ -127,9 +155,15 @@ def plot_labels_nilearn(img: nib.spatialimages.SpatialImage, table: pd.DataFrame
     return plotting.plot_roi(img, bg_img=bg_img, cmap=label_colormap(table), vmin=0, vmax=n, alpha=0.8, **kwargs)
 
 
-def plot_labels_plotly(img: nib.spatialimages.SpatialImage, table: pd.DataFrame,
-                       bg_img: nib.spatialimages.SpatialImage | None = None, n_slices: int = 10,
-                       max_size: int = 110, title: str = "", name_column: str = "short") -> go.Figure:
+def plot_labels_plotly(
+    img: nib.spatialimages.SpatialImage,
+    table: pd.DataFrame,
+    bg_img: nib.spatialimages.SpatialImage | None = None,
+    n_slices: int = 10,
+    max_size: int = 110,
+    title: str = "",
+    name_column: str = "short",
+) -> go.Figure:
     """An interactive axial viewer of a label map: table colours, a slice slider, region names on the colour bar.
 
     ``table`` needs columns id, ``name_column`` and r, g, b (as :func:`wmloc_utils.atlas.regions_table`).
@@ -153,20 +187,58 @@ def plot_labels_plotly(img: nib.spatialimages.SpatialImage, table: pd.DataFrame,
         scale += [[k / (n + 1), c], [(k + 1) / (n + 1), c]]
     # Region names on the colour bar (a name per voxel as hover text would weigh a megabyte a figure)
     named = table[table["id"] > 0].sort_values("id")
-    colorbar = dict(tickvals=named["id"].tolist(), ticktext=named[name_column].astype(str).tolist(),
-                    tickfont=dict(size=8), len=1.0, thickness=12) if len(named) <= 60 else None
+    colorbar = (
+        dict(
+            tickvals=named["id"].tolist(),
+            ticktext=named[name_column].astype(str).tolist(),
+            tickfont=dict(size=8),
+            len=1.0,
+            thickness=12,
+        )
+        if len(named) <= 60
+        else None
+    )
     labels = labels.astype(np.uint8) if n <= 255 else labels.astype(np.uint16)
     nz = np.flatnonzero(labels.any(axis=(0, 1)))
-    zs = np.unique(np.linspace(nz.min(), nz.max(), n_slices + 2)[1:-1].astype(int)) if nz.size else [labels.shape[2] // 2]
+    zs = (
+        np.unique(np.linspace(nz.min(), nz.max(), n_slices + 2)[1:-1].astype(int))
+        if nz.size
+        else [labels.shape[2] // 2]
+    )
     x = np.arange(0, labels.shape[0], step) * zooms[0]
     y = np.arange(0, labels.shape[1], step) * zooms[1]
     slices = {}
     for z in zs:
-        slices[z] = [] if bg is None else [dict(x=x, y=y, z=bg[::step, ::step, z].T, colorscale="Gray", zmin=0,
-                                                zmax=255, showscale=False, hoverinfo="skip")]
-        slices[z].append(dict(x=x, y=y, z=labels[::step, ::step, z].T, colorscale=scale, zmin=-0.5, zmax=n + 0.5,
-                              showscale=colorbar is not None, colorbar=colorbar,
-                              opacity=0.75 if bg is not None else 1.0, hovertemplate="id %{z}<extra></extra>"))
+        slices[z] = (
+            []
+            if bg is None
+            else [
+                dict(
+                    x=x,
+                    y=y,
+                    z=bg[::step, ::step, z].T,
+                    colorscale="Gray",
+                    zmin=0,
+                    zmax=255,
+                    showscale=False,
+                    hoverinfo="skip",
+                )
+            ]
+        )
+        slices[z].append(
+            dict(
+                x=x,
+                y=y,
+                z=labels[::step, ::step, z].T,
+                colorscale=scale,
+                zmin=-0.5,
+                zmax=n + 0.5,
+                showscale=colorbar is not None,
+                colorbar=colorbar,
+                opacity=0.75 if bg is not None else 1.0,
+                hovertemplate="id %{z}<extra></extra>",
+            )
+        )
     fig = _slice_slider(slices, "axial slice (RAS) ")
     fig.update_layout(title=title, width=560, height=600, margin=dict(l=10, r=10, t=40, b=10), plot_bgcolor="black")
     fig.update_yaxes(scaleanchor="x", scaleratio=1, showticklabels=False)
@@ -174,21 +246,31 @@ def plot_labels_plotly(img: nib.spatialimages.SpatialImage, table: pd.DataFrame,
     return fig
 
 
-def brain_figure(regions_img, loads: pd.DataFrame, value: str = "lesion_ml", bg_img=None,
-                 title: str | None = None, **kwargs):
+def brain_figure(
+    regions_img, loads: pd.DataFrame, value: str = "lesion_ml", bg_img=None, title: str | None = None, **kwargs
+):
     """Region loads painted on the brain (nilearn ``plot_stat_map``): each region shows its ``value``."""
     from nilearn import plotting
 
     img = load_image(regions_img, loads.set_index("region")[value])
-    options = dict(display_mode="ortho", cmap="hot", symmetric_cbar=False, vmin=0, threshold=1e-9,
-                   black_bg=True, draw_cross=False, colorbar=True)
+    options = dict(
+        display_mode="ortho",
+        cmap="hot",
+        symmetric_cbar=False,
+        vmin=0,
+        threshold=1e-9,
+        black_bg=True,
+        draw_cross=False,
+        colorbar=True,
+    )
     options.update(kwargs)
     return plotting.plot_stat_map(img, bg_img=bg_img, title=title, **options)
 
 
 # ---------------------------------------------------------------- regional loads (notebook 07)
-def bar_figure(tidy: pd.DataFrame, subject: str | None = None, value: str = "lesion_ml",
-               table: pd.DataFrame | None = None) -> go.Figure:
+def bar_figure(
+    tidy: pd.DataFrame, subject: str | None = None, value: str = "lesion_ml", table: pd.DataFrame | None = None
+) -> go.Figure:
     """Bar chart of one subject's ``value`` per region (region colours from the table's r, g, b when given)."""
     rows = tidy if subject is None else tidy[tidy["subject"].astype(str) == str(subject)]
     rows = rows.sort_values("region")
@@ -196,12 +278,24 @@ def bar_figure(tidy: pd.DataFrame, subject: str | None = None, value: str = "les
     if table is not None and {"r", "g", "b"} <= set(table.columns):
         rgb = {int(t.id): f"rgb({t.r},{t.g},{t.b})" for t in table.itertuples()}
         colors = [rgb.get(int(i), "lightgrey") if i != 0 else "lightgrey" for i in rows["region"]]
-    fig = go.Figure(go.Bar(x=rows["short"], y=rows[value], marker_color=colors,
-                           customdata=rows[["region", "n_lesions", "name"]],
-                           hovertemplate="%{customdata[2]} (id %{customdata[0]})<br>" + value
-                           + " %{y:.3g}<br>%{customdata[1]} lesions<extra></extra>"))
-    fig.update_layout(title=f"{value} per region" + (f", subject {subject}" if subject is not None else ""),
-                      xaxis_title="region", yaxis_title=value, xaxis_tickangle=-60, height=450)
+    fig = go.Figure(
+        go.Bar(
+            x=rows["short"],
+            y=rows[value],
+            marker_color=colors,
+            customdata=rows[["region", "n_lesions", "name"]],
+            hovertemplate="%{customdata[2]} (id %{customdata[0]})<br>"
+            + value
+            + " %{y:.3g}<br>%{customdata[1]} lesions<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=f"{value} per region" + (f", subject {subject}" if subject is not None else ""),
+        xaxis_title="region",
+        yaxis_title=value,
+        xaxis_tickangle=-60,
+        height=450,
+    )
     return fig
 
 
@@ -210,30 +304,53 @@ def cohort_heatmap(wide: pd.DataFrame, title: str = "Regional lesion load", labe
 
     Only numeric columns are drawn (a cohort table's ``status`` and ``error`` are not regions).
     """
-    fig = px.imshow(wide.select_dtypes("number").astype(float), aspect="auto", color_continuous_scale="Inferno",
-                    labels=dict(x="region", y="subject", color=label), title=title)
+    fig = px.imshow(
+        wide.select_dtypes("number").astype(float),
+        aspect="auto",
+        color_continuous_scale="Inferno",
+        labels=dict(x="region", y="subject", color=label),
+        title=title,
+    )
     fig.update_xaxes(tickangle=-60)
     fig.update_layout(height=max(350, 18 * len(wide) + 200))
     return fig
 
 
 # ---------------------------------------------------------------- clusters (notebook 08)
-def embedding_figure(emb: pd.DataFrame, color: pd.Series | Iterable, title: str = "", color_name: str = "cluster") -> go.Figure:
+def embedding_figure(
+    emb: pd.DataFrame, color: pd.Series | Iterable, title: str = "", color_name: str = "cluster"
+) -> go.Figure:
     """Scatter of a 2D embedding, one point per subject, coloured by cluster or known group."""
     data = emb.assign(**{color_name: [str(c) for c in color]}, subject=[str(i) for i in emb.index])
-    fig = px.scatter(data, x="dim1", y="dim2", color=color_name, hover_name="subject", title=title,
-                     category_orders={color_name: sorted(data[color_name].unique())})
+    fig = px.scatter(
+        data,
+        x="dim1",
+        y="dim2",
+        color=color_name,
+        hover_name="subject",
+        title=title,
+        category_orders={color_name: sorted(data[color_name].unique())},
+    )
     fig.update_traces(marker=dict(size=10, line=dict(width=1, color="white")))
     fig.update_layout(height=450)
     return fig
 
 
-def profile_heatmap(profile: pd.DataFrame, title: str = "Mean regional load per cluster", label: str = "mL") -> go.Figure:
+def profile_heatmap(
+    profile: pd.DataFrame, title: str = "Mean regional load per cluster", label: str = "mL"
+) -> go.Figure:
     """Heatmap of a :func:`wmloc_utils.clustering.profiles` table (rows: clusters with their size)."""
     values = profile.drop(columns="n")
     rows = [f"cluster {c} (n={n})" for c, n in zip(profile.index, profile["n"])]
-    fig = px.imshow(values.to_numpy(), x=list(values.columns), y=rows, aspect="auto",
-                    color_continuous_scale="Inferno", labels=dict(x="region", y="", color=label), title=title)
+    fig = px.imshow(
+        values.to_numpy(),
+        x=list(values.columns),
+        y=rows,
+        aspect="auto",
+        color_continuous_scale="Inferno",
+        labels=dict(x="region", y="", color=label),
+        title=title,
+    )
     fig.update_xaxes(tickangle=-60)
     fig.update_layout(height=250 + 40 * len(rows))
     return fig

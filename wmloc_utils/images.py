@@ -14,9 +14,9 @@ import gzip
 import os
 import tempfile
 import time
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -42,7 +42,9 @@ def load_nifti(path: str | os.PathLike, subject: str | None = None, what: str = 
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as err:
-        raise InputError(f"{_who(path, subject)}: {what} is not a readable NIfTI file ({type(err).__name__}: {err})") from err
+        raise InputError(
+            f"{_who(path, subject)}: {what} is not a readable NIfTI file ({type(err).__name__}: {err})"
+        ) from err
     check_orientation_header(img, path, subject, what)
     if data.ndim == 4 and data.shape[3] == 1:
         img = nib.Nifti1Image(data[..., 0], img.affine, img.header)
@@ -65,8 +67,9 @@ def _axes(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return zooms, affine[:3, :3] / np.where(zooms > 0, zooms, 1.0)
 
 
-def check_orientation_header(img: nib.spatialimages.SpatialImage, path: str | os.PathLike,
-                             subject: str | None = None, what: str = "image") -> None:
+def check_orientation_header(
+    img: nib.spatialimages.SpatialImage, path: str | os.PathLike, subject: str | None = None, what: str = "image"
+) -> None:
     """Refuse a NIfTI header without orientation (qform_code = sform_code = 0) or with disagreeing qform/sform.
 
     Without either, nibabel falls back to a voxel-size-only affine, so left and right may be
@@ -82,7 +85,8 @@ def check_orientation_header(img: nib.spatialimages.SpatialImage, path: str | os
         raise InputError(
             f"{who}: {what} has no orientation in its header (qform_code = 0 and sform_code = 0): nibabel would "
             f"fall back to a voxel-size-only affine, so left and right may be swapped. Fix: write the scanner's "
-            f"orientation into the sform/qform, e.g. re-export the image from DICOM with dcm2niix")
+            f"orientation into the sform/qform, e.g. re-export the image from DICOM with dcm2niix"
+        )
     if qcode > 0 and scode > 0:
         q, s = header.get_qform(), header.get_sform()
         (qz, qr), (sz, sr) = _axes(q), _axes(s)
@@ -96,15 +100,17 @@ def check_orientation_header(img: nib.spatialimages.SpatialImage, path: str | os
                 f"{scale:.3g}): nibabel uses the sform, ITK/ANTs may use the qform, so the image would sit in "
                 f"different places. Trust the one that matches the scanner (re-export from DICOM with dcm2niix if "
                 f"unsure) and copy it onto the other, e.g. img.set_qform(img.get_sform(), code={scode}) in nibabel "
-                f"or `fslorient -copysform2qform`")
+                f"or `fslorient -copysform2qform`"
+            )
 
 
 #: Voxel sizes (mm) a brain MRI can have; anything outside is a broken header, not a scan.
 VOXEL_MM = (0.1, 10.0)
 
 
-def check_voxel_sizes(img: nib.spatialimages.SpatialImage, path: str | os.PathLike,
-                      subject: str | None = None, what: str = "image") -> None:
+def check_voxel_sizes(
+    img: nib.spatialimages.SpatialImage, path: str | os.PathLike, subject: str | None = None, what: str = "image"
+) -> None:
     """Refuse voxel sizes outside 0.1-10 mm, or header voxel sizes (pixdim) that contradict the affine.
 
     Volumes (mL) are computed from the voxel size, so an implausible one would give wrong loads silently.
@@ -118,12 +124,14 @@ def check_voxel_sizes(img: nib.spatialimages.SpatialImage, path: str | os.PathLi
             raise InputError(
                 f"{who}: {what} {name} is {tuple(round(float(z), 4) for z in zooms)} mm, not a plausible brain MRI "
                 f"voxel ({lo:g}-{hi:g} mm per axis). Fix the header (pixdim and sform/qform), e.g. re-export the "
-                f"image from DICOM with dcm2niix")
+                f"image from DICOM with dcm2niix"
+            )
     if np.abs(pixdim / from_affine - 1).max() > 0.01:
         raise InputError(
             f"{who}: {what} header voxel size (pixdim) {tuple(round(float(z), 4) for z in pixdim)} mm contradicts "
             f"its affine's {tuple(round(float(z), 4) for z in from_affine)} mm, so volumes would be wrong. Fix the "
-            f"header so both agree (e.g. re-export with dcm2niix, or in nibabel img.header.set_zooms(...))")
+            f"header so both agree (e.g. re-export with dcm2niix, or in nibabel img.header.set_zooms(...))"
+        )
 
 
 #: A magnitude image (T1, FLAIR) with more negative voxels than this fraction has wrapped around
@@ -131,33 +139,43 @@ def check_voxel_sizes(img: nib.spatialimages.SpatialImage, path: str | os.PathLi
 MAX_NEGATIVE_FRACTION = 0.05
 
 
-def check_intensities(img: nib.spatialimages.SpatialImage, path: str | os.PathLike, subject: str | None = None,
-                      what: str = "image", magnitude: bool = True) -> None:
+def check_intensities(
+    img: nib.spatialimages.SpatialImage,
+    path: str | os.PathLike,
+    subject: str | None = None,
+    what: str = "image",
+    magnitude: bool = True,
+) -> None:
     """Refuse intensities no method can use: complex or non-numeric, NaN/Inf, constant, or (magnitude) mostly negative."""
     who = _who(path, subject)
     data = np.asanyarray(img.dataobj)
     if np.iscomplexobj(data) or not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
         raise InputError(
             f"{who}: {what} has data type {data.dtype}, not real-valued scalars. Save the magnitude image "
-            f"(e.g. numpy.abs of complex data) as float32 or int16")
+            f"(e.g. numpy.abs of complex data) as float32 or int16"
+        )
     if not np.issubdtype(data.dtype, np.integer) and data.dtype != bool:
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
             raise InputError(
                 f"{who}: {what} has {bad} non-finite voxels (NaN or Inf) of {data.size}. Replace them, e.g. with 0 "
-                f"(numpy.nan_to_num, or fslmaths IN -nan OUT)")
+                f"(numpy.nan_to_num, or fslmaths IN -nan OUT)"
+            )
     lo, hi = data.min(), data.max()
     if lo == hi:
         state = "all zero" if lo == 0 else f"constant ({lo})"
-        raise InputError(f"{who}: {what} is {state}: there is no image in it. Check that this is the right file "
-                         f"and that its export did not fail")
+        raise InputError(
+            f"{who}: {what} is {state}: there is no image in it. Check that this is the right file "
+            f"and that its export did not fail"
+        )
     if magnitude:
         negative = float(np.count_nonzero(data < 0)) / data.size
         if negative > MAX_NEGATIVE_FRACTION:
             raise InputError(
                 f"{who}: {what} has {100 * negative:.1f}% negative voxels (min {lo}, data type {data.dtype}); a "
                 f"magnitude MRI is non-negative, so the values have most likely wrapped around a too small integer "
-                f"type. Re-export it as int16/uint16 or float32 (with the scanner's scaling)")
+                f"type. Re-export it as int16/uint16 or float32 (with the scanner's scaling)"
+            )
 
 
 #: A lesion mask larger than this (mL), or than this fraction of the FLAIR's non-zero voxels, is
@@ -166,8 +184,14 @@ MAX_LESION_ML = 500.0
 MAX_LESION_FRACTION = 0.5
 
 
-def check_lesion_volume(mask: np.ndarray, flair: np.ndarray, voxel_ml: float, path: str | os.PathLike,
-                        subject: str | None = None, what: str = "lesion mask") -> None:
+def check_lesion_volume(
+    mask: np.ndarray,
+    flair: np.ndarray,
+    voxel_ml: float,
+    path: str | os.PathLike,
+    subject: str | None = None,
+    what: str = "lesion mask",
+) -> None:
     """Refuse an implausibly large lesion mask; an empty one is fine (a subject without lesions)."""
     lesion = int(np.count_nonzero(mask))
     if lesion == 0:
@@ -178,7 +202,8 @@ def check_lesion_volume(mask: np.ndarray, flair: np.ndarray, voxel_ml: float, pa
             f"{_who(path, subject)}: {what} covers {ml:.0f} mL, {100 * lesion / max(tissue, 1):.0f}% of the FLAIR's "
             f"non-zero voxels; a lesion segmentation is at most {MAX_LESION_ML:g} mL and "
             f"{100 * MAX_LESION_FRACTION:g}% of the image. Is it inverted (lesions 0, rest 1), a brain mask, or "
-            f"another subject's file? Use a mask with 1 on the lesions and 0 elsewhere")
+            f"another subject's file? Use a mask with 1 on the lesions and 0 elsewhere"
+        )
 
 
 def grid_of(img: nib.spatialimages.SpatialImage) -> dict:
@@ -197,8 +222,13 @@ def same_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialIma
     return a.shape[:3] == b.shape[:3] and np.allclose(a.affine, b.affine, atol=atol)
 
 
-def check_same_grid(ref: nib.spatialimages.SpatialImage, other: nib.spatialimages.SpatialImage,
-                    ref_name: str, other_name: str, subject: str | None = None) -> None:
+def check_same_grid(
+    ref: nib.spatialimages.SpatialImage,
+    other: nib.spatialimages.SpatialImage,
+    ref_name: str,
+    other_name: str,
+    subject: str | None = None,
+) -> None:
     """Raise :class:`InputError` unless ``other`` lies on the grid of ``ref``."""
     if not same_grid(ref, other):
         g1, g2 = grid_of(ref), grid_of(other)
@@ -210,8 +240,13 @@ def check_same_grid(ref: nib.spatialimages.SpatialImage, other: nib.spatialimage
         )
 
 
-def check_labels(img: nib.spatialimages.SpatialImage, allowed: Iterable[int], path: str | os.PathLike,
-                 subject: str | None = None, what: str = "mask") -> np.ndarray:
+def check_labels(
+    img: nib.spatialimages.SpatialImage,
+    allowed: Iterable[int],
+    path: str | os.PathLike,
+    subject: str | None = None,
+    what: str = "mask",
+) -> np.ndarray:
     """Return the image as an integer array, raising :class:`InputError` on values outside ``allowed``."""
     data = np.asanyarray(img.dataobj)
     allowed = sorted(int(a) for a in allowed)
@@ -219,7 +254,9 @@ def check_labels(img: nib.spatialimages.SpatialImage, allowed: Iterable[int], pa
         rounded = np.rint(data)
         if not np.allclose(data, rounded, atol=1e-3):
             bad = np.unique(data[~np.isclose(data, rounded, atol=1e-3)])[:5]
-            raise InputError(f"{_who(path, subject)}: {what} must hold integer labels {allowed}, found non-integer values such as {bad.tolist()}")
+            raise InputError(
+                f"{_who(path, subject)}: {what} must hold integer labels {allowed}, found non-integer values such as {bad.tolist()}"
+            )
         data = rounded
     data = data.astype(np.int16)
     values = np.unique(data)
@@ -229,8 +266,10 @@ def check_labels(img: nib.spatialimages.SpatialImage, allowed: Iterable[int], pa
     return data
 
 
-_WRITE_HINTS = {**dict.fromkeys((errno.EROFS, errno.EACCES, errno.EPERM), "choose a writable folder"),
-                **dict.fromkeys((errno.ENOSPC, errno.EDQUOT), "free some space or choose a folder on another disk")}
+_WRITE_HINTS = {
+    **dict.fromkeys((errno.EROFS, errno.EACCES, errno.EPERM), "choose a writable folder"),
+    **dict.fromkeys((errno.ENOSPC, errno.EDQUOT), "free some space or choose a folder on another disk"),
+}
 
 
 @contextmanager
@@ -294,8 +333,12 @@ def save_nifti(img: nib.spatialimages.SpatialImage, path: str | os.PathLike) -> 
     path = Path(path)
     with atomic_path(path) as tmp:
         if path.name.endswith(".gz") and hasattr(img, "to_bytes"):
-            with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
-                                                        compresslevel=nib.openers.Opener.default_compresslevel) as gz:
+            with (
+                open(tmp, "wb") as raw,
+                gzip.GzipFile(
+                    filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=nib.openers.Opener.default_compresslevel
+                ) as gz,
+            ):
                 gz.write(img.to_bytes())
         else:
             nib.save(img, tmp)

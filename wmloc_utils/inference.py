@@ -33,8 +33,10 @@ from .metrics import lesions
 if TYPE_CHECKING:
     from dask.distributed import Client
 
-OUTPUT_NAMES = {"lesion": {"mask": "lesion_pred.nii.gz", "prob": "lesion_prob.nii.gz"},
-                "regions": {"labels": "regions_pred.nii.gz"}}
+OUTPUT_NAMES = {
+    "lesion": {"mask": "lesion_pred.nii.gz", "prob": "lesion_prob.nii.gz"},
+    "regions": {"labels": "regions_pred.nii.gz"},
+}
 
 
 @dataclass
@@ -79,12 +81,20 @@ def remove_small_lesions(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     return keep[labels]
 
 
-def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike | None = None,
-            flair_path: str | os.PathLike | None = None, tta: bool = False, inputs: str | None = None,
-            sw_batch_size: int = 4, overlap: float = 0.25, roi_size: int | None = None,
-            chunk: int = 8, brain_mask: str | os.PathLike | nib.spatialimages.SpatialImage | None = None,
-            min_lesion_ml: float = 0.0,
-            wm_mask: str | os.PathLike | nib.spatialimages.SpatialImage | None = None) -> dict[str, nib.Nifti1Image]:
+def segment(
+    segmenter: Segmenter | str | os.PathLike,
+    t1_path: str | os.PathLike | None = None,
+    flair_path: str | os.PathLike | None = None,
+    tta: bool = False,
+    inputs: str | None = None,
+    sw_batch_size: int = 4,
+    overlap: float = 0.25,
+    roi_size: int | None = None,
+    chunk: int = 8,
+    brain_mask: str | os.PathLike | nib.spatialimages.SpatialImage | None = None,
+    min_lesion_ml: float = 0.0,
+    wm_mask: str | os.PathLike | nib.spatialimages.SpatialImage | None = None,
+) -> dict[str, nib.Nifti1Image]:
     """Segment one subject; return images on the FLAIR grid ({"mask", "prob"} or {"labels"}).
 
     ``roi_size`` (default: the training patch) sets the sliding window; a larger window means fewer
@@ -102,8 +112,10 @@ def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike
     seg = segmenter if isinstance(segmenter, Segmenter) else load_segmenter(segmenter)
     cfg = seg.config
     check_inputs(cfg, inputs or cfg["inputs"], seg.path)
-    given = {m: p if isinstance(p, (str, os.PathLike)) and str(p) else None
-             for m, p in (("t1", t1_path), ("flair", flair_path))}
+    given = {
+        m: p if isinstance(p, (str, os.PathLike)) and str(p) else None
+        for m, p in (("t1", t1_path), ("flair", flair_path))
+    }
     missing = [m.upper() for m in cfg["modalities"] if not given[m]]
     if missing:
         raise InputError(f"{seg.path}: the network was trained on {cfg['inputs']!r} and needs {' and '.join(missing)}")
@@ -115,8 +127,10 @@ def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike
     if wm_mask is not None and cfg["task"] != "regions":
         raise InputError(f"{seg.path}: wm_mask= is for region networks; this is a {cfg['task']} network")
     if brain_mask is None and is_brain_masked(cfg):
-        raise InputError(f"{seg.path}: this network was trained on brain-masked images and needs brain_mask= "
-                         f"(a brain mask on the {ref_name.upper()} grid, e.g. notebook 03's brain_mask.nii.gz)")
+        raise InputError(
+            f"{seg.path}: this network was trained on brain-masked images and needs brain_mask= "
+            f"(a brain mask on the {ref_name.upper()} grid, e.g. notebook 03's brain_mask.nii.gz)"
+        )
     brain = None if brain_mask is None else _mask_on_grid(brain_mask, ref, ref_name, "brain mask")
     wm = None if wm_mask is None else _mask_on_grid(wm_mask, ref, ref_name, "WM mask")
 
@@ -135,8 +149,7 @@ def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike
     with torch.no_grad(), torch.autocast(seg.device.type, enabled=seg.device.type == "cuda"):
         for dims in flips:
             xi = torch.flip(x, dims) if dims else x
-            logits = sliding_window_inference(xi, roi, sw_batch_size, seg.model, overlap=overlap,
-                                              mode="gaussian")
+            logits = sliding_window_inference(xi, roi, sw_batch_size, seg.model, overlap=overlap, mode="gaussian")
             p = torch.softmax(logits.float(), 1)
             p = torch.flip(p, dims) if dims else p
             if 2 in dims and mirror is not None:  # flipped left-right: a "left" output means right
@@ -160,7 +173,7 @@ def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike
     first = 0 if wm is None else 1
     best, labels = torch.full(ref.shape[:3], -torch.inf), torch.zeros(ref.shape[:3], dtype=torch.long)
     for start in range(first, probs.shape[0], chunk):
-        value, index = torch.as_tensor(_invert(probs[start:start + chunk], image, pre, ref.shape[:3])).max(0)
+        value, index = torch.as_tensor(_invert(probs[start : start + chunk], image, pre, ref.shape[:3])).max(0)
         better = value > best
         best, labels = torch.where(better, value, best), torch.where(better, index + start, labels)
     labels = labels.numpy().astype(np.int16)
@@ -170,8 +183,12 @@ def segment(segmenter: Segmenter | str | os.PathLike, t1_path: str | os.PathLike
     return {"labels": like(ref, labels)}
 
 
-def _mask_on_grid(mask: str | os.PathLike | nib.spatialimages.SpatialImage, ref: nib.spatialimages.SpatialImage,
-                  ref_name: str, what: str) -> np.ndarray:
+def _mask_on_grid(
+    mask: str | os.PathLike | nib.spatialimages.SpatialImage,
+    ref: nib.spatialimages.SpatialImage,
+    ref_name: str,
+    what: str,
+) -> np.ndarray:
     """A binary mask (path or image) checked to lie on the reference grid and to be non-empty."""
     img = mask if isinstance(mask, nib.spatialimages.SpatialImage) else load_nifti(mask, what=what)
     check_same_grid(ref, img, ref_name.upper(), what)
@@ -191,10 +208,16 @@ def _invert(channels: torch.Tensor, image: MetaTensor, pre, shape: tuple[int, ..
     return arr
 
 
-def predict(checkpoint: Segmenter | str | os.PathLike, t1_path: str | os.PathLike | None = None,
-            flair_path: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
-            out_paths: dict[str, str | os.PathLike] | None = None, tta: bool = False, inputs: str | None = None,
-            **kwargs) -> dict[str, Path]:
+def predict(
+    checkpoint: Segmenter | str | os.PathLike,
+    t1_path: str | os.PathLike | None = None,
+    flair_path: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    out_paths: dict[str, str | os.PathLike] | None = None,
+    tta: bool = False,
+    inputs: str | None = None,
+    **kwargs,
+) -> dict[str, Path]:
     """Segment one subject and write NIfTI files on the FLAIR grid; return {"mask"/"prob" or "labels": path}.
 
     Files go to ``out_paths`` (keys as returned) or to ``out_dir`` with the standard names
@@ -212,21 +235,30 @@ def predict(checkpoint: Segmenter | str | os.PathLike, t1_path: str | os.PathLik
     return {k: save_nifti(img, out_paths[k]) for k, img in images.items()}
 
 
-
-
 def split_of(config: dict, subject: str) -> str:
-    """"train" or "val" when the checkpoint's network saw ``subject`` in training, else "test" (never seen)."""
+    """ "train" or "val" when the checkpoint's network saw ``subject`` in training, else "test" (never seen)."""
     if subject in config.get("train_subjects", ()):
         return "train"
     return "val" if subject in config.get("val_subjects", ()) else "test"
 
 
-def predict_cohort(table: pd.DataFrame, out_root: str | os.PathLike, lesion_checkpoint: str | os.PathLike | None = None,
-                   region_checkpoint: str | os.PathLike | None = None, split: pd.DataFrame | None = None,
-                   tta: bool = False, device: str = "auto", progress: bool = True,
-                   brain_col: str | None = None, wm_col: str | None = None, scheduler: str | Client | None = None,
-                   n_jobs: int | None = None, errors: str = "raise", cluster_config: str | os.PathLike | dict | None = None,
-                   **kwargs) -> pd.DataFrame:
+def predict_cohort(
+    table: pd.DataFrame,
+    out_root: str | os.PathLike,
+    lesion_checkpoint: str | os.PathLike | None = None,
+    region_checkpoint: str | os.PathLike | None = None,
+    split: pd.DataFrame | None = None,
+    tta: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    brain_col: str | None = None,
+    wm_col: str | None = None,
+    scheduler: str | Client | None = None,
+    n_jobs: int | None = None,
+    errors: str = "raise",
+    cluster_config: str | os.PathLike | dict | None = None,
+    **kwargs,
+) -> pd.DataFrame:
     """Predict every subject of ``table`` into ``out_root/<subject>/`` with each given checkpoint.
 
     A subject whose outputs exist and whose inputs, checkpoints and settings are unchanged (same
@@ -255,23 +287,38 @@ def predict_cohort(table: pd.DataFrame, out_root: str | os.PathLike, lesion_chec
     jobs = []
     for row in table.itertuples(index=False):
         subject = str(row.subject)
-        jobs.append({"subject": subject, "split": which.get(subject, split_of(first.config, subject)),
-                     "out_dir": str(Path(out_root) / subject), "checkpoints": checkpoints, "device": device,
-                     "tta": tta, "kwargs": kwargs,
-                     **{k: (getattr(row, col, None) or None) if col else None
-                        for k, col in (("t1", "t1"), ("flair", "flair"), ("brain", brain_col), ("wm", wm_col))}})
+        jobs.append(
+            {
+                "subject": subject,
+                "split": which.get(subject, split_of(first.config, subject)),
+                "out_dir": str(Path(out_root) / subject),
+                "checkpoints": checkpoints,
+                "device": device,
+                "tta": tta,
+                "kwargs": kwargs,
+                **{
+                    k: (getattr(row, col, None) or None) if col else None
+                    for k, col in (("t1", "t1"), ("flair", "flair"), ("brain", brain_col), ("wm", wm_col))
+                },
+            }
+        )
     if here:
         outcomes = ((i, _outcome(predict_subject, job, errors)) for i, job in enumerate(jobs))
     else:
-        outcomes = cluster.run_each(predict_subject, jobs, n_jobs, scheduler, names=[j["subject"] for j in jobs],
-                                    config=cluster_config)
+        outcomes = cluster.run_each(
+            predict_subject, jobs, n_jobs, scheduler, names=[j["subject"] for j in jobs], config=cluster_config
+        )
     rows: list[dict] = [{} for _ in jobs]
     for i, result in tqdm(outcomes, total=len(jobs), desc="predicting subjects", disable=not progress):
         if isinstance(result, Exception):
             if errors == "raise":
                 raise result
-            result = {"subject": jobs[i]["subject"], "split": jobs[i]["split"], "status": "failed",
-                      "error": f"{type(result).__name__}: {result}"}
+            result = {
+                "subject": jobs[i]["subject"],
+                "split": jobs[i]["split"],
+                "status": "failed",
+                "error": f"{type(result).__name__}: {result}",
+            }
         rows[i] = result
     out = pd.DataFrame(rows)
     if errors == "record":
@@ -319,25 +366,51 @@ def predict_subject(job: dict) -> dict:
     for task, checkpoint in job["checkpoints"].items():
         wm = job["wm"] if task == "regions" else None
         paths = {k: out_dir / name for k, name in OUTPUT_NAMES[task].items()}
-        inputs = {k: p for k, p in (("t1", job["t1"]), ("flair", job["flair"]), ("brain", job["brain"]), ("wm", wm),
-                                    ("checkpoint", checkpoint)) if p}
-        stamp = provenance.fingerprint(inputs, {"tta": job["tta"], **{k: v for k, v in kwargs.items()
-                                                                      if isinstance(v, (int, float, str, bool))}})
+        inputs = {
+            k: p
+            for k, p in (
+                ("t1", job["t1"]),
+                ("flair", job["flair"]),
+                ("brain", job["brain"]),
+                ("wm", wm),
+                ("checkpoint", checkpoint),
+            )
+            if p
+        }
+        stamp = provenance.fingerprint(
+            inputs, {"tta": job["tta"], **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))}}
+        )
         done = out_dir / f"{task}_prediction.json"
         fresh = done.exists() and json.loads(done.read_text()) == stamp and all(p.exists() for p in paths.values())
         if not fresh:
-            predict(_loaded(checkpoint, job["device"]), job["t1"], job["flair"], out_paths=paths, tta=job["tta"],
-                    brain_mask=job["brain"], wm_mask=wm, **kwargs)
+            predict(
+                _loaded(checkpoint, job["device"]),
+                job["t1"],
+                job["flair"],
+                out_paths=paths,
+                tta=job["tta"],
+                brain_mask=job["brain"],
+                wm_mask=wm,
+                **kwargs,
+            )
             provenance.write_text_if_changed(done, json.dumps(stamp, indent=1))
         row.update({names[k]: str(p) for k, p in paths.items()})
     return row
 
 
-def predict_step(workdir: str | os.PathLike, lesion_checkpoint: str | os.PathLike | None = None,
-                 region_checkpoint: str | os.PathLike | None = None, tta: bool = False, device: str = "auto",
-                 min_lesion_ml: float = 0.0, progress: bool = True, scheduler: str | Client | None = None,
-                 n_jobs: int | None = None, errors: str = "raise",
-                 cluster_config: str | os.PathLike | dict | None = None) -> pd.DataFrame:
+def predict_step(
+    workdir: str | os.PathLike,
+    lesion_checkpoint: str | os.PathLike | None = None,
+    region_checkpoint: str | os.PathLike | None = None,
+    tta: bool = False,
+    device: str = "auto",
+    min_lesion_ml: float = 0.0,
+    progress: bool = True,
+    scheduler: str | Client | None = None,
+    n_jobs: int | None = None,
+    errors: str = "raise",
+    cluster_config: str | os.PathLike | dict | None = None,
+) -> pd.DataFrame:
     """Notebook 06's step: predict the subjects of notebook 01's table into notebook 06's folder of ``workdir``.
 
     The T1 on the FLAIR grid, the brain mask and the WM mask of notebook 03 are used when it made them:
@@ -353,11 +426,22 @@ def predict_step(workdir: str | os.PathLike, lesion_checkpoint: str | os.PathLik
     workdir = Path(workdir)
     table = subjects_on_flair_grid(workdir).fillna({"t1": "", "flair": ""})
     out = artefacts.folder(workdir, artefacts.PREDICTIONS)
-    predictions = predict_cohort(table, out, lesion_checkpoint, region_checkpoint, tta=tta, device=device,
-                                 progress=progress, brain_col="brain_mask" if "brain_mask" in table else None,
-                                 wm_col="wm_mask" if "wm_mask" in table else None, scheduler=scheduler,
-                                 n_jobs=n_jobs, errors=errors, cluster_config=cluster_config,
-                                 min_lesion_ml=min_lesion_ml)
+    predictions = predict_cohort(
+        table,
+        out,
+        lesion_checkpoint,
+        region_checkpoint,
+        tta=tta,
+        device=device,
+        progress=progress,
+        brain_col="brain_mask" if "brain_mask" in table else None,
+        wm_col="wm_mask" if "wm_mask" in table else None,
+        scheduler=scheduler,
+        n_jobs=n_jobs,
+        errors=errors,
+        cluster_config=cluster_config,
+        min_lesion_ml=min_lesion_ml,
+    )
     provenance.write_table_if_changed(predictions, artefacts.path(workdir, artefacts.PREDICTIONS), index=False)
     return predictions
 
@@ -372,16 +456,26 @@ def score_lesions(models: dict, subjects: pd.DataFrame, test: list[str], progres
     rows = []
     for ckpt, preds in models.items():
         config = load_segmenter(ckpt, "cpu").config
-        chosen = (preds[preds["subject"].isin(test)].drop(columns="lesion", errors="ignore")
-                  .merge(subjects[["subject", "lesion"]], on="subject"))
+        chosen = (
+            preds[preds["subject"].isin(test)]
+            .drop(columns="lesion", errors="ignore")
+            .merge(subjects[["subject", "lesion"]], on="subject")
+        )
         for r in tqdm(list(chosen.itertuples()), desc=config["architecture"], disable=not progress):
-            rows.append({"architecture": config["architecture"], "inputs": config["inputs"], "subject": r.subject,
-                         **wmh_metrics_img(r.lesion, r.lesion_pred, subject=r.subject)})
+            rows.append(
+                {
+                    "architecture": config["architecture"],
+                    "inputs": config["inputs"],
+                    "subject": r.subject,
+                    **wmh_metrics_img(r.lesion, r.lesion_pred, subject=r.subject),
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def checkpoints(workdir: str | os.PathLike, lesion: str | os.PathLike | None = None,
-                region: str | os.PathLike | bool | None = None) -> tuple[Path, Path | None]:
+def checkpoints(
+    workdir: str | os.PathLike, lesion: str | os.PathLike | None = None, region: str | os.PathLike | bool | None = None
+) -> tuple[Path, Path | None]:
     """The lesion and region networks a notebook applies: the checkpoints given, else notebooks 04's and 05's.
 
     ``region`` None takes notebook 05's only when it exists; ``False``: no region network.

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -42,8 +42,32 @@ PRIORITY = (INFRATENTORIAL, PERIVENTRICULAR, JUXTACORTICAL)
 #: middle cerebellar peduncles, medial lemniscus, pontine crossing tract, red nucleus, substantia nigra,
 #: midbrain, pons, medulla (left, then right). The rest of refined labels 35/36 is supratentorial
 #: (amygdala, hippocampus, caudate, putamen, thalamus, globus pallidus).
-INFRATENTORIAL_TYPE2 = (28, 29, 30, 31, 32, 49, 50, 56, 57, 63, 64, 65,
-                        93, 94, 95, 96, 97, 114, 115, 121, 122, 128, 129, 130)
+INFRATENTORIAL_TYPE2 = (
+    28,
+    29,
+    30,
+    31,
+    32,
+    49,
+    50,
+    56,
+    57,
+    63,
+    64,
+    65,
+    93,
+    94,
+    95,
+    96,
+    97,
+    114,
+    115,
+    121,
+    122,
+    128,
+    129,
+    130,
+)
 #: Refined regions whose lowest voxels mark the tentorial level: posterior thalamic radiation / posterior
 #: corona radiata / retrolenticular internal capsule / tapetum, left and right (they end just above the
 #: tentorial notch; on Eve a cut at their 1st height percentile keeps 98% of the infratentorial WM of
@@ -54,10 +78,16 @@ COLUMNS = ["subject", "lesion", "class_id", "class", "n_voxels", "volume_ml", "x
 
 def location_class_table() -> pd.DataFrame:
     """Label table (id, name, short, r, g, b) of the lesion class image, usable as a region table."""
-    return pd.DataFrame({"id": [0, PERIVENTRICULAR, JUXTACORTICAL, INFRATENTORIAL, DEEP],
-                         "name": ["no lesion", "periventricular", "juxtacortical", "infratentorial", "deep white matter"],
-                         "short": ["none", "PV", "JC", "IT", "DWM"],
-                         "r": [0, 230, 60, 150, 250], "g": [0, 97, 170, 90, 200], "b": [0, 1, 60, 220, 40]})
+    return pd.DataFrame(
+        {
+            "id": [0, PERIVENTRICULAR, JUXTACORTICAL, INFRATENTORIAL, DEEP],
+            "name": ["no lesion", "periventricular", "juxtacortical", "infratentorial", "deep white matter"],
+            "short": ["none", "PV", "JC", "IT", "DWM"],
+            "r": [0, 230, 60, 150, 250],
+            "g": [0, 97, 170, 90, 200],
+            "b": [0, 1, 60, 220, 40],
+        }
+    )
 
 
 def atlas_infratentorial(type2: np.ndarray | nib.spatialimages.SpatialImage) -> np.ndarray | nib.Nifti1Image:
@@ -79,9 +109,15 @@ def _height(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
     return a[2, 0] * i + a[2, 1] * j + a[2, 2] * k + a[2, 3]
 
 
-def infratentorial_from_regions(ids: np.ndarray, brain: np.ndarray, affine: np.ndarray, zooms,
-                                near_ids: np.ndarray | None = None, landmarks: Sequence[int] = TENTORIAL_LANDMARKS,
-                                percentile: float = 1.0) -> np.ndarray:
+def infratentorial_from_regions(
+    ids: np.ndarray,
+    brain: np.ndarray,
+    affine: np.ndarray,
+    zooms,
+    near_ids: np.ndarray | None = None,
+    landmarks: Sequence[int] = TENTORIAL_LANDMARKS,
+    percentile: float = 1.0,
+) -> np.ndarray:
     """Fallback infratentorial mask from a refined region map (labels 0..36, possibly kept inside WM).
 
     A brain voxel is infratentorial when its nearest labelled voxel (mm) is 35/36 (non-WM and
@@ -94,8 +130,10 @@ def infratentorial_from_regions(ids: np.ndarray, brain: np.ndarray, affine: np.n
     ids = np.asarray(ids)
     mark = np.isin(ids, landmarks)
     if not mark.any():
-        raise InputError(f"region map has no voxel of regions {list(landmarks)}: cannot place the tentorial level "
-                         f"(pass an infratentorial mask instead)")
+        raise InputError(
+            f"region map has no voxel of regions {list(landmarks)}: cannot place the tentorial level "
+            f"(pass an infratentorial mask instead)"
+        )
     height = np.broadcast_to(_height(ids.shape, affine), ids.shape)
     level = np.percentile(height[mark], percentile)
     near_ids = nearest_region(ids, zooms) if near_ids is None else near_ids
@@ -111,9 +149,15 @@ def _reach(mask: np.ndarray, zooms, distance_mm: float | None) -> np.ndarray:
     return ndimage.distance_transform_edt(~mask, sampling=tuple(float(z) for z in zooms)) <= distance_mm
 
 
-def classify_lesions(lesion: np.ndarray, ventricles: np.ndarray, cortex: np.ndarray, infratentorial: np.ndarray,
-                     zooms, distance_mm: float | None = None,
-                     priority: Sequence[int] = PRIORITY) -> tuple[np.ndarray, np.ndarray]:
+def classify_lesions(
+    lesion: np.ndarray,
+    ventricles: np.ndarray,
+    cortex: np.ndarray,
+    infratentorial: np.ndarray,
+    zooms,
+    distance_mm: float | None = None,
+    priority: Sequence[int] = PRIORITY,
+) -> tuple[np.ndarray, np.ndarray]:
     """Components of ``lesion`` (26-connected) and the class of each: (label array, classes[0..n-1]).
 
     A lesion is periventricular / juxtacortical / infratentorial when it touches (or, given
@@ -123,10 +167,15 @@ def classify_lesions(lesion: np.ndarray, ventricles: np.ndarray, cortex: np.ndar
     """
     lesion = np.asarray(lesion, bool)
     masks = {PERIVENTRICULAR: ventricles, JUXTACORTICAL: cortex, INFRATENTORIAL: infratentorial}
-    for key, name in ((PERIVENTRICULAR, "ventricle mask"), (JUXTACORTICAL, "cortex mask"),
-                      (INFRATENTORIAL, "infratentorial mask")):
+    for key, name in (
+        (PERIVENTRICULAR, "ventricle mask"),
+        (JUXTACORTICAL, "cortex mask"),
+        (INFRATENTORIAL, "infratentorial mask"),
+    ):
         if np.shape(masks[key]) != lesion.shape:
-            raise InputError(f"{name} has shape {np.shape(masks[key])}, lesion mask {lesion.shape}: all maps must share one grid")
+            raise InputError(
+                f"{name} has shape {np.shape(masks[key])}, lesion mask {lesion.shape}: all maps must share one grid"
+            )
     if sorted(priority) != sorted(set(priority)) or not set(priority) <= set(masks):
         raise InputError(f"priority must list distinct classes among {sorted(masks)}, got {list(priority)}")
     if distance_mm is not None and not distance_mm >= 0:
@@ -157,8 +206,14 @@ def class_image(components: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return lut[components]
 
 
-def lesion_table(components: np.ndarray, classes: np.ndarray, regions: np.ndarray, affine: np.ndarray, zooms,
-                 subject: str | None = None) -> pd.DataFrame:
+def lesion_table(
+    components: np.ndarray,
+    classes: np.ndarray,
+    regions: np.ndarray,
+    affine: np.ndarray,
+    zooms,
+    subject: str | None = None,
+) -> pd.DataFrame:
     """One row per lesion (:data:`COLUMNS`): id, class, size, world centroid (mm) and majority region (ties: lowest id)."""
     n = len(classes)
     if n == 0:
@@ -175,9 +230,20 @@ def lesion_table(components: np.ndarray, classes: np.ndarray, regions: np.ndarra
     n_ids = int(ids.max(initial=0)) + 1
     votes = np.bincount(components[inside].astype(np.int64) * n_ids + ids, minlength=(n + 1) * n_ids)
     region = votes.reshape(n + 1, n_ids)[1:].argmax(axis=1)
-    return pd.DataFrame({"subject": [subject] * n, "lesion": np.arange(1, n + 1), "class_id": classes.astype(int),
-                         "class": names.loc[classes].to_numpy(), "n_voxels": counts, "volume_ml": counts * voxel_ml,
-                         "x_mm": world[:, 0], "y_mm": world[:, 1], "z_mm": world[:, 2], "region": region})
+    return pd.DataFrame(
+        {
+            "subject": [subject] * n,
+            "lesion": np.arange(1, n + 1),
+            "class_id": classes.astype(int),
+            "class": names.loc[classes].to_numpy(),
+            "n_voxels": counts,
+            "volume_ml": counts * voxel_ml,
+            "x_mm": world[:, 0],
+            "y_mm": world[:, 1],
+            "z_mm": world[:, 2],
+            "region": region,
+        }
+    )
 
 
 def ventricle_wall(ventricles: np.ndarray, tissue_labels: np.ndarray, zooms, wall_mm: float = 3.0) -> np.ndarray:
@@ -198,10 +264,21 @@ def _image(img_or_path, subject: str | None, what: str) -> tuple[nib.spatialimag
     return img_or_path, str(img_or_path.get_filename() or what)
 
 
-def classify_subject(lesion, tissue, regions, brain_mask=None, infratentorial=None, ventricles=None,
-                     subject: str | None = None, distance_mm: float | None = None, wall_mm: float = 3.0,
-                     csf_labels: tuple[int, ...] = (1,), min_depth_mm: float = 15.0, ignore_label: int | None = None,
-                     priority: Sequence[int] = PRIORITY) -> dict:
+def classify_subject(
+    lesion,
+    tissue,
+    regions,
+    brain_mask=None,
+    infratentorial=None,
+    ventricles=None,
+    subject: str | None = None,
+    distance_mm: float | None = None,
+    wall_mm: float = 3.0,
+    csf_labels: tuple[int, ...] = (1,),
+    min_depth_mm: float = 15.0,
+    ignore_label: int | None = None,
+    priority: Sequence[int] = PRIORITY,
+) -> dict:
     """Lesion classes of one subject from images or paths on one grid: ``{"table": DataFrame, "classes": image}``.
 
     ``tissue`` holds 0 background, 1 CSF, 2 GM, 3 WM (notebook 03's ``tissue.nii.gz``), ``regions``
@@ -240,8 +317,9 @@ def classify_subject(lesion, tissue, regions, brain_mask=None, infratentorial=No
             if ventricles is not None:
                 vent = np.asanyarray(imgs["ventricle mask"][0].dataobj)[box] > 0
             else:
-                vent = lateral_ventricles(b_brain & np.isin(b_labels, csf_labels) & ~b_les, b_brain, zooms,
-                                          min_depth_mm)
+                vent = lateral_ventricles(
+                    b_brain & np.isin(b_labels, csf_labels) & ~b_les, b_brain, zooms, min_depth_mm
+                )
             vent = ventricle_wall(vent, b_labels, zooms, wall_mm) & b_brain
             near = nearest_region(b_ids, zooms)
             cortex = cortex_mask(b_labels, b_ids, zooms, near) & b_brain & ~vent
@@ -260,8 +338,9 @@ def classify_subject(lesion, tissue, regions, brain_mask=None, infratentorial=No
     return {"table": table, "classes": like(les_img, class_image(components, classes), np.uint8)}
 
 
-def classify_cohort(records: pd.DataFrame, lesion: str, out_dir: str | os.PathLike, progress: bool = True
-                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def classify_cohort(
+    records: pd.DataFrame, lesion: str, out_dir: str | os.PathLike, progress: bool = True
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Location classes of every subject's lesions, from notebook 03's outputs (tissue, regions, brain mask, transform).
 
     The brainstem and cerebellum come from the Eve atlas through each subject's own atlas transform.
@@ -278,9 +357,12 @@ def classify_cohort(records: pd.DataFrame, lesion: str, out_dir: str | os.PathLi
     for r in tqdm(list(records.itertuples()), desc="lesion classes", disable=not progress):
         tissue = load_nifti(r.tissue, r.subject, "tissue map")
         infra = like(tissue, registration.warp_mask(infra_atlas, str(r.transform).split(";"), tissue), np.uint8)
-        result = classify_subject(getattr(r, lesion), tissue, r.regions, r.brain_mask, infratentorial=infra,
-                                  subject=r.subject, ignore_label=2)
-        path = save_nifti(result["classes"], os.path.join(out_dir, artefacts.LESION_CLASS_MAPS.path.format(subject=r.subject)))
+        result = classify_subject(
+            getattr(r, lesion), tissue, r.regions, r.brain_mask, infratentorial=infra, subject=r.subject, ignore_label=2
+        )
+        path = save_nifti(
+            result["classes"], os.path.join(out_dir, artefacts.LESION_CLASS_MAPS.path.format(subject=r.subject))
+        )
         tables.append(result["table"])
         rows.append({"subject": r.subject, "lesion": getattr(r, lesion), "classes": str(path)})
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(), pd.DataFrame(rows)

@@ -17,9 +17,9 @@ reports how much was placed that way, and what stays unlabelled is the QC figure
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -32,8 +32,17 @@ from .errors import InputError
 from .images import check_same_grid, load_nifti, write_table_atomic
 
 UNLABELLED = "unlabelled"
-COLUMNS = ["region", "name", "short", "lesion_ml", "region_ml", "lesion_fraction", "load_share", "n_lesions",
-           "assigned_ml"]
+COLUMNS = [
+    "region",
+    "name",
+    "short",
+    "lesion_ml",
+    "region_ml",
+    "lesion_fraction",
+    "load_share",
+    "n_lesions",
+    "assigned_ml",
+]
 
 
 def read_table(table: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
@@ -85,13 +94,21 @@ def _region_ids(regions: np.ndarray, table: pd.DataFrame, who: str) -> tuple[np.
     counts = np.bincount(regions.ravel(), minlength=(int(table["id"].max()) if len(table) else 0) + 1)
     unknown = sorted(set(np.flatnonzero(counts).tolist()) - set(table["id"]) - {0})
     if unknown:
-        raise InputError(f"{who}: region ids {unknown[:10]} are not in the region table (ids {table['id'].min()}..{table['id'].max()})")
+        raise InputError(
+            f"{who}: region ids {unknown[:10]} are not in the region table (ids {table['id'].min()}..{table['id'].max()})"
+        )
     return regions, counts
 
 
-def assign_lesion_voxels(lesion: np.ndarray, regions: np.ndarray, zooms: Sequence[float],
-                         fill_from: Iterable[int], brain: np.ndarray | None = None,
-                         max_distance_mm: float | None = None, who: str = "lesion/regions") -> np.ndarray:
+def assign_lesion_voxels(
+    lesion: np.ndarray,
+    regions: np.ndarray,
+    zooms: Sequence[float],
+    fill_from: Iterable[int],
+    brain: np.ndarray | None = None,
+    max_distance_mm: float | None = None,
+    who: str = "lesion/regions",
+) -> np.ndarray:
     """The region map with every lesion voxel outside a region given the nearest ``fill_from`` region (mm).
 
     Only lesion voxels inside ``brain`` (when given) and within ``max_distance_mm`` of a region
@@ -109,13 +126,16 @@ def assign_lesion_voxels(lesion: np.ndarray, regions: np.ndarray, zooms: Sequenc
         return regions
     source = np.isin(regions, list(fill_from))
     if not source.any():
-        raise InputError(f"{who}: the region map holds none of the regions {_span(fill_from)}, so its "
-                         f"{int(todo.sum())} lesion voxels cannot be placed: check the registration or segmentation")
+        raise InputError(
+            f"{who}: the region map holds none of the regions {_span(fill_from)}, so its "
+            f"{int(todo.sum())} lesion voxels cannot be placed: check the registration or segmentation"
+        )
     # nearest source voxel, computed in the bounding box of the sources and the voxels to place
     idx = np.argwhere(source | todo)
     box = tuple(slice(a, b) for a, b in zip(idx.min(0), idx.max(0) + 1))
-    dist, near = ndimage.distance_transform_edt(~source[box], sampling=np.asarray(zooms, float)[:3],
-                                                return_indices=True)
+    dist, near = ndimage.distance_transform_edt(
+        ~source[box], sampling=np.asarray(zooms, float)[:3], return_indices=True
+    )
     sub = regions[box]
     place = todo[box] if max_distance_mm is None else todo[box] & (dist <= max_distance_mm)
     out = regions.copy()
@@ -128,10 +148,17 @@ def _span(ids: Iterable[int]) -> str:
     return f"{ids[0]}..{ids[-1]}" if len(ids) > 2 and ids == list(range(ids[0], ids[-1] + 1)) else str(ids)
 
 
-def regional_loads(lesion: np.ndarray, regions: np.ndarray, zooms: Sequence[float],
-                   table: pd.DataFrame | str | os.PathLike, ignore_label: int | None = None,
-                   who: str = "lesion/regions", fill_from: Iterable[int] | None = None,
-                   brain: np.ndarray | None = None, max_distance_mm: float | None = None) -> pd.DataFrame:
+def regional_loads(
+    lesion: np.ndarray,
+    regions: np.ndarray,
+    zooms: Sequence[float],
+    table: pd.DataFrame | str | os.PathLike,
+    ignore_label: int | None = None,
+    who: str = "lesion/regions",
+    fill_from: Iterable[int] | None = None,
+    brain: np.ndarray | None = None,
+    max_distance_mm: float | None = None,
+) -> pd.DataFrame:
     """Per-region lesion loads of one subject (columns :data:`COLUMNS`, one row per table region plus region 0).
 
     ``short`` is the table's short name when it has one (else the name), for compact figures.
@@ -147,8 +174,10 @@ def regional_loads(lesion: np.ndarray, regions: np.ndarray, zooms: Sequence[floa
     if lesion.shape != regions.shape:
         raise InputError(f"{who}: lesion mask shape {lesion.shape} differs from region map shape {regions.shape}")
     if lesion.any() and not regions.any():
-        raise InputError(f"{who}: the region map holds no region at all (every voxel 0), so the whole lesion load "
-                         f"would be 'unlabelled': check the registration or segmentation that made it")
+        raise InputError(
+            f"{who}: the region map holds no region at all (every voxel 0), so the whole lesion load "
+            f"would be 'unlabelled': check the registration or segmentation that made it"
+        )
     original = regions
     if fill_from is not None:
         regions = assign_lesion_voxels(lesion, regions, zooms, fill_from, brain, max_distance_mm, who)
@@ -161,8 +190,9 @@ def regional_loads(lesion: np.ndarray, regions: np.ndarray, zooms: Sequence[floa
     assigned[0] = 0
     # each 26-connected lesion goes to the region holding most of its voxels (ties: lowest id)
     components, n_comp = metrics.lesions(lesion)
-    per_lesion = np.bincount(components[lesion].astype(np.int64) * n_ids + lesion_regions,
-                             minlength=(n_comp + 1) * n_ids).reshape(n_comp + 1, n_ids)[1:]
+    per_lesion = np.bincount(
+        components[lesion].astype(np.int64) * n_ids + lesion_regions, minlength=(n_comp + 1) * n_ids
+    ).reshape(n_comp + 1, n_ids)[1:]
     lesions_per_region = np.bincount(per_lesion.argmax(axis=1), minlength=n_ids) if n_comp else np.zeros(n_ids, int)
 
     ids = np.concatenate([[0], table["id"].to_numpy()])
@@ -172,17 +202,19 @@ def regional_loads(lesion: np.ndarray, regions: np.ndarray, zooms: Sequence[floa
     lesion_ml = lesion_counts[ids] * voxel_ml
     with np.errstate(invalid="ignore", divide="ignore"):
         fraction = np.where(region_ml > 0, lesion_ml / region_ml, np.nan)
-    return pd.DataFrame({
-        "region": ids,
-        "name": [UNLABELLED, *table["name"].astype(str)],
-        "short": [UNLABELLED, *table["short" if "short" in table.columns else "name"].astype(str)],
-        "lesion_ml": lesion_ml,
-        "region_ml": region_ml,
-        "lesion_fraction": fraction,
-        "load_share": lesion_counts[ids] / total if total else np.zeros(len(ids)),
-        "n_lesions": lesions_per_region[ids].astype(int),
-        "assigned_ml": assigned[ids] * voxel_ml,
-    })
+    return pd.DataFrame(
+        {
+            "region": ids,
+            "name": [UNLABELLED, *table["name"].astype(str)],
+            "short": [UNLABELLED, *table["short" if "short" in table.columns else "name"].astype(str)],
+            "lesion_ml": lesion_ml,
+            "region_ml": region_ml,
+            "lesion_fraction": fraction,
+            "load_share": lesion_counts[ids] / total if total else np.zeros(len(ids)),
+            "n_lesions": lesions_per_region[ids].astype(int),
+            "assigned_ml": assigned[ids] * voxel_ml,
+        }
+    )
 
 
 def _image(img_or_path, subject: str | None, what: str) -> tuple[nib.Nifti1Image, str]:
@@ -191,10 +223,16 @@ def _image(img_or_path, subject: str | None, what: str) -> tuple[nib.Nifti1Image
     return img_or_path, str(img_or_path.get_filename() or what)
 
 
-def regional_loads_img(lesion_img, regions_img, table: pd.DataFrame | str | os.PathLike,
-                       subject: str | None = None, ignore_label: int | None = None,
-                       fill_from: Iterable[int] | None = None, brain_img=None,
-                       max_distance_mm: float | None = None) -> pd.DataFrame:
+def regional_loads_img(
+    lesion_img,
+    regions_img,
+    table: pd.DataFrame | str | os.PathLike,
+    subject: str | None = None,
+    ignore_label: int | None = None,
+    fill_from: Iterable[int] | None = None,
+    brain_img=None,
+    max_distance_mm: float | None = None,
+) -> pd.DataFrame:
     """:func:`regional_loads` for images or paths; all must share one grid (the voxel size comes from it)."""
     les, les_name = _image(lesion_img, subject, "lesion mask")
     reg, reg_name = _image(regions_img, subject, "region map")
@@ -205,15 +243,31 @@ def regional_loads_img(lesion_img, regions_img, table: pd.DataFrame | str | os.P
         check_same_grid(les, brain_nii, les_name, brain_name, subject=subject)
         brain = np.asanyarray(brain_nii.dataobj) > 0
     who = f"subject {subject}: {les_name} / {reg_name}" if subject else f"{les_name} / {reg_name}"
-    return regional_loads(np.asanyarray(les.dataobj), np.asanyarray(reg.dataobj), les.header.get_zooms()[:3],
-                          table, ignore_label=ignore_label, who=who, fill_from=fill_from, brain=brain,
-                          max_distance_mm=max_distance_mm)
+    return regional_loads(
+        np.asanyarray(les.dataobj),
+        np.asanyarray(reg.dataobj),
+        les.header.get_zooms()[:3],
+        table,
+        ignore_label=ignore_label,
+        who=who,
+        fill_from=fill_from,
+        brain=brain,
+        max_distance_mm=max_distance_mm,
+    )
 
 
-def cohort_loads(records: pd.DataFrame | Iterable[Mapping], table: pd.DataFrame | str | os.PathLike,
-                 lesion: str = "lesion", regions: str = "regions", subject: str = "subject",
-                 ignore_label: int | None = None, progress: bool = True, fill_from: Iterable[int] | None = None,
-                 brain: str | None = None, max_distance_mm: float | None = None) -> pd.DataFrame:
+def cohort_loads(
+    records: pd.DataFrame | Iterable[Mapping],
+    table: pd.DataFrame | str | os.PathLike,
+    lesion: str = "lesion",
+    regions: str = "regions",
+    subject: str = "subject",
+    ignore_label: int | None = None,
+    progress: bool = True,
+    fill_from: Iterable[int] | None = None,
+    brain: str | None = None,
+    max_distance_mm: float | None = None,
+) -> pd.DataFrame:
     """Tidy loads of many subjects: ``records`` rows give the subject id, lesion path and region-map path.
 
     ``fill_from`` and the ``brain`` column (brain-mask paths) place lesion voxels outside every region
@@ -224,9 +278,16 @@ def cohort_loads(records: pd.DataFrame | Iterable[Mapping], table: pd.DataFrame 
     fill_from = None if fill_from is None else tuple(fill_from)
     out = []
     for rec in tqdm(rows, desc="regional loads", disable=not progress):
-        loads = regional_loads_img(rec[lesion], rec[regions], table, subject=str(rec[subject]), ignore_label=ignore_label,
-                                   fill_from=fill_from, brain_img=rec.get(brain) if brain else None,
-                                   max_distance_mm=max_distance_mm)
+        loads = regional_loads_img(
+            rec[lesion],
+            rec[regions],
+            table,
+            subject=str(rec[subject]),
+            ignore_label=ignore_label,
+            fill_from=fill_from,
+            brain_img=rec.get(brain) if brain else None,
+            max_distance_mm=max_distance_mm,
+        )
         out.append(loads.assign(subject=str(rec[subject])))
     if not out:
         return pd.DataFrame(columns=["subject", *COLUMNS])
@@ -234,9 +295,14 @@ def cohort_loads(records: pd.DataFrame | Iterable[Mapping], table: pd.DataFrame 
     return tidy[["subject", *COLUMNS]]
 
 
-def wide_matrix(tidy: pd.DataFrame, value: str = "lesion_ml", normalise: str | None = None,
-                volumes: pd.DataFrame | pd.Series | Mapping | None = None, unlabelled: bool = True,
-                names: str = "short") -> pd.DataFrame:
+def wide_matrix(
+    tidy: pd.DataFrame,
+    value: str = "lesion_ml",
+    normalise: str | None = None,
+    volumes: pd.DataFrame | pd.Series | Mapping | None = None,
+    unlabelled: bool = True,
+    names: str = "short",
+) -> pd.DataFrame:
     """Subjects x regions matrix of ``value`` (columns: region ``short`` names or ``names="name"``, in id order).
 
     ``normalise="icv"`` or ``"wm"`` divides each subject's row by its intracranial or WM
@@ -275,16 +341,25 @@ PAIRINGS = {
 }
 
 
-def cohort_pairings(records: pd.DataFrame, table: pd.DataFrame | str | os.PathLike,
-                    pairings: Mapping[str, tuple[str, str]] = PAIRINGS, ignore_label: int | None = 2,
-                    progress: bool = True, **fill) -> pd.DataFrame:
+def cohort_pairings(
+    records: pd.DataFrame,
+    table: pd.DataFrame | str | os.PathLike,
+    pairings: Mapping[str, tuple[str, str]] = PAIRINGS,
+    ignore_label: int | None = 2,
+    progress: bool = True,
+    **fill,
+) -> pd.DataFrame:
     """:func:`cohort_loads` for each named pairing of lesion and region columns, stacked with a ``pairing`` column.
 
     ``ignore_label=2`` drops the challenge's "other pathology" label from reference masks; ``fill``
     (``fill_from``, ``brain``, ``max_distance_mm``) goes to :func:`cohort_loads`.
     """
-    parts = [cohort_loads(records, table, lesion=les, regions=reg, ignore_label=ignore_label, progress=progress, **fill)
-             .assign(pairing=name) for name, (les, reg) in pairings.items()]
+    parts = [
+        cohort_loads(
+            records, table, lesion=les, regions=reg, ignore_label=ignore_label, progress=progress, **fill
+        ).assign(pairing=name)
+        for name, (les, reg) in pairings.items()
+    ]
     tidy = pd.concat(parts, ignore_index=True)
     return tidy[["pairing", "subject", *COLUMNS]]
 
@@ -293,47 +368,66 @@ def lesion_qc(tidy: pd.DataFrame) -> pd.DataFrame:
     """Per pairing and subject: total lesion mL, mL placed by nearest region, mL and fraction left in no region."""
     keys = [k for k in ("pairing", "subject") if k in tidy.columns]
     grouped = tidy.groupby(keys)
-    out = pd.DataFrame({"lesion_ml": grouped["lesion_ml"].sum(), "assigned_ml": grouped["assigned_ml"].sum(),
-                        "unassigned_ml": tidy[tidy["region"] == 0].groupby(keys)["lesion_ml"].sum()})
+    out = pd.DataFrame(
+        {
+            "lesion_ml": grouped["lesion_ml"].sum(),
+            "assigned_ml": grouped["assigned_ml"].sum(),
+            "unassigned_ml": tidy[tidy["region"] == 0].groupby(keys)["lesion_ml"].sum(),
+        }
+    )
     out["unassigned_ml"] = out["unassigned_ml"].fillna(0.0)
     out["unassigned_fraction"] = (out["unassigned_ml"] / out["lesion_ml"].where(out["lesion_ml"] > 0)).fillna(0.0)
     return out.reset_index()
 
 
-def write_loads(tidy: pd.DataFrame, out: str | os.PathLike, extra: Sequence[pd.DataFrame] = (),
-                lesions: pd.DataFrame | None = None) -> dict[str, Path]:
+def write_loads(
+    tidy: pd.DataFrame, out: str | os.PathLike, extra: Sequence[pd.DataFrame] = (), lesions: pd.DataFrame | None = None
+) -> dict[str, Path]:
     """The localization step's tables in ``out``: ``regional_loads.csv`` (``tidy`` and the ``extra`` tidy tables:
     classes, depth, bullseye), ``regional_loads_wide.csv`` (mL per region, a row per pairing and subject of
     ``tidy``), ``lesion_qc.csv`` (:func:`lesion_qc`) and, when given, ``lesions.csv`` (one row per lesion).
     Each is rewritten only when its bytes change."""
     out = Path(out)
     wide = pd.concat({p: wide_matrix(t) for p, t in tidy.groupby("pairing")}, names=["pairing", "subject"])
-    paths = {"loads": write_table_atomic(pd.concat([tidy, *extra], ignore_index=True),
-                                         out / artefacts.REGIONAL_LOADS.path, index=False, float_format="%.6g"),
-             "wide": write_table_atomic(wide, out / artefacts.REGIONAL_LOADS_WIDE.path, float_format="%.6g"),
-             "qc": write_table_atomic(lesion_qc(tidy), out / artefacts.LESION_QC.path, index=False)}
+    paths = {
+        "loads": write_table_atomic(
+            pd.concat([tidy, *extra], ignore_index=True),
+            out / artefacts.REGIONAL_LOADS.path,
+            index=False,
+            float_format="%.6g",
+        ),
+        "wide": write_table_atomic(wide, out / artefacts.REGIONAL_LOADS_WIDE.path, float_format="%.6g"),
+        "qc": write_table_atomic(lesion_qc(tidy), out / artefacts.LESION_QC.path, index=False),
+    }
     if lesions is not None:
         paths["lesions"] = write_table_atomic(lesions, out / artefacts.LESIONS.path, index=False, float_format="%.6g")
     return paths
 
 
-def load_agreement(tidy: pd.DataFrame, other: str, reference: str = "reference", value: str = "lesion_ml") -> pd.DataFrame:
+def load_agreement(
+    tidy: pd.DataFrame, other: str, reference: str = "reference", value: str = "lesion_ml"
+) -> pd.DataFrame:
     """Per subject, how far the ``other`` pairing's regional loads are from the ``reference`` pairing's.
 
     Columns: total_ref and total_other (sum of ``value``), abs_error (sum over regions of
     |other - ref|), rel_error (abs_error / total_ref) and pearson_r across regions.
     """
     wide = tidy[tidy["pairing"].isin([reference, other])].pivot_table(
-        index=["subject", "region"], columns="pairing", values=value)
+        index=["subject", "region"], columns="pairing", values=value
+    )
     if reference not in wide.columns or other not in wide.columns:
-        raise InputError(f"pairings {reference!r} and {other!r} must both be in the table, found {sorted(tidy['pairing'].unique())}")
+        raise InputError(
+            f"pairings {reference!r} and {other!r} must both be in the table, found {sorted(tidy['pairing'].unique())}"
+        )
     wide = wide.dropna()
     diff = (wide[other] - wide[reference]).abs()
-    out = pd.DataFrame({
-        "total_ref": wide[reference].groupby(level="subject").sum(),
-        "total_other": wide[other].groupby(level="subject").sum(),
-        "abs_error": diff.groupby(level="subject").sum(),
-    })
+    out = pd.DataFrame(
+        {
+            "total_ref": wide[reference].groupby(level="subject").sum(),
+            "total_other": wide[other].groupby(level="subject").sum(),
+            "abs_error": diff.groupby(level="subject").sum(),
+        }
+    )
     out["rel_error"] = out["abs_error"] / out["total_ref"].where(out["total_ref"] > 0)
     out["pearson_r"] = [wide.loc[s, reference].corr(wide.loc[s, other]) for s in out.index]
     return out
@@ -350,10 +444,15 @@ class SubjectReport:
     top: pd.DataFrame
 
     def __str__(self) -> str:
-        lines = [f"subject {self.subject}: {self.total_ml:.2f} mL in {self.n_lesions} lesions "
-                 f"({self.unlabelled_ml:.2f} mL outside the regions)"]
-        lines += [f"  {r.short}: {r.lesion_ml:.2f} mL ({100 * r.load_share:.0f}% of the load, "
-                  f"{100 * r.lesion_fraction:.2f}% of the region)" for r in self.top.itertuples()]
+        lines = [
+            f"subject {self.subject}: {self.total_ml:.2f} mL in {self.n_lesions} lesions "
+            f"({self.unlabelled_ml:.2f} mL outside the regions)"
+        ]
+        lines += [
+            f"  {r.short}: {r.lesion_ml:.2f} mL ({100 * r.load_share:.0f}% of the load, "
+            f"{100 * r.lesion_fraction:.2f}% of the region)"
+            for r in self.top.itertuples()
+        ]
         return "\n".join(lines)
 
 
@@ -368,8 +467,9 @@ def subject_report(tidy: pd.DataFrame, subject: str, top: int = 5) -> SubjectRep
         total_ml=float(rows["lesion_ml"].sum()),
         n_lesions=int(rows["n_lesions"].sum()),
         unlabelled_ml=float(rows.loc[rows["region"] == 0, "lesion_ml"].sum()),
-        top=labelled.nlargest(top, "lesion_ml")[["region", "short", "name", "lesion_ml", "load_share", "lesion_fraction", "n_lesions"]]
-        .reset_index(drop=True),
+        top=labelled.nlargest(top, "lesion_ml")[
+            ["region", "short", "name", "lesion_ml", "load_share", "lesion_fraction", "n_lesions"]
+        ].reset_index(drop=True),
     )
 
 

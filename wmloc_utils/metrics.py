@@ -10,7 +10,7 @@ anisotropic grids such as 1x1x3 mm give distances and volumes in physical units.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -108,8 +108,10 @@ def wmh_metrics(reference: np.ndarray, prediction: np.ndarray, zooms: Sequence[f
     """
     zooms = np.asarray(zooms, float)[:3]
     if zooms.shape != (3,) or not np.all(np.isfinite(zooms)) or (zooms <= 0).any():
-        raise InputError(f"voxel sizes must be three positive numbers (mm), got {zooms.tolist()}: distances and volumes "
-                         f"would be wrong (check the image header's pixdim)")
+        raise InputError(
+            f"voxel sizes must be three positive numbers (mm), got {zooms.tolist()}: distances and volumes "
+            f"would be wrong (check the image header's pixdim)"
+        )
     ref, pred = prepare(reference, prediction)
     recall, f1 = lesion_detection(ref, pred)
     return {"dice": dice(ref, pred), "hd95": hd95(ref, pred, zooms), "avd": avd(ref, pred), "recall": recall, "f1": f1}
@@ -140,7 +142,9 @@ def region_dice(reference: np.ndarray, prediction: np.ndarray, labels: Iterable[
     labels = [int(lab) for lab in labels]
     for name, arr in (("reference", reference), ("prediction", prediction)):
         if arr.size and (not np.all(np.isfinite(arr)) or arr.min() < 0):
-            raise InputError(f"region {name} map must hold labels >= 0, found {np.unique(arr[~(arr >= 0)])[:5].tolist()}")
+            raise InputError(
+                f"region {name} map must hold labels >= 0, found {np.unique(arr[~(arr >= 0)])[:5].tolist()}"
+            )
     # one joint histogram instead of a pass over the volume per label
     n = int(max(reference.max(initial=0), prediction.max(initial=0), max(labels, default=0))) + 1
     r, p = (np.rint(a).astype(np.int64).ravel() for a in (reference, prediction))

@@ -23,14 +23,23 @@ def multires_widths(filters: int, alpha: float) -> list[int]:
 class MultiResBlock(torch.nn.Module):
     """Three chained 3x3x3 convolutions, concatenated and normalised, plus a 1x1x1 shortcut; then act + norm."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, filters: int, alpha: float, act: str | tuple,
-                 norm: str | tuple, dropout: float) -> None:
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        filters: int,
+        alpha: float,
+        act: str | tuple,
+        norm: str | tuple,
+        dropout: float,
+    ) -> None:
         super().__init__()
         widths = multires_widths(filters, alpha)
         out = sum(widths)
         self.convs = torch.nn.ModuleList(
             Convolution(spatial_dims, c_in, c_out, kernel_size=3, act=act, norm=norm)
-            for c_in, c_out in zip([in_channels, *widths[:-1]], widths))
+            for c_in, c_out in zip([in_channels, *widths[:-1]], widths)
+        )
         self.norm = ADN("N", out, norm=norm, norm_dim=spatial_dims)
         self.shortcut = Convolution(spatial_dims, in_channels, out, kernel_size=1, act=None, norm=norm)
         # element-wise dropout (as MONAI's UNet): the top blocks have too few channels to drop whole ones
@@ -47,10 +56,12 @@ class MultiResBlock(torch.nn.Module):
 class ResPath(torch.nn.Sequential):
     """The skip connection of one level: ``length`` 3x3x3 convolutions, each with a 1x1x1 residual shortcut."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, filters: int, length: int, act: str | tuple,
-                 norm: str | tuple) -> None:
-        super().__init__(*(_ResStep(spatial_dims, in_channels if i == 0 else filters, filters, act, norm)
-                           for i in range(length)))
+    def __init__(
+        self, spatial_dims: int, in_channels: int, filters: int, length: int, act: str | tuple, norm: str | tuple
+    ) -> None:
+        super().__init__(
+            *(_ResStep(spatial_dims, in_channels if i == 0 else filters, filters, act, norm) for i in range(length))
+        )
 
 
 class _ResStep(torch.nn.Module):
@@ -75,24 +86,47 @@ class MultiResUNet(torch.nn.Module):
     1x1x1 convolution gives ``out_channels``. The paper's network: ``base_filters=32, depth=4``.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, base_filters: int = 32, depth: int = 4,
-                 alpha: float = 1.67, act: str | tuple = "relu", norm: str | tuple = "batch",
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        base_filters: int = 32,
+        depth: int = 4,
+        alpha: float = 1.67,
+        act: str | tuple = "relu",
+        norm: str | tuple = "batch",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.depth = depth
-        filters = [base_filters * 2 ** i for i in range(depth + 1)]
+        filters = [base_filters * 2**i for i in range(depth + 1)]
         widths = [sum(multires_widths(u, alpha)) for u in filters]
         self.encoder = torch.nn.ModuleList(
             MultiResBlock(spatial_dims, c_in, u, alpha, act, norm, dropout)
-            for c_in, u in zip([in_channels, *widths[:-1]], filters))
+            for c_in, u in zip([in_channels, *widths[:-1]], filters)
+        )
         self.pool = Pool[Pool.MAX, spatial_dims](2)
         self.res_paths = torch.nn.ModuleList(
-            ResPath(spatial_dims, widths[i], filters[i], depth - i, act, norm) for i in range(depth))
+            ResPath(spatial_dims, widths[i], filters[i], depth - i, act, norm) for i in range(depth)
+        )
         self.up = torch.nn.ModuleList(
-            Convolution(spatial_dims, widths[i + 1], filters[i], strides=2, kernel_size=2, padding=0, output_padding=0,
-                        is_transposed=True, conv_only=True) for i in range(depth))
+            Convolution(
+                spatial_dims,
+                widths[i + 1],
+                filters[i],
+                strides=2,
+                kernel_size=2,
+                padding=0,
+                output_padding=0,
+                is_transposed=True,
+                conv_only=True,
+            )
+            for i in range(depth)
+        )
         self.decoder = torch.nn.ModuleList(
-            MultiResBlock(spatial_dims, 2 * filters[i], filters[i], alpha, act, norm, dropout) for i in range(depth))
+            MultiResBlock(spatial_dims, 2 * filters[i], filters[i], alpha, act, norm, dropout) for i in range(depth)
+        )
         self.head = Convolution(spatial_dims, widths[0], out_channels, kernel_size=1, conv_only=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

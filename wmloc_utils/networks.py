@@ -11,7 +11,8 @@ can be ignored everywhere in the loss.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,17 +29,24 @@ ARCHITECTURES = ("unet", "unetr", "segresnet", "mednext", "multiresunet")
 # Small defaults: the book trains on 2 CPU cores. Paper-scale models are a matter of overrides.
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "unet": dict(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=0, norm="instance"),
-    "unetr": dict(img_size=(64, 64, 64), feature_size=8, hidden_size=192, mlp_dim=384, num_heads=4,
-                  norm_name="instance"),
+    "unetr": dict(
+        img_size=(64, 64, 64), feature_size=8, hidden_size=192, mlp_dim=384, num_heads=4, norm_name="instance"
+    ),
     "segresnet": dict(init_filters=8, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1)),
-    "mednext": dict(init_filters=8, kernel_size=3, blocks_down=(1, 1, 1, 1), blocks_bottleneck=1,
-                    blocks_up=(1, 1, 1, 1)),
+    "mednext": dict(
+        init_filters=8, kernel_size=3, blocks_down=(1, 1, 1, 1), blocks_bottleneck=1, blocks_up=(1, 1, 1, 1)
+    ),
     # ten 3x3x3 convolutions at full resolution (two MultiRes blocks, a ResPath of 4) set its CPU time: with
     # 4 base filters a training step takes about 1.4x mednext's, and its size is near the others'
     "multiresunet": dict(base_filters=4, depth=4, alpha=1.67, norm="instance"),
 }
-_CLASSES = {"unet": nets.UNet, "unetr": nets.UNETR, "segresnet": nets.SegResNet, "mednext": nets.MedNeXt,
-            "multiresunet": MultiResUNet}
+_CLASSES = {
+    "unet": nets.UNet,
+    "unetr": nets.UNETR,
+    "segresnet": nets.SegResNet,
+    "mednext": nets.MedNeXt,
+    "multiresunet": MultiResUNet,
+}
 # Each spatial size of an input patch must be a multiple of this (number of down-samplings).
 PATCH_DIVISOR = {"unet": 8, "unetr": 16, "segresnet": 8, "mednext": 16, "multiresunet": 16}
 
@@ -50,8 +58,10 @@ def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     allowed = set(inspect.signature(_CLASSES[name]).parameters) - {"spatial_dims", "in_channels", "out_channels"}
     unknown = sorted(set(overrides) - allowed)
     if unknown:
-        raise ValueError(f"{name} ({_CLASSES[name].__name__}) has no option {', '.join(map(repr, unknown))}; "
-                         f"its options: {', '.join(sorted(allowed))}")
+        raise ValueError(
+            f"{name} ({_CLASSES[name].__name__}) has no option {', '.join(map(repr, unknown))}; "
+            f"its options: {', '.join(sorted(allowed))}"
+        )
     return {**_DEFAULTS[name], **overrides}
 
 
@@ -124,8 +134,13 @@ class SegLoss(torch.nn.Module):
     Voxels whose target equals ``ignore_label`` contribute to none of the three terms.
     """
 
-    def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0, skeleton_weight: float = 1.0,
-                 ignore_label: int | None = None) -> None:
+    def __init__(
+        self,
+        ce_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        skeleton_weight: float = 1.0,
+        ignore_label: int | None = None,
+    ) -> None:
         super().__init__()
         self.weights = (float(ce_weight), float(dice_weight), float(skeleton_weight))
         self.ignore_label = ignore_label
@@ -139,7 +154,9 @@ class SegLoss(torch.nn.Module):
         keep = target != self.ignore_label
         return torch.where(keep, target, torch.zeros_like(target)), keep
 
-    def terms(self, logits: torch.Tensor, target: torch.Tensor, skeleton: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def terms(
+        self, logits: torch.Tensor, target: torch.Tensor, skeleton: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """The three unweighted loss terms (``skeleton`` None gives a zero skeleton term).
 
         Data-parallel training, where each process holds part of the batch, uses :meth:`global_terms`.
@@ -154,8 +171,13 @@ class SegLoss(torch.nn.Module):
             skel = 1.0 - skeleton_recall(torch.softmax(logits, 1), skeleton)
         return {"ce": ce, "dice": dice, "skeleton": skel}
 
-    def global_terms(self, logits: torch.Tensor, target: torch.Tensor, skeleton: torch.Tensor | None,
-                     reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    def global_terms(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        skeleton: torch.Tensor | None,
+        reduce: Callable[[torch.Tensor], torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
         """The terms of a whole batch of which this process holds a part, from sums that ``reduce`` adds up.
 
         Every term is a ratio of sums over the batch (cross-entropy over the kept voxels, batch-wise Dice,
@@ -164,8 +186,9 @@ class SegLoss(torch.nn.Module):
         processes; with the identity this equals :meth:`terms` up to rounding (computed in float32).
         """
         # plain tensors (MONAI's MetaTensor would try to carry its metadata through the sums)
-        logits, target, skeleton = (t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t
-                                    for t in (logits, target, skeleton))
+        logits, target, skeleton = (
+            t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t for t in (logits, target, skeleton)
+        )
         logits = logits.float()
         n = logits.shape[1]
         target, keep = self._kept(target)
@@ -174,16 +197,31 @@ class SegLoss(torch.nn.Module):
         pred = (probs * keep)[:, 1:]  # foreground classes inside the kept voxels (MaskedDiceLoss)
         truth = F.one_hot(target[:, 0], n).movedim(-1, 1)[:, 1:].to(pred.dtype)
         dims = [0, *range(2, pred.ndim)]
-        hit, total = (_skeleton_sums(probs, skeleton) if skeleton is not None
-                      else (probs.new_zeros(n), probs.new_zeros(n)))
-        sums = reduce(torch.cat([ce[None], keep.sum()[None].to(ce.dtype), (pred * truth).sum(dims),
-                                 pred.sum(dims), truth.sum(dims), hit, total]))
+        hit, total = (
+            _skeleton_sums(probs, skeleton) if skeleton is not None else (probs.new_zeros(n), probs.new_zeros(n))
+        )
+        sums = reduce(
+            torch.cat(
+                [
+                    ce[None],
+                    keep.sum()[None].to(ce.dtype),
+                    (pred * truth).sum(dims),
+                    pred.sum(dims),
+                    truth.sum(dims),
+                    hit,
+                    total,
+                ]
+            )
+        )
         ce, kept, tp, p_sum, t_sum, hit, total = sums.split([1, 1, n - 1, n - 1, n - 1, n, n])
         nr, dr = self.dice.smooth_nr, self.dice.smooth_dr
         dice = (1.0 - (2.0 * tp + nr) / (p_sum + t_sum + dr)).mean()
         present = total > 0
-        skel = (1.0 - (hit[present] / (total[present] + 1e-6)).mean() if skeleton is not None and present.any()
-                else logits.new_zeros(()))
+        skel = (
+            1.0 - (hit[present] / (total[present] + 1e-6)).mean()
+            if skeleton is not None and present.any()
+            else logits.new_zeros(())
+        )
         return {"ce": (ce / kept.clamp_min(1))[0], "dice": dice, "skeleton": skel}
 
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -62,17 +62,21 @@ def upstream_fingerprints(paths: dict[str, str | os.PathLike]) -> dict[str, dict
     return {name: file_fingerprint(p, full_hash=True) for name, p in paths.items()}
 
 
-def fingerprint(inputs: dict[str, str | os.PathLike], params: dict, upstream: dict[str, dict] | None = None,
-                full_hash: bool = False) -> dict:
+def fingerprint(
+    inputs: dict[str, str | os.PathLike], params: dict, upstream: dict[str, dict] | None = None, full_hash: bool = False
+) -> dict:
     """Fingerprint of one result: its input files, parameters, package version and upstream artefacts.
 
     ``upstream`` holds :func:`upstream_fingerprints` (computed once for all the results of a step).
     """
     from . import __version__
 
-    return {"version": __version__, "params": dict(params),
-            "inputs": {k: file_fingerprint(p, full_hash) for k, p in inputs.items()},
-            "upstream": dict(upstream or {})}
+    return {
+        "version": __version__,
+        "params": dict(params),
+        "inputs": {k: file_fingerprint(p, full_hash) for k, p in inputs.items()},
+        "upstream": dict(upstream or {}),
+    }
 
 
 def _file_change(name: str, old: dict, new: dict) -> str | None:
@@ -80,11 +84,18 @@ def _file_change(name: str, old: dict, new: dict) -> str | None:
     if old.get("path") != new.get("path"):
         return f"{name} is another file ({old.get('path')} -> {new.get('path')})"
     if old.get("missing") or new.get("missing"):
-        return None if old.get("missing") == new.get("missing") else f"{name} {'missing' if new.get('missing') else 'appeared'}"
+        return (
+            None
+            if old.get("missing") == new.get("missing")
+            else f"{name} {'missing' if new.get('missing') else 'appeared'}"
+        )
     if old.get("sha256") and new.get("sha256"):
         return None if old["sha256"] == new["sha256"] else f"{name} changed (content)"
-    what = [label for key, label in (("mtime_ns", "mtime"), ("size", "size"), ("header", "header"))
-            if old.get(key) != new.get(key)]
+    what = [
+        label
+        for key, label in (("mtime_ns", "mtime"), ("size", "size"), ("header", "header"))
+        if old.get(key) != new.get(key)
+    ]
     return f"{name} changed ({'/'.join(what)})" if what else None
 
 
@@ -111,8 +122,11 @@ def changes(old: dict | None, new: dict) -> list[str]:
 
 def outputs_changed(recorded: dict[str, dict]) -> list[str]:
     """Reasons why written outputs (name -> fingerprint when written) are no longer as written; [] when intact."""
-    return [why for name, fp in recorded.items()
-            if (why := _file_change(name, fp, file_fingerprint(fp["path"], full_hash="sha256" in fp))) is not None]
+    return [
+        why
+        for name, fp in recorded.items()
+        if (why := _file_change(name, fp, file_fingerprint(fp["path"], full_hash="sha256" in fp))) is not None
+    ]
 
 
 def write_text_if_changed(path: str | os.PathLike, text: str) -> bool:

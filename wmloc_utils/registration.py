@@ -43,10 +43,18 @@ T1_REG_SPACING = 2.0  # mm: grid of the rigid T1-to-FLAIR registration (the tran
 
 
 # ---------------------------------------------------------------- registration
-def register_atlas(atlas_wm: nib.spatialimages.SpatialImage, subject_wm: nib.spatialimages.SpatialImage,
-                   outprefix: str | os.PathLike, method: str = "Affine", reg_spacing: float | None = 3.0,
-                   metric: str = "GC", seed: int = 0, sampling: float = 1.0,
-                   mask_mm: float | None = 12.0, subject: str | None = None) -> dict:
+def register_atlas(
+    atlas_wm: nib.spatialimages.SpatialImage,
+    subject_wm: nib.spatialimages.SpatialImage,
+    outprefix: str | os.PathLike,
+    method: str = "Affine",
+    reg_spacing: float | None = 3.0,
+    metric: str = "GC",
+    seed: int = 0,
+    sampling: float = 1.0,
+    mask_mm: float | None = 12.0,
+    subject: str | None = None,
+) -> dict:
     """Register atlas WM (moving) to subject WM probability/mask (fixed) with ``ants.registration``.
 
     Starts from the centre-of-mass alignment (ANTs' default ``[fixed,moving,1]`` initialiser) and
@@ -72,20 +80,33 @@ def register_atlas(atlas_wm: nib.spatialimages.SpatialImage, subject_wm: nib.spa
     if mask_mm:
         kwargs["mask"] = _wm_mask(fixed, mask_mm, subject)
     seed_ants(seed)
-    reg = ants.registration(fixed, moving, type_of_transform=method, outprefix=str(outprefix), aff_metric=metric,
-                            aff_random_sampling_rate=sampling, **kwargs)
+    reg = ants.registration(
+        fixed,
+        moving,
+        type_of_transform=method,
+        outprefix=str(outprefix),
+        aff_metric=metric,
+        aff_random_sampling_rate=sampling,
+        **kwargs,
+    )
     metric = float(ants.image_similarity(fixed, reg["warpedmovout"], metric_type="MattesMutualInformation"))
     _remove_inverse(reg)
-    return {"transforms": list(reg["fwdtransforms"]), "metric": metric, "seconds": time.perf_counter() - start,
-            "method": method}
+    return {
+        "transforms": list(reg["fwdtransforms"]),
+        "metric": metric,
+        "seconds": time.perf_counter() - start,
+        "method": method,
+    }
 
 
 def _wm_mask(wm: ants.ANTsImage, dilate_mm: float, subject: str | None = None) -> ants.ANTsImage:
     """WM (> 0.5) dilated by ``dilate_mm`` (a ball in mm, on the image's own grid): the metric's region."""
     inside = wm.numpy() > 0.5
     if not inside.any():
-        raise InputError(f"{'subject ' + subject + ': ' if subject else ''}the WM map given to register_atlas has no "
-                         "voxel above 0.5, so there is nothing to register the atlas to; check the tissue step")
+        raise InputError(
+            f"{'subject ' + subject + ': ' if subject else ''}the WM map given to register_atlas has no "
+            "voxel above 0.5, so there is nothing to register the atlas to; check the tissue step"
+        )
     dist = ndimage.distance_transform_edt(~inside, sampling=wm.spacing)
     return wm.new_image_like((dist <= dilate_mm).astype(np.float32))
 
@@ -119,9 +140,13 @@ def fill_wm_labels(labels: np.ndarray, wm: np.ndarray, zooms, regions=WM_REGIONS
     return labels
 
 
-def propagate_labels(refined_atlas: nib.spatialimages.SpatialImage, transforms: list[str],
-                     subject_grid: nib.spatialimages.SpatialImage, wm_mask: nib.spatialimages.SpatialImage | np.ndarray,
-                     subject: str | None = None) -> nib.Nifti1Image:
+def propagate_labels(
+    refined_atlas: nib.spatialimages.SpatialImage,
+    transforms: list[str],
+    subject_grid: nib.spatialimages.SpatialImage,
+    wm_mask: nib.spatialimages.SpatialImage | np.ndarray,
+    subject: str | None = None,
+) -> nib.Nifti1Image:
     """Carry the refined labels (0..36) onto the subject grid (``genericLabel``) and keep them inside WM.
 
     Labels 35/36 (non-WM structures) stay where the subject WM overlaps them; every other WM
@@ -129,8 +154,10 @@ def propagate_labels(refined_atlas: nib.spatialimages.SpatialImage, transforms: 
     """
     wm = np.asanyarray(getattr(wm_mask, "dataobj", wm_mask)) > 0
     if wm.shape != subject_grid.shape[:3]:
-        raise InputError(f"{'subject ' + subject + ': ' if subject else ''}WM mask shape {wm.shape} "
-                         f"differs from the subject grid {subject_grid.shape[:3]}")
+        raise InputError(
+            f"{'subject ' + subject + ': ' if subject else ''}WM mask shape {wm.shape} "
+            f"differs from the subject grid {subject_grid.shape[:3]}"
+        )
     if not wm.any():
         raise InputError(f"{'subject ' + subject + ': ' if subject else ''}WM mask is empty, no voxel to label")
     # resample only inside the WM bounding box (+2 voxels): genericLabel costs per output voxel
@@ -145,8 +172,9 @@ def propagate_labels(refined_atlas: nib.spatialimages.SpatialImage, transforms: 
     return like(subject_grid, labels.astype(np.uint8))
 
 
-def warp_mask(mask: nib.spatialimages.SpatialImage, transforms: list[str],
-              subject_grid: nib.spatialimages.SpatialImage) -> np.ndarray:
+def warp_mask(
+    mask: nib.spatialimages.SpatialImage, transforms: list[str], subject_grid: nib.spatialimages.SpatialImage
+) -> np.ndarray:
     """A binary atlas mask carried onto the subject grid (linear, > 0.5)."""
     out = ants.apply_transforms(to_ants(subject_grid), to_ants(mask), transforms, interpolator="linear")
     return out.numpy() > 0.5
@@ -164,14 +192,25 @@ def atlas_inputs(workdir: str | os.PathLike | None = None, data_dir=None) -> dic
     check_same_grid(eve["tissue"], labels, "the Eve atlas", f"refined atlas ({path})")
     check_labels(labels, LABEL_IDS + (0,), path, what="refined atlas")
     if not np.isin(np.asanyarray(labels.dataobj), WM_REGIONS).any():
-        raise InputError(f"{path}: the refined atlas holds none of the WM regions 1..34: rerun notebook "
-                         f"{artefacts.REFINED_ATLAS.notebook}.ipynb")
+        raise InputError(
+            f"{path}: the refined atlas holds none of the WM regions 1..34: rerun notebook "
+            f"{artefacts.REFINED_ATLAS.notebook}.ipynb"
+        )
     return {"wm": wm, "labels": labels}
 
 
-def process_subject(subject: str, t1, flair, outdir: str | os.PathLike, atlas: dict, lesion=None,
-                    method: str = "Affine", reg_spacing: float | None = 3.0, truth_dir=None,
-                    fingerprint: dict | None = None) -> dict:
+def process_subject(
+    subject: str,
+    t1,
+    flair,
+    outdir: str | os.PathLike,
+    atlas: dict,
+    lesion=None,
+    method: str = "Affine",
+    reg_spacing: float | None = 3.0,
+    truth_dir=None,
+    fingerprint: dict | None = None,
+) -> dict:
     """Brain mask, tissues, WM mask, registration and region labels of one subject, written to ``outdir``.
 
     Files: brain_mask, tissue, prob_{csf,gm,wm}, wm_mask, regions (.nii.gz, FLAIR grid), the
@@ -196,9 +235,14 @@ def process_subject(subject: str, t1, flair, outdir: str | os.PathLike, atlas: d
     if not wm.any():
         raise InputError(f"subject {subject}: the tissue segmentation found no white matter (WM mask is empty)")
     save_nifti(seg["wm_mask"], out / "wm_mask.nii.gz")
-    qc = {"subject": subject, "brain_mask": str(out / "brain_mask.nii.gz"), "tissue": str(out / "tissue.nii.gz"),
-          "wm_mask": str(out / "wm_mask.nii.gz"), "t1_on_flair": t1_on_flair,
-          **label_subject(subject, seg["wm"], wm, flair_img, out, atlas, method, reg_spacing)}
+    qc = {
+        "subject": subject,
+        "brain_mask": str(out / "brain_mask.nii.gz"),
+        "tissue": str(out / "tissue.nii.gz"),
+        "wm_mask": str(out / "wm_mask.nii.gz"),
+        "t1_on_flair": t1_on_flair,
+        **label_subject(subject, seg["wm"], wm, flair_img, out, atlas, method, reg_spacing),
+    }
     if _given(truth_dir) and Path(truth_dir, "tissue.nii.gz").exists():
         true_wm = np.asanyarray(load_nifti(Path(truth_dir) / "tissue.nii.gz", subject, "true tissue").dataobj) == 3
         qc["true_wm_dice"] = dice(wm, true_wm)
@@ -232,38 +276,82 @@ def _t1_on_flair(subject: str, t1_img: nib.Nifti1Image, flair_img: nib.Nifti1Ima
     return t1_img, str(path)
 
 
-def label_subject(subject: str, wm_prob, wm: np.ndarray, grid, outdir: str | os.PathLike, atlas: dict,
-                  method: str = "Affine", reg_spacing: float | None = 3.0) -> dict:
+def label_subject(
+    subject: str,
+    wm_prob,
+    wm: np.ndarray,
+    grid,
+    outdir: str | os.PathLike,
+    atlas: dict,
+    method: str = "Affine",
+    reg_spacing: float | None = 3.0,
+) -> dict:
     """Register the atlas to one subject's WM and write ``regions.nii.gz`` + transform in ``outdir``; QC dict."""
     out = Path(outdir)
-    reg = register_atlas(atlas["wm"], wm_prob, outprefix=out / "atlas_to_subject_", method=method, subject=subject,
-                         reg_spacing=reg_spacing)
+    reg = register_atlas(
+        atlas["wm"],
+        wm_prob,
+        outprefix=out / "atlas_to_subject_",
+        method=method,
+        subject=subject,
+        reg_spacing=reg_spacing,
+    )
     t0 = time.perf_counter()
     regions = propagate_labels(atlas["labels"], reg["transforms"], grid, wm, subject=subject)
     save_nifti(regions, out / "regions.nii.gz")
     voxel_ml = float(np.prod(grid.header.get_zooms()[:3])) / 1000
-    return {"method": method, "regions": str(out / "regions.nii.gz"), "transform": ";".join(reg["transforms"]),
-            "metric": reg["metric"], "wm_dice": dice(warp_mask(atlas["wm"], reg["transforms"], grid), wm),
-            "wm_ml": float(wm.sum() * voxel_ml), "n_regions": int(len(np.unique(np.asanyarray(regions.dataobj))) - 1),
-            "registration_seconds": reg["seconds"], "propagation_seconds": time.perf_counter() - t0}
+    return {
+        "method": method,
+        "regions": str(out / "regions.nii.gz"),
+        "transform": ";".join(reg["transforms"]),
+        "metric": reg["metric"],
+        "wm_dice": dice(warp_mask(atlas["wm"], reg["transforms"], grid), wm),
+        "wm_ml": float(wm.sum() * voxel_ml),
+        "n_regions": int(len(np.unique(np.asanyarray(regions.dataobj))) - 1),
+        "registration_seconds": reg["seconds"],
+        "propagation_seconds": time.perf_counter() - t0,
+    }
 
 
-def relabel(subject_dir: str | os.PathLike, flair, atlas: dict, method: str, outdir: str | os.PathLike,
-            reg_spacing: float | None = 3.0) -> dict:
+def relabel(
+    subject_dir: str | os.PathLike,
+    flair,
+    atlas: dict,
+    method: str,
+    outdir: str | os.PathLike,
+    reg_spacing: float | None = 3.0,
+) -> dict:
     """Re-register a processed subject (its ``prob_wm`` and ``wm_mask``) with another ``method`` into ``outdir``."""
     src = Path(subject_dir)
     wm = np.asanyarray(load_nifti(src / "wm_mask.nii.gz", what="WM mask").dataobj) > 0
     Path(outdir).mkdir(parents=True, exist_ok=True)
-    return label_subject(src.name, load_nifti(src / "prob_wm.nii.gz", what="WM probability"), wm,
-                         load_nifti(flair, what="FLAIR"), outdir, atlas, method, reg_spacing)
+    return label_subject(
+        src.name,
+        load_nifti(src / "prob_wm.nii.gz", what="WM probability"),
+        wm,
+        load_nifti(flair, what="FLAIR"),
+        outdir,
+        atlas,
+        method,
+        reg_spacing,
+    )
 
 
 def _worker(args: tuple, atlas: dict | None = None) -> dict:
     """One subject of :func:`run_cohort` in a worker (one ITK thread per process: :data:`wmloc_utils.ITK_THREADS`)."""
     row, outdir, workdir, method, reg_spacing, fp = args
-    return process_subject(row["subject"], row["t1"], row["flair"], outdir,
-                           atlas if atlas is not None else atlas_inputs(workdir), lesion=row.get("lesion"),
-                           method=method, reg_spacing=reg_spacing, truth_dir=row.get("truth_dir"), fingerprint=fp)
+    return process_subject(
+        row["subject"],
+        row["t1"],
+        row["flair"],
+        outdir,
+        atlas if atlas is not None else atlas_inputs(workdir),
+        lesion=row.get("lesion"),
+        method=method,
+        reg_spacing=reg_spacing,
+        truth_dir=row.get("truth_dir"),
+        fingerprint=fp,
+    )
 
 
 def _run_jobs(jobs: list[tuple], workdir, n_jobs: int | None, scheduler, cluster_config):
@@ -283,8 +371,7 @@ def _run_jobs(jobs: list[tuple], workdir, n_jobs: int | None, scheduler, cluster
             except Exception as err:  # noqa: BLE001 (the caller raises it or records it)
                 yield job, err
         return
-    for i, result in cluster.run_each(_worker, jobs, n, scheduler, [job[0]["subject"] for job in jobs],
-                                      cluster_config):
+    for i, result in cluster.run_each(_worker, jobs, n, scheduler, [job[0]["subject"] for job in jobs], cluster_config):
         yield jobs[i], result
 
 
@@ -301,7 +388,10 @@ def _report_failures(failed: dict[str, dict], n_subjects: int) -> None:
     if not failed:
         return
     bar = "!" * 72
-    lines = [bar, f"{len(failed)} of {n_subjects} subjects FAILED (status 'failed' in regions.csv; the others finished):"]
+    lines = [
+        bar,
+        f"{len(failed)} of {n_subjects} subjects FAILED (status 'failed' in regions.csv; the others finished):",
+    ]
     lines += [f"  {qc['error']}" for qc in failed.values()]
     lines += ["Fix their input and run again: finished subjects are reused, failed ones retried.", bar]
     print("\n".join(lines), flush=True)
@@ -313,12 +403,15 @@ def atlas_sources(workdir: str | os.PathLike | None = None, data_dir=None) -> di
 
     folder = eve_dir(data_dir)
     refined = artefacts.path(workdir, artefacts.REFINED_ATLAS) if workdir else None
-    return {"Eve tissue": folder / EVE_FILES["tissue"],
-            "refined atlas": refined if refined is not None and refined.exists() else folder / EVE_FILES["type2"]}
+    return {
+        "Eve tissue": folder / EVE_FILES["tissue"],
+        "refined atlas": refined if refined is not None and refined.exists() else folder / EVE_FILES["type2"],
+    }
 
 
-def subject_fingerprint(row: dict, method: str, reg_spacing: float | None, upstream: dict,
-                        full_hash: bool = False) -> dict:
+def subject_fingerprint(
+    row: dict, method: str, reg_spacing: float | None, upstream: dict, full_hash: bool = False
+) -> dict:
     """What one subject's regions are made of: its files, the step parameters and the atlas files (``upstream``:
     :func:`provenance.upstream_fingerprints` of :func:`atlas_sources`)."""
     inputs = {"T1": row["t1"], "FLAIR": row["flair"]}
@@ -346,11 +439,21 @@ def _qc_row(qc: dict) -> dict:
     return {k: v for k, v in qc.items() if k not in ("fingerprint", "outputs")}
 
 
-def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, method: str = "Affine",
-               n_jobs: int | None = None, overwrite: bool = False, n_subjects: int | None = None,
-               reg_spacing: float | None = 3.0, progress: bool = True, full_hash: bool = False,
-               region_targets: str = "registered", scheduler: str | Client = "processes", errors: str = "raise",
-               cluster_config: str | os.PathLike | dict | None = None) -> pd.DataFrame:
+def run_cohort(
+    subjects_csv: str | os.PathLike,
+    workdir: str | os.PathLike,
+    method: str = "Affine",
+    n_jobs: int | None = None,
+    overwrite: bool = False,
+    n_subjects: int | None = None,
+    reg_spacing: float | None = 3.0,
+    progress: bool = True,
+    full_hash: bool = False,
+    region_targets: str = "registered",
+    scheduler: str | Client = "processes",
+    errors: str = "raise",
+    cluster_config: str | os.PathLike | dict | None = None,
+) -> pd.DataFrame:
     """Regions for every subject of ``subjects.csv`` into ``workdir`` (:data:`artefacts.SUBJECT_REGIONS`); re-runnable.
 
     A finished subject is reused while its fingerprint (input files, ``method``/``reg_spacing``, version,
@@ -381,7 +484,11 @@ def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, meth
     rows, todo = {}, []
     for row in table.to_dict("records"):
         fp = subject_fingerprint(row, method, reg_spacing, upstream, full_hash)
-        why, qc = (["overwrite=True"], None) if overwrite else stale(artefacts.path(workdir, artefacts.SUBJECT_REGIONS, subject=row["subject"]), fp)
+        why, qc = (
+            (["overwrite=True"], None)
+            if overwrite
+            else stale(artefacts.path(workdir, artefacts.SUBJECT_REGIONS, subject=row["subject"]), fp)
+        )
         if not why:
             rows[row["subject"]] = qc
             continue
@@ -389,8 +496,17 @@ def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, meth
             print(f"subject {row['subject']}: {'; '.join(why)}, recomputing")
         todo.append((row, fp))
     bar = tqdm(total=len(todo), desc=f"regions ({method})", disable=not progress or not todo)
-    jobs = [(row, artefacts.path(workdir, artefacts.SUBJECT_REGIONS, subject=row["subject"]), str(workdir), method,
-             reg_spacing, fp) for row, fp in todo]
+    jobs = [
+        (
+            row,
+            artefacts.path(workdir, artefacts.SUBJECT_REGIONS, subject=row["subject"]),
+            str(workdir),
+            method,
+            reg_spacing,
+            fp,
+        )
+        for row, fp in todo
+    ]
     failed = {}
     for (row, *_), result in _run_jobs(jobs, workdir, n_jobs, scheduler, cluster_config):
         bar.update()
@@ -403,8 +519,10 @@ def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, meth
     bar.close()
     qc = pd.DataFrame([_qc_row(rows[s]) for s in table["subject"]])
     if errors == "record":
-        qc = qc.assign(status=qc.get("status", pd.Series(index=qc.index, dtype=object)).fillna("ok"),
-                       error=qc.get("error", pd.Series(index=qc.index, dtype=object)).fillna(""))
+        qc = qc.assign(
+            status=qc.get("status", pd.Series(index=qc.index, dtype=object)).fillna("ok"),
+            error=qc.get("error", pd.Series(index=qc.index, dtype=object)).fillna(""),
+        )
         _report_failures(failed, len(table))
     if region_targets == "authors":
         qc = attach_authors_regions(qc[qc["status"] == "ok"] if "status" in qc else qc, table, targets="authors")
@@ -412,8 +530,9 @@ def run_cohort(subjects_csv: str | os.PathLike, workdir: str | os.PathLike, meth
     return qc
 
 
-def attach_authors_regions(qc: pd.DataFrame, subjects: pd.DataFrame, targets: str = "authors",
-                           path: str | os.PathLike | None = None) -> pd.DataFrame:
+def attach_authors_regions(
+    qc: pd.DataFrame, subjects: pd.DataFrame, targets: str = "authors", path: str | os.PathLike | None = None
+) -> pd.DataFrame:
     """The regions table with the paper authors' map of every subject and its Dice against ours.
 
     ``qc`` is :func:`run_cohort`'s table (``subject``, ``regions``), ``subjects`` the subjects table
@@ -482,7 +601,9 @@ def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | 
     if "t1_on_flair_grid" in table:
         off = table["t1_on_flair_grid"].astype(str).str.lower().eq("false") & table["t1"].eq(table["t1_native"])
         if off.any():
-            raise InputError(f"subject(s) {', '.join(table.loc[off, 'subject'])}: the T1 is not on the FLAIR grid and "
-                             f"notebook 03 has not registered it ({regions_csv} has no t1_on_flair for them): run "
-                             f"notebook {artefacts.REGIONS.notebook}.ipynb on these subjects first, with the same work directory")
+            raise InputError(
+                f"subject(s) {', '.join(table.loc[off, 'subject'])}: the T1 is not on the FLAIR grid and "
+                f"notebook 03 has not registered it ({regions_csv} has no t1_on_flair for them): run "
+                f"notebook {artefacts.REGIONS.notebook}.ipynb on these subjects first, with the same work directory"
+            )
     return table

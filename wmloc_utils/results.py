@@ -16,9 +16,11 @@ from . import artefacts, localization
 
 LESION_METRICS = ("dice", "hd95", "avd", "recall", "f1")
 # Pairings of lesions x regions compared with the reference loads (notebook 07), as the paper's stages.
-LOAD_STAGES = {"lesion network (predicted lesions x atlas regions)": "lesion_pred",
-               "both networks (predicted lesions x network regions)": "predicted",
-               "fully automatic (the book's region source)": "automatic"}
+LOAD_STAGES = {
+    "lesion network (predicted lesions x atlas regions)": "lesion_pred",
+    "both networks (predicted lesions x network regions)": "predicted",
+    "fully automatic (the book's region source)": "automatic",
+}
 
 
 def _read(workdir: str | os.PathLike, artefact: artefacts.Artefact, **kwargs) -> pd.DataFrame | None:
@@ -33,10 +35,14 @@ def _test_subjects(workdir: Path) -> set[str]:
 
 
 def _mean_sd(table: pd.DataFrame, by: list[str], columns: tuple[str, ...]) -> pd.DataFrame:
-    """"mean (sd)" strings per group, with the number of subjects."""
+    """ "mean (sd)" strings per group, with the number of subjects."""
     grouped = table.groupby(by)
-    out = pd.DataFrame({c: grouped[c].mean().map("{:.3f}".format) + " (" + grouped[c].std().map("{:.3f}".format) + ")"
-                        for c in columns})
+    out = pd.DataFrame(
+        {
+            c: grouped[c].mean().map("{:.3f}".format) + " (" + grouped[c].std().map("{:.3f}".format) + ")"
+            for c in columns
+        }
+    )
     out.insert(0, "subjects", grouped.size())
     return out
 
@@ -55,10 +61,20 @@ def lesion_table(workdir: str | os.PathLike) -> pd.DataFrame:
     bench_table = workdir / artefacts.ARCHITECTURES_TABLE
     bench = pd.read_csv(bench_table) if bench_table.exists() else None
     if bench is not None:
-        fmt = {k: bench[f"{k}_mean"].map("{:.3f}".format) + " (" + bench[f"{k}_sd"].map("{:.3f}".format) + ")"
-               for k in LESION_METRICS}
-        rows.append(pd.DataFrame({"architecture": bench["architecture"], "inputs": bench["inputs"], **fmt,
-                                  "source": "bench_architectures.py"}).set_index(["architecture", "inputs"]))
+        fmt = {
+            k: bench[f"{k}_mean"].map("{:.3f}".format) + " (" + bench[f"{k}_sd"].map("{:.3f}".format) + ")"
+            for k in LESION_METRICS
+        }
+        rows.append(
+            pd.DataFrame(
+                {
+                    "architecture": bench["architecture"],
+                    "inputs": bench["inputs"],
+                    **fmt,
+                    "source": "bench_architectures.py",
+                }
+            ).set_index(["architecture", "inputs"])
+        )
     return pd.concat(rows) if rows else pd.DataFrame(columns=["subjects", *LESION_METRICS, "source"])
 
 
@@ -71,12 +87,26 @@ def region_table(workdir: str | os.PathLike) -> pd.DataFrame:
     if truth is not None and len(truth):
         per_subject = truth.groupby(["method", "subject"])["dice"].mean().reset_index()
         for method, t in per_subject.groupby("method"):
-            rows.append({"regions": f"atlas registration ({method})", "against": "true regions (demo)",
-                         "subjects": len(t), "mean Dice": t["dice"].mean(), "min": t["dice"].min()})
+            rows.append(
+                {
+                    "regions": f"atlas registration ({method})",
+                    "against": "true regions (demo)",
+                    "subjects": len(t),
+                    "mean Dice": t["dice"].mean(),
+                    "min": t["dice"].min(),
+                }
+            )
     net = _read(workdir, artefacts.REGION_SCORES, index_col=0)
     if net is not None and "mean" in net:
-        rows.append({"regions": "region network (notebook 05)", "against": "registered atlas, test subjects",
-                     "subjects": len(net), "mean Dice": net["mean"].mean(), "min": net["mean"].min()})
+        rows.append(
+            {
+                "regions": "region network (notebook 05)",
+                "against": "registered atlas, test subjects",
+                "subjects": len(net),
+                "mean Dice": net["mean"].mean(),
+                "min": net["mean"].min(),
+            }
+        )
     return pd.DataFrame(rows, columns=["regions", "against", "subjects", "mean Dice", "min"]).round(3)
 
 
@@ -93,12 +123,21 @@ def load_agreement_table(workdir: str | os.PathLike) -> pd.DataFrame:
     for stage, pairing in LOAD_STAGES.items():
         if pairing in set(tidy["pairing"]):
             agree = localization.load_agreement(tidy, pairing)
-            rows.append({"stage": stage, "pairing": pairing, "subjects": len(agree),
-                         "median rel. error": agree["rel_error"].median(), "median Pearson r": agree["pearson_r"].median()})
+            rows.append(
+                {
+                    "stage": stage,
+                    "pairing": pairing,
+                    "subjects": len(agree),
+                    "median rel. error": agree["rel_error"].median(),
+                    "median Pearson r": agree["pearson_r"].median(),
+                }
+            )
     qc = _read(workdir, artefacts.LESION_QC, dtype={"subject": str})
     out = pd.DataFrame(rows)
     if qc is not None and len(out):
-        out["median lesion volume in no region"] = out["pairing"].map(qc.groupby("pairing")["unassigned_fraction"].median())
+        out["median lesion volume in no region"] = out["pairing"].map(
+            qc.groupby("pairing")["unassigned_fraction"].median()
+        )
     return out.round(3)
 
 

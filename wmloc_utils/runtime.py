@@ -60,8 +60,13 @@ def config_report(**params) -> str:
     return "\n".join(lines)
 
 
-def start(chapter: str, workdir: str | os.PathLike | None = None, seed: int = 0,
-          provided: tuple[str, ...] | list[str] = (), **params) -> Path:
+def start(
+    chapter: str,
+    workdir: str | os.PathLike | None = None,
+    seed: int = 0,
+    provided: tuple[str, ...] | list[str] = (),
+    **params,
+) -> Path:
     """A notebook's set-up in one call; returns its work directory (resolved, created).
 
     Runs the earlier chapters it needs that have not run there (:func:`wmloc_utils.book.prepare`; ``provided``:

@@ -39,6 +39,7 @@ MB = 1e6
 
 # --- the Sphinx extension ---------------------------------------------------------------------------
 
+
 def write_plotly_js(folder: Path) -> Path:
     """Write the installed plotly package's ``plotly.min.js`` into ``folder`` (untouched when already the same)."""
     from plotly.offline import get_plotlyjs
@@ -80,8 +81,9 @@ class PlotlyMime:
     """myst-nb renderer of the plotly mime type (entry point ``myst_nb.mime_renderers``): the figure as HTML
     that draws with the page's plotly.js, so notebooks store each figure's data once (no ``text/html`` copy)."""
 
-    mime_priority_overrides = [(builder, "application/vnd.plotly.v1+json", 1)
-                               for builder in ("html", "dirhtml", "singlehtml", "readthedocs")]
+    mime_priority_overrides = [
+        (builder, "application/vnd.plotly.v1+json", 1) for builder in ("html", "dirhtml", "singlehtml", "readthedocs")
+    ]
 
     @staticmethod
     def handle_mime(renderer, data, inline: bool) -> list | None:
@@ -114,6 +116,7 @@ def setup(app: Sphinx) -> dict:
 
 
 # --- reading built pages ----------------------------------------------------------------------------
+
 
 class _Refs(HTMLParser):
     """The ids and the ``href``/``src`` references of one HTML page; ``loads``: those the page itself loads."""
@@ -164,6 +167,7 @@ def _local_target(page: Path, ref: str) -> tuple[Path, str]:
 
 # --- sizes ------------------------------------------------------------------------------------------
 
+
 @dataclass
 class PageSize:
     """One page: its HTML file, and the files that only this page references (its figures' images...)."""
@@ -199,10 +203,14 @@ class SizeReport:
         out = [f"{'page':<44} {'html MB':>8} {'own assets MB':>14} {'total MB':>9}"]
         for p in sorted(self.pages, key=lambda p: -p.total):
             flag = "  OVER LIMIT" if p.total > self.page_limit else ""
-            out.append(f"{p.page:<44} {p.html_bytes / MB:8.3f} {p.own_asset_bytes / MB:14.3f} {p.total / MB:9.3f}{flag}")
-        out.append(f"largest page {max((p.total for p in self.pages), default=0) / MB:.2f} MB (limit {self.page_limit / MB:.1f} MB); "
-                   f"whole site {self.site_bytes / MB:.2f} MB (limit {self.site_limit / MB:.1f} MB), "
-                   f"{len(self.pages)} pages")
+            out.append(
+                f"{p.page:<44} {p.html_bytes / MB:8.3f} {p.own_asset_bytes / MB:14.3f} {p.total / MB:9.3f}{flag}"
+            )
+        out.append(
+            f"largest page {max((p.total for p in self.pages), default=0) / MB:.2f} MB (limit {self.page_limit / MB:.1f} MB); "
+            f"whole site {self.site_bytes / MB:.2f} MB (limit {self.site_limit / MB:.1f} MB), "
+            f"{len(self.pages)} pages"
+        )
         return out
 
 
@@ -220,12 +228,19 @@ def size_report(site: Path, page_limit: int = PAGE_LIMIT, site_limit: int = SITE
         targets = {_local_target(page, r)[0] for r in _parse(page).loads if not _is_external(r)}
         used[page] = {t for t in targets if t.is_file() and t.suffix != ".html"}
     count = Counter(t for targets in used.values() for t in targets)
-    sizes = [PageSize(page.relative_to(site).as_posix(), page.stat().st_size,
-                      sum(t.stat().st_size for t in used[page] if count[t] == 1)) for page in pages]
+    sizes = [
+        PageSize(
+            page.relative_to(site).as_posix(),
+            page.stat().st_size,
+            sum(t.stat().st_size for t in used[page] if count[t] == 1),
+        )
+        for page in pages
+    ]
     return SizeReport(sizes, site_bytes(site), page_limit, site_limit)
 
 
 # --- links ------------------------------------------------------------------------------------------
+
 
 @dataclass
 class BrokenLink:
@@ -259,6 +274,7 @@ def check_links(site: Path) -> list[BrokenLink]:
 
 # --- absolute paths of the build machine --------------------------------------------------------------
 
+
 @dataclass
 class Leak:
     """A forbidden string (an absolute path of the build machine) found in a published file."""
@@ -271,8 +287,11 @@ class Leak:
 def published_text_files(site: Path) -> list[Path]:
     """The files a reader gets as text: every HTML page, every file under ``_sources``, every notebook."""
     site = Path(site)
-    return sorted(p for p in site.rglob("*") if p.is_file() and (
-        p.suffix in (".html", ".ipynb") or "_sources" in p.relative_to(site).parts))
+    return sorted(
+        p
+        for p in site.rglob("*")
+        if p.is_file() and (p.suffix in (".html", ".ipynb") or "_sources" in p.relative_to(site).parts)
+    )
 
 
 def find_strings(site: Path, forbidden: list[str], context: int = 60) -> list[Leak]:
@@ -284,7 +303,7 @@ def find_strings(site: Path, forbidden: list[str], context: int = 60) -> list[Le
         for string in (s for s in forbidden if s):
             at = text.find(string)
             if at >= 0:
-                snippet = text[max(0, at - context):at + len(string) + context].replace("\n", "\\n")
+                snippet = text[max(0, at - context) : at + len(string) + context].replace("\n", "\\n")
                 leaks.append(Leak(path.relative_to(site).as_posix(), string, snippet))
     return leaks
 
@@ -301,11 +320,22 @@ def machine_paths(*extra: str | Path) -> list[str]:
 # --- the real browser -------------------------------------------------------------------------------
 
 BROWSER_NAMES = ("chromium-headless-shell", "chromium")
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-INSTALL_HINT = ("no Chromium found for the site's browser check (looked for "
-                + ", ".join(BROWSER_NAMES) + " on PATH and in /usr/lib/chromium). Install Debian's, as root: "
-                "apt-get install chromium-headless-shell (or: apt-get install chromium); `make browser` does it.")
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+INSTALL_HINT = (
+    "no Chromium found for the site's browser check (looked for "
+    + ", ".join(BROWSER_NAMES)
+    + " on PATH and in /usr/lib/chromium). Install Debian's, as root: "
+    "apt-get install chromium-headless-shell (or: apt-get install chromium); `make browser` does it."
+)
 
 
 def find_browser() -> Path:
@@ -355,8 +385,10 @@ class BrowserReport:
         """A printable summary: one line a page, then what went wrong."""
         out = [f"browser: {self.browser}"]
         for p in self.pages:
-            out.append(f"{'ok  ' if p.ok else 'FAIL'} {p.page}: {p.figures_drawn}/{p.figures} figures drawn, "
-                       f"{p.images - len(p.broken_images)}/{p.images} images loaded, {len(p.errors)} errors")
+            out.append(
+                f"{'ok  ' if p.ok else 'FAIL'} {p.page}: {p.figures_drawn}/{p.figures} figures drawn, "
+                f"{p.images - len(p.broken_images)}/{p.images} images loaded, {len(p.errors)} errors"
+            )
             out += [f"     error: {e}" for e in p.errors] + [f"     broken image: {i}" for i in p.broken_images]
             out += [f"     ignored (aborted external request): {e}" for e in p.ignored]
         out.append(f"external requests aborted: {len(self.aborted)}")
@@ -376,8 +408,13 @@ _LOAD_IMAGES = """async () => { const imgs = Array.from(document.images);
     return imgs.map(i => [i.getAttribute('src') || '', i.complete && i.naturalWidth > 0]); }"""
 
 
-def check_in_browser(site: Path, screenshots: Path | None = None, pages: list[Path] | None = None,
-                     timeout_ms: int = 20_000, executable: Path | None = None) -> BrowserReport:
+def check_in_browser(
+    site: Path,
+    screenshots: Path | None = None,
+    pages: list[Path] | None = None,
+    timeout_ms: int = 20_000,
+    executable: Path | None = None,
+) -> BrowserReport:
     """Open every page (or ``pages``) as file:// in headless Chromium; record what fails, screenshot each page.
 
     A page fails on an uncaught exception, a console error (except those of external requests, which are
@@ -395,8 +432,13 @@ def check_in_browser(site: Path, screenshots: Path | None = None, pages: list[Pa
     aborted: list[str] = []
     results = []
     with tempfile.TemporaryDirectory(prefix="wmloc-chromium-") as profile, sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(profile, executable_path=str(executable), headless=True,
-                                                        args=BROWSER_ARGS, viewport={"width": 1280, "height": 900})
+        context = pw.chromium.launch_persistent_context(
+            profile,
+            executable_path=str(executable),
+            headless=True,
+            args=BROWSER_ARGS,
+            viewport={"width": 1280, "height": 900},
+        )
 
         def route(r) -> None:
             if r.request.url.startswith("file:"):
@@ -423,8 +465,14 @@ def check_in_browser(site: Path, screenshots: Path | None = None, pages: list[Pa
 
             page.on("console", on_console)
             page.on("pageerror", lambda exc, check=check: check.errors.append(f"uncaught: {exc}"))
-            page.on("requestfailed", lambda req, check=check: check.errors.append(
-                f"failed to load {req.url}: {req.failure}") if req.url.startswith("file:") else None)
+            page.on(
+                "requestfailed",
+                lambda req, check=check: (
+                    check.errors.append(f"failed to load {req.url}: {req.failure}")
+                    if req.url.startswith("file:")
+                    else None
+                ),
+            )
             try:
                 page.goto(path.resolve().as_uri(), wait_until="load", timeout=timeout_ms)
                 try:
@@ -453,8 +501,10 @@ def check_in_browser(site: Path, screenshots: Path | None = None, pages: list[Pa
 
 # --- command line -----------------------------------------------------------------------------------
 
-def check(site: Path, browser: bool = False, screenshots: Path | None = None,
-          forbidden: list[str] | None = None) -> bool:
+
+def check(
+    site: Path, browser: bool = False, screenshots: Path | None = None, forbidden: list[str] | None = None
+) -> bool:
     """Every check of a built site, printed; True when all pass."""
     site = Path(site)
     sizes = size_report(site)
@@ -484,7 +534,11 @@ def main(argv: list[str] | None = None) -> None:
     cmd.add_argument("site", type=Path)
     cmd.add_argument("--browser", action="store_true", help="open every page in headless Chromium")
     cmd.add_argument("--screenshots", type=Path, help="folder for one full-page screenshot per page")
-    cmd.add_argument("--forbid", nargs="*", help="strings no page may contain (default: the paths the book's scrub replaces: repository, atlas folder, Python prefix, home)")
+    cmd.add_argument(
+        "--forbid",
+        nargs="*",
+        help="strings no page may contain (default: the paths the book's scrub replaces: repository, atlas folder, Python prefix, home)",
+    )
     args = parser.parse_args(argv)
     sys.exit(0 if check(args.site, args.browser or args.screenshots is not None, args.screenshots, args.forbid) else 1)
 

@@ -29,8 +29,16 @@ import pandas as pd
 
 from . import artefacts
 from .errors import InputError
-from .images import (check_intensities, check_labels, check_lesion_volume, check_same_grid, check_voxel_sizes, grid_of,
-                     load_nifti, same_grid)
+from .images import (
+    check_intensities,
+    check_labels,
+    check_lesion_volume,
+    check_same_grid,
+    check_voxel_sizes,
+    grid_of,
+    load_nifti,
+    same_grid,
+)
 
 LESION_LABELS = (0, 1, 2)
 NIFTI = (".nii.gz", ".nii")
@@ -74,8 +82,9 @@ class Subject:
         img = load_nifti(self.lesion, self.id, "lesion mask")
         check_same_grid(self.flair_img, img, f"FLAIR ({self.flair})", f"lesion mask ({self.lesion})", self.id)
         data = check_labels(img, LESION_LABELS, self.lesion, self.id, "lesion mask")
-        check_lesion_volume(data, np.asanyarray(self.flair_img.dataobj), grid_of(self.flair_img)["voxel_ml"],
-                            self.lesion, self.id)
+        check_lesion_volume(
+            data, np.asanyarray(self.flair_img.dataobj), grid_of(self.flair_img)["voxel_ml"], self.lesion, self.id
+        )
         return nib.Nifti1Image(data.astype(np.uint8), img.affine, img.header)
 
     def t1_on_flair(self, workdir: str | os.PathLike | None = None) -> nib.Nifti1Image:
@@ -94,10 +103,18 @@ class Subject:
             _check_overlap(t1, flair, self)
         lesion = self.lesion_img
         g = grid_of(flair)
-        row = {"subject": self.id, "site": self.site, "t1": str(self.t1), "flair": str(self.flair),
-               "lesion": str(self.lesion) if self.lesion else "", "shape": "x".join(map(str, g["shape"])),
-               "voxel_mm": "x".join(f"{v:g}" for v in g["voxel_mm"]), "orientation": g["orientation"],
-               "t1_on_flair_grid": same_grid(t1, flair), "truth_dir": self.extra.get("truth_dir", "")}
+        row = {
+            "subject": self.id,
+            "site": self.site,
+            "t1": str(self.t1),
+            "flair": str(self.flair),
+            "lesion": str(self.lesion) if self.lesion else "",
+            "shape": "x".join(map(str, g["shape"])),
+            "voxel_mm": "x".join(f"{v:g}" for v in g["voxel_mm"]),
+            "orientation": g["orientation"],
+            "t1_on_flair_grid": same_grid(t1, flair),
+            "truth_dir": self.extra.get("truth_dir", ""),
+        }
         if lesion is not None:
             data = np.asanyarray(lesion.dataobj)
             row["lesion_ml"] = float((data == 1).sum() * g["voxel_ml"])
@@ -107,16 +124,25 @@ class Subject:
 
 def _check_overlap(t1: nib.Nifti1Image, flair: nib.Nifti1Image, subj: Subject) -> None:
     """Refuse T1/FLAIR pairs whose fields of view do not even overlap (wrong headers or wrong files)."""
+
     def centre(img):
         return img.affine[:3, :3] @ ((np.array(img.shape[:3]) - 1) / 2) + img.affine[:3, 3]
+
     gap = float(np.linalg.norm(centre(t1) - centre(flair)))
     if gap > 100:
-        raise InputError(f"subject {subj.id}: T1 ({subj.t1}) and FLAIR ({subj.flair}) are on different grids whose "
-                         f"centres are {gap:.0f} mm apart: check the headers or that both files belong to this subject")
+        raise InputError(
+            f"subject {subj.id}: T1 ({subj.t1}) and FLAIR ({subj.flair}) are on different grids whose "
+            f"centres are {gap:.0f} mm apart: check the headers or that both files belong to this subject"
+        )
 
 
-def register_t1_to_flair(t1: nib.Nifti1Image, flair: nib.Nifti1Image, workdir: str | os.PathLike | None,
-                         subject: str, reg_spacing: float | None = None) -> nib.Nifti1Image:
+def register_t1_to_flair(
+    t1: nib.Nifti1Image,
+    flair: nib.Nifti1Image,
+    workdir: str | os.PathLike | None,
+    subject: str,
+    reg_spacing: float | None = None,
+) -> nib.Nifti1Image:
     """Rigidly register T1 to FLAIR (ANTsPy, mutual information) and resample it on the FLAIR grid.
 
     ``reg_spacing`` (mm) runs the registration on coarser copies (2 mm: ~3x faster than 1 mm, same
@@ -134,8 +160,13 @@ def register_t1_to_flair(t1: nib.Nifti1Image, flair: nib.Nifti1Image, workdir: s
         prefix = scratch_prefix("t1reg")
     fixed, moving = ants.from_nibabel_nifti(flair), ants.from_nibabel_nifti(t1)
     seed_ants(0)
-    reg = ants.registration(coarsen(fixed, reg_spacing), coarsen(moving, reg_spacing), type_of_transform="Rigid",
-                            aff_metric="mattes", outprefix=prefix)
+    reg = ants.registration(
+        coarsen(fixed, reg_spacing),
+        coarsen(moving, reg_spacing),
+        type_of_transform="Rigid",
+        aff_metric="mattes",
+        outprefix=prefix,
+    )
     warped = reg["warpedmovout"] if not reg_spacing else ants.apply_transforms(fixed, moving, reg["fwdtransforms"])
     if not workdir:
         remove_files(set(reg["fwdtransforms"]) | set(reg["invtransforms"]))
@@ -163,8 +194,16 @@ def find_challenge(root: str | os.PathLike) -> list[Subject]:
         sdir = pre.parent
         site = sdir.parent.name if sdir.parent != root else ""
         extra = {"truth_dir": str(sdir / "truth")} if (sdir / "truth" / "transform.json").exists() else {}
-        subjects.append(Subject(id=sdir.name, site=site, t1=_first(pre, ("T1",)), flair=_first(pre, ("FLAIR",)),
-                                lesion=_first(sdir, ("wmh",)), extra=extra))
+        subjects.append(
+            Subject(
+                id=sdir.name,
+                site=site,
+                t1=_first(pre, ("T1",)),
+                flair=_first(pre, ("FLAIR",)),
+                lesion=_first(sdir, ("wmh",)),
+                extra=extra,
+            )
+        )
     return subjects
 
 
@@ -237,7 +276,9 @@ def _parse_selector(run: str | int | None) -> dict:
         return {"run": text}
     pairs = [part.partition("-") for part in text.split("_")]
     if any(not k or not v for k, _, v in pairs):
-        raise InputError(f"run={run!r}: expected a run number (2) or BIDS entities such as 'acq-sag' or 'acq-sag_run-1'")
+        raise InputError(
+            f"run={run!r}: expected a run number (2) or BIDS entities such as 'acq-sag' or 'acq-sag_run-1'"
+        )
     return {k: v for k, _, v in pairs}
 
 
@@ -250,12 +291,16 @@ def _pick_scan(anat: Path, suffix: str, key: str, selector: dict) -> Path | None
     if selector and len(chosen) == 1:
         return chosen[0]
     names = ", ".join(p.name for p in found)
-    why = (f"{_selector_text(selector)} selects {len(chosen)} of them" if selector
-           else "wmloc needs exactly one per subject/session")
+    why = (
+        f"{_selector_text(selector)} selects {len(chosen)} of them"
+        if selector
+        else "wmloc needs exactly one per subject/session"
+    )
     raise InputError(
         f"subject {key}: {len(found)} {suffix} images in {anat} ({names}); {why}. Choose one with "
         f"discover(..., run=N) for run-N, or run='acq-<label>' / 'acq-<label>_run-N' for other entities, "
-        f"or list the files you want in a CSV manifest (subject,t1,flair[,lesion])")
+        f"or list the files you want in a CSV manifest (subject,t1,flair[,lesion])"
+    )
 
 
 def _selector_text(selector: dict) -> str:
@@ -274,8 +319,9 @@ def _lesion_masks(root: Path) -> list[tuple[BidsName, Path]]:
 
 def _mask_matches(mask: BidsName, scan: BidsName) -> bool:
     """A mask belongs to a scan with the same sub and ses (and run/acq when the mask names them)."""
-    return (all(_same_label(k, mask.get(k), scan.get(k)) for k in ("sub", "ses"))
-            and all(_same_label(k, mask.get(k), scan.get(k)) for k in ("run", "acq") if mask.get(k) is not None))
+    return all(_same_label(k, mask.get(k), scan.get(k)) for k in ("sub", "ses")) and all(
+        _same_label(k, mask.get(k), scan.get(k)) for k in ("run", "acq") if mask.get(k) is not None
+    )
 
 
 def _mask_for(masks: list[tuple[BidsName, Path]], flair: Path | None, key: str) -> Path | None:
@@ -288,7 +334,8 @@ def _mask_for(masks: list[tuple[BidsName, Path]], flair: Path | None, key: str) 
         raise InputError(
             f"subject {key}: {len(hits)} lesion masks match {flair.name}: {', '.join(str(p) for p in hits)}. "
             f"Keep one (move the others out of derivatives/), or name the one to use in a CSV manifest "
-            f"(subject,t1,flair,lesion)")
+            f"(subject,t1,flair,lesion)"
+        )
     return hits[0] if hits else None
 
 
@@ -321,7 +368,8 @@ def _check_orphan_masks(root: Path, masks: list[tuple[BidsName, Path]]) -> None:
             f"{len(orphans)} lesion mask(s) under {root / 'derivatives'} fit no FLAIR of the data set: "
             f"{', '.join(str(p) for p in orphans)}. A mask's sub-/ses- (and run-/acq- when it names them) must "
             f"equal its FLAIR's, e.g. sub-01_ses-1_FLAIR.nii.gz -> sub-01_ses-1_label-WMH_mask.nii.gz: rename it, "
-            f"move it out of derivatives/, or list the files in a CSV manifest (subject,t1,flair,lesion)")
+            f"move it out of derivatives/, or list the files in a CSV manifest (subject,t1,flair,lesion)"
+        )
 
 
 def read_manifest(csv: str | os.PathLike) -> list[Subject]:
@@ -338,8 +386,16 @@ def read_manifest(csv: str | os.PathLike) -> list[Subject]:
     dup = table["subject"][table["subject"].duplicated()].tolist()
     if dup:
         raise InputError(f"{csv}: subject ids appear more than once: {dup[:5]}")
-    return [Subject(id=r["subject"], t1=path(r["t1"]), flair=path(r["flair"]), lesion=path(r.get("lesion", "")),
-                    site=r.get("site", "")) for _, r in table.iterrows()]
+    return [
+        Subject(
+            id=r["subject"],
+            t1=path(r["t1"]),
+            flair=path(r["flair"]),
+            lesion=path(r.get("lesion", "")),
+            site=r.get("site", ""),
+        )
+        for _, r in table.iterrows()
+    ]
 
 
 def discover(source: str | os.PathLike, run: str | int | None = None, site_prefix: bool = False) -> list[Subject]:
@@ -364,8 +420,10 @@ def discover(source: str | os.PathLike, run: str | int | None = None, site_prefi
     else:
         subjects = find_challenge(source)
     if not subjects:
-        raise InputError(f"{source}: no subjects found. Expected <root>/[<site>/]<id>/pre/FLAIR.nii.gz "
-                         f"(WMH challenge), sub-*/anat/*_FLAIR.nii.gz (BIDS), or a CSV manifest subject,t1,flair[,lesion]")
+        raise InputError(
+            f"{source}: no subjects found. Expected <root>/[<site>/]<id>/pre/FLAIR.nii.gz "
+            f"(WMH challenge), sub-*/anat/*_FLAIR.nii.gz (BIDS), or a CSV manifest subject,t1,flair[,lesion]"
+        )
     if site_prefix:
         for s in subjects:
             s.id = f"{s.site}_{s.id}" if s.site else s.id
@@ -388,8 +446,11 @@ def _check_unique_ids(subjects: list[Subject], source: Path, site_prefix: bool) 
     dup = {k: v for k, v in folders.items() if len(v) > 1}
     if dup:
         listed = "; ".join(f"{k}: {', '.join(v)}" for k, v in list(dup.items())[:10])
-        fix = ("make them unique in the data" if site_prefix else
-               "use discover(..., site_prefix=True) to name every subject <site>_<id>, or rename them")
+        fix = (
+            "make them unique in the data"
+            if site_prefix
+            else "use discover(..., site_prefix=True) to name every subject <site>_<id>, or rename them"
+        )
         raise InputError(f"{source}: {len(dup)} subject id(s) appear more than once ({listed}); {fix}")
 
 
@@ -412,7 +473,8 @@ def read_participants(root: str | os.PathLike, ids: list[str]) -> pd.DataFrame:
     table["participant_id"] = table["participant_id"].str.replace("^sub-", "", regex=True)
     key = [i.split("_")[0].removeprefix("sub-") for i in ids]
     out = pd.DataFrame({"participant_id": ids, "_key": key}).merge(
-        table.rename(columns={"participant_id": "_key"}), on="_key", how="left")
+        table.rename(columns={"participant_id": "_key"}), on="_key", how="left"
+    )
     return out.drop(columns="_key")
 
 
@@ -425,14 +487,27 @@ def write_manifest(table: pd.DataFrame, participants: pd.DataFrame, outdir: str 
     manifest = table.copy()
     manifest["group"] = manifest["subject"].map(extra["group"]) if "group" in extra else ""
     manifest["group"] = manifest["group"].fillna("")
-    cols = ["subject", "site", "group", "t1", "flair", "lesion", "truth_dir", "shape", "voxel_mm", "orientation",
-            "lesion_ml"]
+    cols = [
+        "subject",
+        "site",
+        "group",
+        "t1",
+        "flair",
+        "lesion",
+        "truth_dir",
+        "shape",
+        "voxel_mm",
+        "orientation",
+        "lesion_ml",
+    ]
     for c in cols:
         if c not in manifest:
             manifest[c] = ""
     rest = [c for c in manifest.columns if c not in cols]
-    return {"subjects": write_table_atomic(manifest[cols + rest], outdir / artefacts.SUBJECTS.path, index=False),
-            "participants": write_table_atomic(participants, outdir / artefacts.PARTICIPANTS.path, index=False)}
+    return {
+        "subjects": write_table_atomic(manifest[cols + rest], outdir / artefacts.SUBJECTS.path, index=False),
+        "participants": write_table_atomic(participants, outdir / artefacts.PARTICIPANTS.path, index=False),
+    }
 
 
 NO_MASKS = "no reference lesion masks: evaluation sections will be skipped"

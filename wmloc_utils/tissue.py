@@ -61,8 +61,14 @@ def needs_skull_strip(img: nib.spatialimages.SpatialImage) -> bool:
     return bool(_foreground(data, frac=0.1, largest=False).sum() * voxel_ml > HEAD_ML)
 
 
-def brain_mask(t1, flair=None, stripped: bool | None = None, reg_spacing: float = 4.0,
-               outprefix: str | os.PathLike | None = None, subject: str | None = None) -> nib.Nifti1Image:
+def brain_mask(
+    t1,
+    flair=None,
+    stripped: bool | None = None,
+    reg_spacing: float = 4.0,
+    outprefix: str | os.PathLike | None = None,
+    subject: str | None = None,
+) -> nib.Nifti1Image:
     """Brain mask on the T1 grid.
 
     Already-stripped input (``stripped=None`` asks :func:`needs_skull_strip`): threshold,
@@ -86,8 +92,9 @@ def brain_mask(t1, flair=None, stripped: bool | None = None, reg_spacing: float 
         moving = ants.resample_image(template, (reg_spacing,) * 3, False, 0)
         prefix = str(outprefix) if outprefix else None
         seed_ants(0)  # repeatable on heads with skull too
-        reg = ants.registration(small, moving, type_of_transform="AffineFast",
-                                outprefix=prefix or scratch_prefix("brainmask"))
+        reg = ants.registration(
+            small, moving, type_of_transform="AffineFast", outprefix=prefix or scratch_prefix("brainmask")
+        )
         warped = ants.apply_transforms(fixed, tmask, reg["fwdtransforms"], interpolator="linear").numpy() > 0.5
         if not prefix:
             remove_files(reg["fwdtransforms"] + reg["invtransforms"])
@@ -108,7 +115,9 @@ def brain_mask(t1, flair=None, stripped: bool | None = None, reg_spacing: float 
 # ---------------------------------------------------------------- tissue classes
 def flair_hyperintensities(flair, wm_prob, brain, z: float = 3.0) -> np.ndarray:
     """A rough lesion estimate: FLAIR brighter than WM median + ``z`` robust SDs, in or beside WM."""
-    flair, wm_prob, brain = (np.asarray(np.asanyarray(getattr(a, "dataobj", a)), dtype=np.float32) for a in (flair, wm_prob, brain))
+    flair, wm_prob, brain = (
+        np.asarray(np.asanyarray(getattr(a, "dataobj", a)), dtype=np.float32) for a in (flair, wm_prob, brain)
+    )
     wm = (wm_prob > 0.5) & (brain > 0)
     if not wm.any():
         return np.zeros(flair.shape, bool)
@@ -121,12 +130,24 @@ def flair_hyperintensities(flair, wm_prob, brain, z: float = 3.0) -> np.ndarray:
 
 def _n4(img: ants.ANTsImage, mask: ants.ANTsImage) -> ants.ANTsImage:
     """N4 bias correction on a 4x shrunk grid with a loose tolerance (seconds, not minutes, on 2 cores)."""
-    return ants.n4_bias_field_correction(img, mask=mask, shrink_factor=4, convergence={"iters": [25, 25, 10], "tol": 1e-4})
+    return ants.n4_bias_field_correction(
+        img, mask=mask, shrink_factor=4, convergence={"iters": [25, 25, 10], "tol": 1e-4}
+    )
 
 
-def segment_tissues(t1, flair, brain_mask, lesion=None, use_flair: bool = False, estimate_lesions: bool = True,
-                    mrf: float = 0.1, n4: bool = True, wm_threshold: float = 0.8, outprefix: str | os.PathLike | None = None,
-                    subject: str | None = None) -> dict:
+def segment_tissues(
+    t1,
+    flair,
+    brain_mask,
+    lesion=None,
+    use_flair: bool = False,
+    estimate_lesions: bool = True,
+    mrf: float = 0.1,
+    n4: bool = True,
+    wm_threshold: float = 0.8,
+    outprefix: str | os.PathLike | None = None,
+    subject: str | None = None,
+) -> dict:
     """CSF/GM/WM probabilities and hard labels (1 CSF, 2 GM, 3 WM) with ``ants.atropos`` (k-means start, MRF).
 
     ``use_flair`` feeds T1+FLAIR to Atropos as a multivariate input (default T1 only: it
@@ -161,8 +182,15 @@ def segment_tissues(t1, flair, brain_mask, lesion=None, use_flair: bool = False,
     mrf_r = "x".join("1" for _ in range(3))
     # r=0: Atropos seeds its sampler with a constant instead of the clock, so re-runs give the same classes
     with private_tempdir():
-        seg = ants.atropos(a=channels if len(channels) > 1 else channels[0], x=mask, i="Kmeans[3]",
-                           m=f"[{mrf},{mrf_r}]", c="[5,0]", v=0, r=0)
+        seg = ants.atropos(
+            a=channels if len(channels) > 1 else channels[0],
+            x=mask,
+            i="Kmeans[3]",
+            m=f"[{mrf},{mrf_r}]",
+            c="[5,0]",
+            v=0,
+            r=0,
+        )
     labels = seg["segmentation"].numpy().astype(np.int16)
     probs = [p.numpy().astype(np.float32) for p in seg["probabilityimages"]]
     # order classes by mean T1 (CSF darkest, WM brightest), whatever order Atropos used
@@ -187,9 +215,14 @@ def segment_tissues(t1, flair, brain_mask, lesion=None, use_flair: bool = False,
     other = csf + gm
     scale = np.where(other > 0, (1.0 - wm) / np.maximum(other, 1e-6), 0.0)
     csf, gm = (csf * scale * mask_np).astype(np.float32), (gm * scale * mask_np).astype(np.float32)
-    out = {"labels": like(t1, labels.astype(np.uint8)), "csf": like(t1, csf), "gm": like(t1, gm),
-           "wm": like(t1, (wm * mask_np).astype(np.float32)), "wm_mask": like(t1, (labels == 3).astype(np.uint8)),
-           "lesion": like(t1, les.astype(np.uint8))}
+    out = {
+        "labels": like(t1, labels.astype(np.uint8)),
+        "csf": like(t1, csf),
+        "gm": like(t1, gm),
+        "wm": like(t1, (wm * mask_np).astype(np.float32)),
+        "wm_mask": like(t1, (labels == 3).astype(np.uint8)),
+        "lesion": like(t1, les.astype(np.uint8)),
+    }
     if outprefix is not None:
         save_nifti(out["labels"], f"{outprefix}tissue.nii.gz")
         for name in ("csf", "gm", "wm"):

@@ -35,10 +35,11 @@ import os
 import platform
 import random
 import time
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -47,12 +48,27 @@ import torch
 from monai.data import CacheDataset, DataLoader, list_data_collate
 from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric
-from monai.transforms import (Compose, DeleteItemsd, Flip, GaussianSmooth,
-                              MapTransform,
-                              MaskIntensityd, RandAdjustContrastd, RandAffined,
-                              RandBiasFieldd, RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised,
-                              RandGaussianSmoothd, RandHistogramShiftd, RandomizableTransform, RandScaleIntensityd,
-                              RandShiftIntensityd, RandSimulateLowResolutiond, SpatialPadd)
+from monai.transforms import (
+    Compose,
+    DeleteItemsd,
+    Flip,
+    GaussianSmooth,
+    MapTransform,
+    MaskIntensityd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandBiasFieldd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandHistogramShiftd,
+    RandomizableTransform,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSimulateLowResolutiond,
+    SpatialPadd,
+)
 from tqdm.auto import tqdm
 
 from . import __version__, artefacts, atlas, runtime
@@ -66,8 +82,13 @@ from .networks import PATCH_DIVISOR, SegLoss, build_model, label_skeleton, model
 # counterpart ("mirror"), in augmentation and in test-time augmentation alike.
 TASKS: dict[str, dict[str, Any]] = {
     "lesion": {"n_classes": 2, "ignore_label": 2, "flip_axes": (0, 1, 2), "label_values": (0, 1, 2), "mirror": False},
-    "regions": {"n_classes": 37, "ignore_label": None, "flip_axes": (0,), "label_values": tuple(range(37)),
-                "mirror": True},
+    "regions": {
+        "n_classes": 37,
+        "ignore_label": None,
+        "flip_axes": (0,),
+        "label_values": tuple(range(37)),
+        "mirror": True,
+    },
 }
 # Input modes -> channels, in this order.
 INPUTS: dict[str, tuple[str, ...]] = {"t1+flair": ("t1", "flair"), "flair": ("flair",), "t1": ("t1",)}
@@ -81,13 +102,13 @@ AUGMENTATIONS = ("scanner", "basic", "tissue")
 class TrainConfig:
     """Everything that defines a training run (saved inside every checkpoint)."""
 
-    task: str = "lesion"                      # "lesion" or "regions"
-    architecture: str = "unet"                # see networks.ARCHITECTURES
-    inputs: str = "t1+flair"                  # "t1+flair", "flair" or "t1"
-    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)   # training voxel size (mm), RAS
+    task: str = "lesion"  # "lesion" or "regions"
+    architecture: str = "unet"  # see networks.ARCHITECTURES
+    inputs: str = "t1+flair"  # "t1+flair", "flair" or "t1"
+    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)  # training voxel size (mm), RAS
     patch_size: tuple[int, int, int] = (48, 48, 48)
-    batch_size: int = 4                       # patches per optimisation step
-    samples_per_volume: int = 2               # patches drawn from one loaded volume
+    batch_size: int = 4  # patches per optimisation step
+    samples_per_volume: int = 2  # patches drawn from one loaded volume
     epochs: int = 12
     iters_per_epoch: int = 40
     lr: float = 3e-3
@@ -95,14 +116,14 @@ class TrainConfig:
     ce_weight: float = 1.0
     dice_weight: float = 1.0
     skeleton_weight: float = 1.0
-    pos_neg: tuple[int, int] = (2, 1)         # RandCropByPosNegLabeld pos:neg ratio (patches centred on labels)
-    overlap: float = 0.25                     # sliding-window overlap at validation
+    pos_neg: tuple[int, int] = (2, 1)  # RandCropByPosNegLabeld pos:neg ratio (patches centred on labels)
+    overlap: float = 0.25  # sliding-window overlap at validation
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
     model_overrides: dict = field(default_factory=dict)
-    augment: str = "scanner"                  # "scanner" (scanner variation), "tissue" (also tissue contrasts) or "basic"
-    brain_masked: bool = False                # images multiplied by a brain mask (records' "brain") before normalising
+    augment: str = "scanner"  # "scanner" (scanner variation), "tissue" (also tissue contrasts) or "basic"
+    brain_masked: bool = False  # images multiplied by a brain mask (records' "brain") before normalising
 
     def __post_init__(self) -> None:
         if self.augment not in AUGMENTATIONS:
@@ -123,15 +144,29 @@ class TrainConfig:
 # standard configuration, instance norm where batches of 2 would make batch norm noisy) with a learning
 # rate usual for it, trained nnU-Net-like at 1 mm on 128-voxel patches for 500 x 250 steps.
 _PAPER_MODELS: dict[str, dict[str, Any]] = {
-    "unet": dict(lr=1e-3, model_overrides=dict(channels=(32, 64, 128, 256, 320), strides=(2, 2, 2, 2),
-                                               num_res_units=2, norm="instance")),
-    "unetr": dict(lr=1e-4, model_overrides=dict(feature_size=16, hidden_size=768, mlp_dim=3072, num_heads=12,
-                                                norm_name="instance")),
+    "unet": dict(
+        lr=1e-3,
+        model_overrides=dict(channels=(32, 64, 128, 256, 320), strides=(2, 2, 2, 2), num_res_units=2, norm="instance"),
+    ),
+    "unetr": dict(
+        lr=1e-4,
+        model_overrides=dict(feature_size=16, hidden_size=768, mlp_dim=3072, num_heads=12, norm_name="instance"),
+    ),
     "segresnet": dict(lr=1e-4, model_overrides=dict(init_filters=32, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))),
-    "mednext": dict(lr=1e-3, model_overrides=dict(  # MedNeXt-B (Roy et al. 2023), 3x3x3 kernels
-        init_filters=32, kernel_size=3, encoder_expansion_ratio=(2, 3, 4, 4), bottleneck_expansion_ratio=4,
-        decoder_expansion_ratio=(4, 4, 3, 2), blocks_down=(2, 2, 2, 2), blocks_bottleneck=2, blocks_up=(2, 2, 2, 2),
-        use_residual_connection=True)),
+    "mednext": dict(
+        lr=1e-3,
+        model_overrides=dict(  # MedNeXt-B (Roy et al. 2023), 3x3x3 kernels
+            init_filters=32,
+            kernel_size=3,
+            encoder_expansion_ratio=(2, 3, 4, 4),
+            bottleneck_expansion_ratio=4,
+            decoder_expansion_ratio=(4, 4, 3, 2),
+            blocks_down=(2, 2, 2, 2),
+            blocks_bottleneck=2,
+            blocks_up=(2, 2, 2, 2),
+            use_residual_connection=True,
+        ),
+    ),
     "multiresunet": dict(lr=1e-3, model_overrides=dict(base_filters=32, depth=4, alpha=1.67, norm="instance")),
 }
 _PAPER_TASKS: dict[str, dict[str, Any]] = {
@@ -139,10 +174,23 @@ _PAPER_TASKS: dict[str, dict[str, Any]] = {
     "regions": dict(samples_per_volume=1, skeleton_weight=0.0, augment="tissue"),  # records need tissue maps
 }
 PAPER_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    arch: {task: dict(task=task, architecture=arch, spacing=1.0, patch_size=128, batch_size=2, epochs=500,
-                      iters_per_epoch=250, brain_masked=True, **task_kw, **model_kw)
-           for task, task_kw in _PAPER_TASKS.items()}
-    for arch, model_kw in _PAPER_MODELS.items()}
+    arch: {
+        task: dict(
+            task=task,
+            architecture=arch,
+            spacing=1.0,
+            patch_size=128,
+            batch_size=2,
+            epochs=500,
+            iters_per_epoch=250,
+            brain_masked=True,
+            **task_kw,
+            **model_kw,
+        )
+        for task, task_kw in _PAPER_TASKS.items()
+    }
+    for arch, model_kw in _PAPER_MODELS.items()
+}
 """TrainConfig keywords for a GPU run of the paper's scale, per architecture and task.
 
 ``TrainConfig(**PAPER_PRESETS["multiresunet"]["lesion"], inputs="flair")``; for training at the scans'
@@ -154,15 +202,23 @@ in the paper's regime, not its verified hyperparameters.
 
 # ----------------------------------------------------------------------------- subjects and split
 
-def make_split(table: pd.DataFrame, val_fraction: float = 0.15, test_fraction: float = 0.25, seed: int = 0,
-               group_col: str = "group") -> pd.DataFrame:
+
+def make_split(
+    table: pd.DataFrame,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    group_col: str = "group",
+) -> pd.DataFrame:
     """Subject-level train/val/test split, deterministic for a seed and stratified by ``group_col`` if filled.
 
     Subjects are shuffled within groups and dealt round-robin across groups, so every split gets
     groups in proportion. Returns columns subject, group, split.
     """
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) and sum below 1")
+        raise ValueError(
+            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) and sum below 1"
+        )
     subjects = table["subject"].astype(str)
     if subjects.duplicated().any():
         raise InputError(f"duplicate subjects in the table: {sorted(subjects[subjects.duplicated()])[:5]}")
@@ -199,18 +255,27 @@ def read_split(workdir: str | os.PathLike) -> pd.DataFrame:
 
 def labelled_subjects(subjects: pd.DataFrame, label_col: str = "lesion", minimum: int = 3) -> pd.DataFrame:
     """The subjects that have a ``label_col`` file: what a network can be trained on (at least ``minimum``)."""
-    has = subjects[label_col].fillna("").astype(str) != "" if label_col in subjects else pd.Series(False, subjects.index)
+    has = (
+        subjects[label_col].fillna("").astype(str) != "" if label_col in subjects else pd.Series(False, subjects.index)
+    )
     if has.sum() < minimum:
-        raise InputError(f"{int(has.sum())} of {len(subjects)} subjects have a {label_col} mask; training needs at least "
-                         f"{minimum}. To apply networks trained elsewhere to this cohort, skip training: run notebook "
-                         f"06_evaluate.ipynb with lesion_checkpoint=<best.pt> (or 09_new_cohort.ipynb, or the wmloc-apply "
-                         f"command)")
+        raise InputError(
+            f"{int(has.sum())} of {len(subjects)} subjects have a {label_col} mask; training needs at least "
+            f"{minimum}. To apply networks trained elsewhere to this cohort, skip training: run notebook "
+            f"06_evaluate.ipynb with lesion_checkpoint=<best.pt> (or 09_new_cohort.ipynb, or the wmloc-apply "
+            f"command)"
+        )
     return subjects[has]
 
 
-def make_records(table: pd.DataFrame, inputs: str, label_col: str | None = None,
-                 subjects: Sequence[str] | None = None, brain_col: str | None = None,
-                 tissue_col: str | None = None) -> list[dict]:
+def make_records(
+    table: pd.DataFrame,
+    inputs: str,
+    label_col: str | None = None,
+    subjects: Sequence[str] | None = None,
+    brain_col: str | None = None,
+    tissue_col: str | None = None,
+) -> list[dict]:
     """One pipeline record per subject: {"subject", "image": [channel paths], "label", "brain", "tissue": path}.
 
     ``brain_col`` names a column of brain masks (e.g. notebook 03's brain_mask.nii.gz) for brain-masked
@@ -250,6 +315,7 @@ def make_records(table: pd.DataFrame, inputs: str, label_col: str | None = None,
 
 # ----------------------------------------------------------------------------- MONAI transforms
 
+
 class SkeletonizeLabeld(MapTransform):
     """Add the per-class (tubed) skeleton of the label as ``skeleton_key``: computed once per cached sample."""
 
@@ -269,7 +335,9 @@ class SkeletonizeLabeld(MapTransform):
 class RandMirrord(RandomizableTransform, MapTransform):
     """Flip left-right (axis 0 of RAS) with probability ``prob`` and swap left and right label ids in ``label_keys``."""
 
-    def __init__(self, keys: Sequence[str], label_keys: Sequence[str], mirror: Sequence[int], prob: float = 0.5) -> None:
+    def __init__(
+        self, keys: Sequence[str], label_keys: Sequence[str], mirror: Sequence[int], prob: float = 0.5
+    ) -> None:
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
         self.label_keys, self.mirror, self.flip = tuple(label_keys), torch.as_tensor(mirror), Flip(spatial_axis=0)
@@ -286,7 +354,6 @@ class RandMirrord(RandomizableTransform, MapTransform):
         return d
 
 
-
 class RandTissueContrastd(RandomizableTransform, MapTransform):
     """Shift each tissue class (CSF, GM, WM) of each channel by its own random offset (in SD of the z-scored image).
 
@@ -299,8 +366,9 @@ class RandTissueContrastd(RandomizableTransform, MapTransform):
     0.55 with offsets up to 1 SD in half the channels, 0.52 with 3 SD in 90 %, 0.50 without).
     """
 
-    def __init__(self, keys: str, tissue_key: str = "tissue", max_offset: float = 2.0, prob: float = 0.7,
-                 n_classes: int = 3) -> None:
+    def __init__(
+        self, keys: str, tissue_key: str = "tissue", max_offset: float = 2.0, prob: float = 0.7, n_classes: int = 3
+    ) -> None:
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
         self.tissue_key, self.max_offset, self.n_classes = tissue_key, max_offset, n_classes
@@ -319,6 +387,7 @@ class RandTissueContrastd(RandomizableTransform, MapTransform):
             field = torch.as_tensor(self.smooth(offsets[tissue][None]))[0]
             img[c] = torch.where(img[c] != 0, img[c] + field.to(img.dtype), img[c])
         return d
+
 
 class ForegroundMaskd(MapTransform):
     """Store where any channel of ``keys`` is non-zero (the brain of a masked or skull-stripped image) as ``mask_key``."""
@@ -342,8 +411,14 @@ def scanner_augmentations(keys: Sequence[str], fg_key: str) -> list:
     """
     img = "image"
     return [
-        RandAffined(keys, prob=0.5, rotate_range=(0.35,) * 3, scale_range=(0.15,) * 3,
-                    mode=("bilinear", *["nearest"] * (len(keys) - 1)), padding_mode="zeros"),
+        RandAffined(
+            keys,
+            prob=0.5,
+            rotate_range=(0.35,) * 3,
+            scale_range=(0.15,) * 3,
+            mode=("bilinear", *["nearest"] * (len(keys) - 1)),
+            padding_mode="zeros",
+        ),
         RandBiasFieldd(img, degree=3, coeff_range=(0.0, 0.3), prob=0.4),
         RandAdjustContrastd(img, gamma=(0.6, 1.6), retain_stats=True, prob=0.4),
         RandHistogramShiftd(img, num_control_points=(5, 10), prob=0.3),
@@ -374,26 +449,44 @@ def training_transforms(cfg: TrainConfig) -> Compose:
     if scanner:
         augment = scanner_augmentations(keys, "foreground") + [DeleteItemsd("foreground")]
     else:
-        augment = [RandAffined(keys, prob=0.3, rotate_range=(0.15,) * 3, scale_range=(0.1,) * 3,
-                               mode=("bilinear", "nearest", "nearest"), padding_mode="zeros"),
-                   RandScaleIntensityd("image", factors=0.1, prob=0.5),
-                   RandShiftIntensityd("image", offsets=0.1, prob=0.5)]
-    return Compose([
-        *preprocessing(cfg.spacing, with_label=True, brain=cfg.brain_masked, tissue=tissue).transforms,
-        *([DeleteItemsd("brain")] if cfg.brain_masked else []),  # whole-volume mask: not cropped, not batched
-        *([ForegroundMaskd("image")] if scanner else []),
-        SkeletonizeLabeld("label", task["n_classes"], task["ignore_label"]),
-        SpatialPadd([*keys, *(["tissue"] if tissue else [])], spatial_size=cfg.patch_size),
-        RandCropByPosNegLabeld([*keys, *(["tissue"] if tissue else [])], label_key="label",
-                               spatial_size=cfg.patch_size, pos=cfg.pos_neg[0], neg=cfg.pos_neg[1],
-                               num_samples=cfg.samples_per_volume, image_key="image", image_threshold=0.0),
-        *([RandTissueContrastd("image")] if tissue else []),
-        *flips,
-        *augment,
-    ])
+        augment = [
+            RandAffined(
+                keys,
+                prob=0.3,
+                rotate_range=(0.15,) * 3,
+                scale_range=(0.1,) * 3,
+                mode=("bilinear", "nearest", "nearest"),
+                padding_mode="zeros",
+            ),
+            RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        ]
+    return Compose(
+        [
+            *preprocessing(cfg.spacing, with_label=True, brain=cfg.brain_masked, tissue=tissue).transforms,
+            *([DeleteItemsd("brain")] if cfg.brain_masked else []),  # whole-volume mask: not cropped, not batched
+            *([ForegroundMaskd("image")] if scanner else []),
+            SkeletonizeLabeld("label", task["n_classes"], task["ignore_label"]),
+            SpatialPadd([*keys, *(["tissue"] if tissue else [])], spatial_size=cfg.patch_size),
+            RandCropByPosNegLabeld(
+                [*keys, *(["tissue"] if tissue else [])],
+                label_key="label",
+                spatial_size=cfg.patch_size,
+                pos=cfg.pos_neg[0],
+                neg=cfg.pos_neg[1],
+                num_samples=cfg.samples_per_volume,
+                image_key="image",
+                image_threshold=0.0,
+            ),
+            *([RandTissueContrastd("image")] if tissue else []),
+            *flips,
+            *augment,
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
 
 def model_config(cfg: TrainConfig, train_subjects: Sequence[str] = (), val_subjects: Sequence[str] = ()) -> dict:
     """The full configuration stored in a checkpoint, as plain data (loads with ``weights_only=True``)."""
@@ -403,27 +496,33 @@ def model_config(cfg: TrainConfig, train_subjects: Sequence[str] = (), val_subje
     overrides = dict(cfg.model_overrides)
     if cfg.architecture == "unetr":
         overrides.setdefault("img_size", cfg.patch_size)
-    return plain_data({
-        "task": cfg.task,
-        "architecture": cfg.architecture,
-        "model_kwargs": model_kwargs(cfg.architecture, **overrides),
-        "inputs": cfg.inputs,
-        "modalities": list(INPUTS[cfg.inputs]),
-        "in_channels": len(INPUTS[cfg.inputs]),
-        "n_classes": task["n_classes"],
-        "ignore_label": task["ignore_label"],
-        "flip_axes": list(task["flip_axes"]),
-        "label_mirror": atlas.mirror_labels().tolist() if task["mirror"] else None,
-        "spacing": list(cfg.spacing),
-        "orientation": "RAS",
-        "patch_size": list(cfg.patch_size),
-        "normalisation": NORMALISATION,
-        "training": asdict(cfg),
-        "train_subjects": list(train_subjects),
-        "val_subjects": list(val_subjects),
-        "versions": {"wmloc": __version__, "torch": torch.__version__, "monai": monai.__version__,
-                     "python": platform.python_version()},
-    })
+    return plain_data(
+        {
+            "task": cfg.task,
+            "architecture": cfg.architecture,
+            "model_kwargs": model_kwargs(cfg.architecture, **overrides),
+            "inputs": cfg.inputs,
+            "modalities": list(INPUTS[cfg.inputs]),
+            "in_channels": len(INPUTS[cfg.inputs]),
+            "n_classes": task["n_classes"],
+            "ignore_label": task["ignore_label"],
+            "flip_axes": list(task["flip_axes"]),
+            "label_mirror": atlas.mirror_labels().tolist() if task["mirror"] else None,
+            "spacing": list(cfg.spacing),
+            "orientation": "RAS",
+            "patch_size": list(cfg.patch_size),
+            "normalisation": NORMALISATION,
+            "training": asdict(cfg),
+            "train_subjects": list(train_subjects),
+            "val_subjects": list(val_subjects),
+            "versions": {
+                "wmloc": __version__,
+                "torch": torch.__version__,
+                "monai": monai.__version__,
+                "python": platform.python_version(),
+            },
+        }
+    )
 
 
 # What train() writes in out_dir; atomic_path's temporary copies of them are named ".<stem>-*<suffix>".
@@ -440,6 +539,7 @@ def _remove_stale_temps(out_dir: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------- training loop
 
+
 def _epoch_batches(loader: DataLoader, dataset: CacheDataset, seed: int, n: int) -> Iterator[dict]:
     """The ``n`` batches of one epoch, passing through ``loader`` as often as needed.
 
@@ -455,10 +555,18 @@ def _rng_state() -> dict:
     """The global random states (torch CPU and CUDA, NumPy, Python) as tensors and plain data, for ``last.pt``."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, py_gauss = random.getstate()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
-            "python": {"version": version, "internal": list(internal), "gauss": py_gauss}}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss": py_gauss},
+    }
 
 
 def _set_rng_state(state: dict) -> None:
@@ -467,8 +575,9 @@ def _set_rng_state(state: dict) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
 
@@ -477,24 +586,29 @@ def _non_finite_loss(value: float, epoch: int, step: int, batch: dict, x: torch.
     """The error that stops training at a NaN/Inf loss, naming the epoch, the step and the likely cause."""
     bad = sorted({str(s) for s, xi in zip(batch.get("subject", []), x) if not torch.isfinite(xi).all()})
     if bad or not torch.isfinite(x).all():
-        cause = (f"the input patches of subject(s) {', '.join(bad) or '?'} hold non-finite (NaN/Inf) voxels: "
-                 f"fix or leave out those images")
+        cause = (
+            f"the input patches of subject(s) {', '.join(bad) or '?'} hold non-finite (NaN/Inf) voxels: "
+            f"fix or leave out those images"
+        )
     else:
-        cause = (f"the inputs are finite, so the learning rate lr={cfg.lr:g} is likely too high "
-                 f"(try lr={cfg.lr / 10:g})")
-    return InputError(f"training stopped at epoch {epoch}, step {step + 1} of {cfg.iters_per_epoch}: the loss is "
-                      f"{value} (non-finite); {cause}. Nothing was saved for this epoch: last.pt still holds the "
-                      f"last finite state")
+        cause = f"the inputs are finite, so the learning rate lr={cfg.lr:g} is likely too high (try lr={cfg.lr / 10:g})"
+    return InputError(
+        f"training stopped at epoch {epoch}, step {step + 1} of {cfg.iters_per_epoch}: the loss is "
+        f"{value} (non-finite); {cause}. Nothing was saved for this epoch: last.pt still holds the "
+        f"last finite state"
+    )
 
 
 def _check_finite_weights(model: torch.nn.Module, epoch: int, cfg: TrainConfig) -> None:
     """Refuse to go on (and to save) once any weight is NaN/Inf, naming the first bad tensors."""
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise InputError(f"training stopped at the end of epoch {epoch}: the weights hold non-finite values "
-                         f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) although every loss was finite; "
-                         f"the learning rate lr={cfg.lr:g} is likely too high (try lr={cfg.lr / 10:g}). Nothing was "
-                         f"saved for this epoch: last.pt still holds the last finite state")
+        raise InputError(
+            f"training stopped at the end of epoch {epoch}: the weights hold non-finite values "
+            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) although every loss was finite; "
+            f"the learning rate lr={cfg.lr:g} is likely too high (try lr={cfg.lr / 10:g}). Nothing was "
+            f"saved for this epoch: last.pt still holds the last finite state"
+        )
 
 
 def _onehot(labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -515,8 +629,9 @@ def validate(model: torch.nn.Module, dataset: Sequence[dict], cfg: TrainConfig, 
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
         for item in dataset:
-            logits = sliding_window_inference(item["image"][None].to(device), cfg.patch_size, 4, model,
-                                              overlap=cfg.overlap, mode="gaussian")
+            logits = sliding_window_inference(
+                item["image"][None].to(device), cfg.patch_size, 4, model, overlap=cfg.overlap, mode="gaussian"
+            )
             pred = torch.as_tensor(logits.argmax(1).cpu())
             label = torch.as_tensor(item["label"][0].long())[None]
             if task["ignore_label"] is not None:
@@ -528,8 +643,9 @@ def validate(model: torch.nn.Module, dataset: Sequence[dict], cfg: TrainConfig, 
     return float(value) if np.isfinite(value) else 0.0
 
 
-def cached_datasets(cfg: TrainConfig, train_records: Sequence[dict],
-                    val_records: Sequence[dict]) -> tuple[CacheDataset, CacheDataset]:
+def cached_datasets(
+    cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence[dict]
+) -> tuple[CacheDataset, CacheDataset]:
     """Training and validation datasets with their deterministic preprocessing cached in memory.
 
     Caching runs in one thread: MONAI's ``LoadImaged`` is not thread-safe, and caching threads gave
@@ -537,8 +653,12 @@ def cached_datasets(cfg: TrainConfig, train_records: Sequence[dict],
     DataLoader's worker processes, which each have their own copy of the transforms.
     """
     train_ds = CacheDataset(list(train_records), training_transforms(cfg), num_workers=1, progress=False)
-    val_ds = CacheDataset(list(val_records), preprocessing(cfg.spacing, with_label=True, brain=cfg.brain_masked),
-                          num_workers=1, progress=False)
+    val_ds = CacheDataset(
+        list(val_records),
+        preprocessing(cfg.spacing, with_label=True, brain=cfg.brain_masked),
+        num_workers=1,
+        progress=False,
+    )
     return train_ds, val_ds
 
 
@@ -559,8 +679,12 @@ def _finished_run(out_dir: Path, config: dict, epochs: int) -> dict | None:
         return None  # unreadable: train again (the files are replaced)
     if ckpt["epoch"] != epochs - 1 or _comparable(ckpt["config"]) != _comparable(config):
         return None
-    return {"best": best_path, "last": last_path, "history": pd.DataFrame(_with_seconds(ckpt["history"], out_dir)),
-            "best_dice": ckpt["best_dice"]}
+    return {
+        "best": best_path,
+        "last": last_path,
+        "history": pd.DataFrame(_with_seconds(ckpt["history"], out_dir)),
+        "best_dice": ckpt["best_dice"],
+    }
 
 
 def _with_seconds(history: list[dict], out_dir: Path) -> list[dict]:
@@ -572,11 +696,14 @@ def _with_seconds(history: list[dict], out_dir: Path) -> list[dict]:
             seconds = dict(zip(table["epoch"], table["seconds"])) if {"epoch", "seconds"} <= set(table) else {}
         except (OSError, ValueError, pd.errors.ParserError):
             seconds = {}
-    return [{**r, "seconds": float(seconds.get(r["epoch"], float("nan")))} if "seconds" not in r else dict(r)
-            for r in history]
+    return [
+        {**r, "seconds": float(seconds.get(r["epoch"], float("nan")))} if "seconds" not in r else dict(r)
+        for r in history
+    ]
 
 
 # ----------------------------------------------------------------------------- data-parallel training
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -587,7 +714,7 @@ class Ranks:
     world_size: int = 1
 
     @classmethod
-    def from_env(cls) -> "Ranks":
+    def from_env(cls) -> Ranks:
         """The ranks torchrun sets in the environment (a plain run: a world of one)."""
         env = os.environ
         return cls(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
@@ -614,8 +741,10 @@ def rank_device(device: str, ranks: Ranks) -> torch.device:
     if dev.type != "cuda":
         return torch.device("cpu")
     if ranks.local_rank >= torch.cuda.device_count():
-        raise InputError(f"local rank {ranks.local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
-                         f"give torchrun --nproc_per_node={torch.cuda.device_count()} at most")
+        raise InputError(
+            f"local rank {ranks.local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
+            f"give torchrun --nproc_per_node={torch.cuda.device_count()} at most"
+        )
     torch.cuda.set_device(ranks.local_rank)
     return torch.device("cuda", ranks.local_rank)
 
@@ -627,8 +756,11 @@ def _process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
 
     own = ranks.distributed and not dist.is_initialized()
     if own:  # rank 0 validates while the others wait: allow hours, not the default 30 minutes
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3),
-                                **({"device_id": device} if device.type == "cuda" else {}))
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(hours=3),
+            **({"device_id": device} if device.type == "cuda" else {}),
+        )
     try:
         yield
     finally:
@@ -668,8 +800,9 @@ def rank_share(batch: dict, ranks: Ranks) -> tuple[dict, float]:
     lo, hi = int(bounds[ranks.rank]), int(bounds[ranks.rank + 1])
     weight = 1.0 if hi > lo else 0.0
     lo, hi = (lo, hi) if hi > lo else (0, 1)
-    return {k: v[lo:hi] if isinstance(v, (torch.Tensor, list, tuple)) and len(v) == n else v
-            for k, v in batch.items()}, weight
+    return {
+        k: v[lo:hi] if isinstance(v, (torch.Tensor, list, tuple)) and len(v) == n else v for k, v in batch.items()
+    }, weight
 
 
 def _sum_over_ranks(ranks: Ranks, weight: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -679,6 +812,7 @@ def _sum_over_ranks(ranks: Ranks, weight: float) -> Callable[[torch.Tensor], tor
     multiplies the loss by the world size before backward, so that DDP's gradient average gives the
     gradient of the whole batch's loss (what one process computes).
     """
+
     def reduce(local: torch.Tensor) -> torch.Tensor:
         local = local * weight
         total = local.detach().clone()
@@ -694,11 +828,19 @@ def _data_parallel(model: torch.nn.Module, device: torch.device, ranks: Ranks) -
         return model
     if device.type == "cuda" and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics of the global batch
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
-def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence[dict], out_dir: str | os.PathLike,
-          resume: bool = False, progress: bool = True) -> dict:
+def train(
+    cfg: TrainConfig,
+    train_records: Sequence[dict],
+    val_records: Sequence[dict],
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
     """Train with validation each epoch; write ``best.pt``, ``last.pt`` and ``history.csv`` in ``out_dir``.
 
     ``resume=True`` continues from ``last.pt`` when it exists (same task, architecture and inputs).
@@ -715,8 +857,16 @@ def train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence
         return _train(cfg, train_records, val_records, Path(out_dir), resume, progress, ranks, device)
 
 
-def _train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence[dict], out_dir: Path,
-           resume: bool, progress: bool, ranks: Ranks, device: torch.device) -> dict:
+def _train(
+    cfg: TrainConfig,
+    train_records: Sequence[dict],
+    val_records: Sequence[dict],
+    out_dir: Path,
+    resume: bool,
+    progress: bool,
+    ranks: Ranks,
+    device: torch.device,
+) -> dict:
     """:func:`train` in one process of ``ranks`` on ``device``."""
     if ranks.main:
         with write_errors(out_dir):
@@ -726,19 +876,27 @@ def _train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequenc
     if not train_records:
         raise InputError("no training subjects")
     if cfg.batch_size < ranks.world_size:
-        raise InputError(f"batch_size={cfg.batch_size} is smaller than the {ranks.world_size} processes: each trains on "
-                         f"a slice of every batch; give batch_size >= {ranks.world_size} (a multiple for equal slices)")
+        raise InputError(
+            f"batch_size={cfg.batch_size} is smaller than the {ranks.world_size} processes: each trains on "
+            f"a slice of every batch; give batch_size >= {ranks.world_size} (a multiple for equal slices)"
+        )
     runtime.set_seed(cfg.seed)  # the same on every process: the same weights, and rank 0's random states resume all
     config = model_config(cfg, [r["subject"] for r in train_records], [r["subject"] for r in val_records])
     finished = _finished_run(out_dir, config, cfg.epochs)
     if finished is not None:
         if progress and ranks.main:
-            print(f"{out_dir}: a finished run with the same configuration and subjects is there, reused "
-                  f"(best validation Dice {finished['best_dice']:.3f}); delete its last.pt to train again")
+            print(
+                f"{out_dir}: a finished run with the same configuration and subjects is there, reused "
+                f"(best validation Dice {finished['best_dice']:.3f}); delete its last.pt to train again"
+            )
         return finished
-    model = build_model(cfg.architecture, config["in_channels"], config["n_classes"], **config["model_kwargs"]).to(device)
+    model = build_model(cfg.architecture, config["in_channels"], config["n_classes"], **config["model_kwargs"]).to(
+        device
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.epochs * cfg.iters_per_epoch, power=0.9)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(
+        optimizer, total_iters=cfg.epochs * cfg.iters_per_epoch, power=0.9
+    )
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     loss_fn = SegLoss(cfg.ce_weight, cfg.dice_weight, cfg.skeleton_weight, ignore_label=TASKS[cfg.task]["ignore_label"])
@@ -750,7 +908,9 @@ def _train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequenc
         old = ckpt["config"]
         for key in ("task", "architecture", "inputs", "spacing", "patch_size"):
             if old[key] != config[key]:
-                raise InputError(f"{last_path}: cannot resume, it was trained with {key}={old[key]!r}, not {config[key]!r}")
+                raise InputError(
+                    f"{last_path}: cannot resume, it was trained with {key}={old[key]!r}, not {config[key]!r}"
+                )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -760,13 +920,24 @@ def _train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequenc
     net = _data_parallel(model, device, ranks)  # what trains; ``model`` (the same weights) validates and is saved
 
     train_ds, val_ds = cached_datasets(cfg, train_records, val_records)
-    loader = DataLoader(train_ds, batch_size=max(1, cfg.batch_size // cfg.samples_per_volume), shuffle=True,
-                        num_workers=cfg.num_workers, collate_fn=list_data_collate, generator=torch.Generator())
+    loader = DataLoader(
+        train_ds,
+        batch_size=max(1, cfg.batch_size // cfg.samples_per_volume),
+        shuffle=True,
+        num_workers=cfg.num_workers,
+        collate_fn=list_data_collate,
+        generator=torch.Generator(),
+    )
     if rng is not None:  # the global random states at the end of the saved epoch (older last.pt files have none)
         _set_rng_state(rng)
     model.train()
-    bar = tqdm(range(start, cfg.epochs), desc=f"{cfg.task} {cfg.architecture} {cfg.inputs}",
-               disable=not (progress and ranks.main), initial=start, total=cfg.epochs)
+    bar = tqdm(
+        range(start, cfg.epochs),
+        desc=f"{cfg.task} {cfg.architecture} {cfg.inputs}",
+        disable=not (progress and ranks.main),
+        initial=start,
+        total=cfg.epochs,
+    )
     for epoch in bar:
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "ce": 0.0, "dice": 0.0, "skeleton": 0.0}
@@ -776,8 +947,11 @@ def _train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequenc
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, enabled=use_amp):
                 logits = net(x)
-                terms = (loss_fn.global_terms(logits, y, s, _sum_over_ranks(ranks, weight)) if ranks.distributed
-                         else loss_fn.terms(logits, y, s))
+                terms = (
+                    loss_fn.global_terms(logits, y, s, _sum_over_ranks(ranks, weight))
+                    if ranks.distributed
+                    else loss_fn.terms(logits, y, s)
+                )
                 loss = loss_fn.total(terms)
             value = loss.item()  # the whole global batch's loss, the same on every process
             if not math.isfinite(value):
@@ -792,20 +966,39 @@ def _train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequenc
         _check_finite_weights(model, epoch, cfg)
         val_dice = validate(model, val_ds, cfg, device) if len(val_ds) and ranks.main else float("nan")
         val_dice = _broadcast(val_dice, ranks)
-        row = {"epoch": epoch, **{k: v / cfg.iters_per_epoch for k, v in sums.items()}, "val_dice": val_dice,
-               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        row = {
+            "epoch": epoch,
+            **{k: v / cfg.iters_per_epoch for k, v in sums.items()},
+            "val_dice": val_dice,
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0,
+        }
         history.append(row)
         improved = len(val_ds) == 0 or val_dice > best
         if improved:
             best = val_dice if len(val_ds) else best
         # wall-clock seconds go to history.csv only: the same seed gives byte-identical checkpoints
-        state = {"config": config, "model": model.state_dict(), "epoch": epoch, "best_dice": best,
-                 "history": [{k: v for k, v in r.items() if k != "seconds"} for r in history], "val_dice": val_dice}
+        state = {
+            "config": config,
+            "model": model.state_dict(),
+            "epoch": epoch,
+            "best_dice": best,
+            "history": [{k: v for k, v in r.items() if k != "seconds"} for r in history],
+            "val_dice": val_dice,
+        }
         if ranks.main:
             if improved:
                 save_checkpoint(state, best_path)
-            save_checkpoint({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "scaler": scaler.state_dict(), "rng": _rng_state()}, last_path)
+            save_checkpoint(
+                {
+                    **state,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": _rng_state(),
+                },
+                last_path,
+            )
             with write_errors(out_dir / "history.csv"):
                 write_table_atomic(pd.DataFrame(history), out_dir / "history.csv", index=False)
         _barrier(ranks)
@@ -815,8 +1008,15 @@ def _train(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequenc
 
 # ----------------------------------------------------------------------------- command line (torchrun)
 
-def launch_files(cfg: TrainConfig, train_records: Sequence[dict], val_records: Sequence[dict],
-                 folder: str | os.PathLike, out_dir: str | os.PathLike | None = None, nproc: int | str = "gpu") -> str:
+
+def launch_files(
+    cfg: TrainConfig,
+    train_records: Sequence[dict],
+    val_records: Sequence[dict],
+    folder: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    nproc: int | str = "gpu",
+) -> str:
     """Write ``config.json``, ``train.json`` and ``val.json`` in ``folder``; return the torchrun command that trains on them.
 
     The run is the one ``train(cfg, train_records, val_records, out_dir)`` would do in the notebook, so a
@@ -833,7 +1033,9 @@ def launch_files(cfg: TrainConfig, train_records: Sequence[dict], val_records: S
         with write_errors(paths[key]), atomic_path(paths[key]) as tmp:
             Path(tmp).write_text(json.dumps(plain_data(value, key), indent=1) + "\n")
     args = " ".join(f"--{k} {paths[k]}" for k in ("config", "train", "val"))
-    return f"torchrun --standalone --nproc_per_node={nproc} -m wmloc_utils.training {args} --out {Path(out_dir or folder)}"
+    return (
+        f"torchrun --standalone --nproc_per_node={nproc} -m wmloc_utils.training {args} --out {Path(out_dir or folder)}"
+    )
 
 
 def read_config(path: str | os.PathLike) -> TrainConfig:
@@ -852,15 +1054,19 @@ def _read_records(path: str | os.PathLike) -> list[dict]:
         records = json.loads(artefacts.must_exist(path, "write it with training.launch_files()").read_text())
     except json.JSONDecodeError as err:
         raise InputError(f"{path}: not JSON ({err})") from None
-    if not isinstance(records, list) or not all(isinstance(r, dict) and "subject" in r and "image" in r for r in records):
+    if not isinstance(records, list) or not all(
+        isinstance(r, dict) and "subject" in r and "image" in r for r in records
+    ):
         raise InputError(f"{path}: not a list of records (each with 'subject' and 'image', see make_records)")
     return records
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line ``python -m wmloc_utils.training`` (alone, or under torchrun; see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m wmloc_utils.training",
-                                     description="Train a wmloc network (one process, or one per GPU under torchrun).")
+    parser = argparse.ArgumentParser(
+        prog="python -m wmloc_utils.training",
+        description="Train a wmloc network (one process, or one per GPU under torchrun).",
+    )
     parser.add_argument("--config", required=True, help="TrainConfig fields as JSON (launch_files' config.json)")
     parser.add_argument("--train", required=True, help="training records as JSON (launch_files' train.json)")
     parser.add_argument("--val", required=True, help="validation records as JSON (launch_files' val.json)")
@@ -869,8 +1075,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        out = train(read_config(args.config), _read_records(args.train), _read_records(args.val), args.out,
-                    resume=args.resume, progress=not args.quiet)
+        out = train(
+            read_config(args.config),
+            _read_records(args.train),
+            _read_records(args.val),
+            args.out,
+            resume=args.resume,
+            progress=not args.quiet,
+        )
     except (InputError, FileNotFoundError) as err:
         raise SystemExit(f"wmloc training: {err}") from None
     if Ranks.from_env().main:

@@ -31,8 +31,14 @@ def _check(arr: np.ndarray, name: str, shape: tuple | None = None) -> np.ndarray
     return arr
 
 
-def lateral_ventricles(csf_mask: np.ndarray, brain_mask: np.ndarray, zooms, min_depth_mm: float = 15.0,
-                       max_components: int = 2, min_fraction: float = 0.1) -> np.ndarray:
+def lateral_ventricles(
+    csf_mask: np.ndarray,
+    brain_mask: np.ndarray,
+    zooms,
+    min_depth_mm: float = 15.0,
+    max_components: int = 2,
+    min_fraction: float = 0.1,
+) -> np.ndarray:
     """The lateral ventricles, found as the largest CSF components deep inside the brain.
 
     Heuristic: keep CSF voxels farther than ``min_depth_mm`` from the brain-mask surface (this
@@ -50,8 +56,10 @@ def lateral_ventricles(csf_mask: np.ndarray, brain_mask: np.ndarray, zooms, min_
     deep = csf & brain & (depth > min_depth_mm)
     comps, n = ndimage.label(deep, structure=np.ones((3, 3, 3), bool))
     if n == 0:
-        raise InputError(f"no CSF voxel lies deeper than {min_depth_mm} mm inside the brain: cannot find the "
-                         f"lateral ventricles (check the CSF and brain masks, or lower min_depth_mm)")
+        raise InputError(
+            f"no CSF voxel lies deeper than {min_depth_mm} mm inside the brain: cannot find the "
+            f"lateral ventricles (check the CSF and brain masks, or lower min_depth_mm)"
+        )
     sizes = np.bincount(comps.ravel())[1:]
     order = np.argsort(sizes)[::-1][:max_components]
     keep = [i + 1 for i in order if sizes[i] >= min_fraction * sizes[order[0]]]
@@ -73,13 +81,24 @@ def periventricular_deep(wm_mask: np.ndarray, ventricles: np.ndarray, zooms, dis
 
 def periventricular_table(distance_mm: float = 10.0) -> pd.DataFrame:
     """Label table (id, name, r, g, b) of :func:`periventricular_deep`."""
-    return pd.DataFrame({"id": [0, 1, 2],
-                         "name": ["outside WM", f"periventricular WM (<= {distance_mm:g} mm)", f"deep WM (> {distance_mm:g} mm)"],
-                         "r": [0, 230, 60], "g": [0, 97, 120], "b": [0, 1, 200]})
+    return pd.DataFrame(
+        {
+            "id": [0, 1, 2],
+            "name": ["outside WM", f"periventricular WM (<= {distance_mm:g} mm)", f"deep WM (> {distance_mm:g} mm)"],
+            "r": [0, 230, 60],
+            "g": [0, 97, 120],
+            "b": [0, 1, 200],
+        }
+    )
 
 
-def normalised_depth(wm_mask: np.ndarray, ventricles: np.ndarray, zooms, cortex: np.ndarray | None = None,
-                     ventricle_margin_mm: float = 3.0) -> np.ndarray:
+def normalised_depth(
+    wm_mask: np.ndarray,
+    ventricles: np.ndarray,
+    zooms,
+    cortex: np.ndarray | None = None,
+    ventricle_margin_mm: float = 3.0,
+) -> np.ndarray:
     """Normalised WM depth ``d = dist_vent / (dist_vent + dist_cortex)`` in [0, 1] (0 at the ventricles); NaN outside WM.
 
     ``cortex`` is the outer boundary the depth is measured to (default: every non-WM voxel, so
@@ -102,8 +121,14 @@ def normalised_depth(wm_mask: np.ndarray, ventricles: np.ndarray, zooms, cortex:
     return depth
 
 
-def bullseye(wm_mask: np.ndarray, ventricles: np.ndarray, lobes: np.ndarray, zooms, n_shells: int = 4,
-             cortex: np.ndarray | None = None) -> np.ndarray:
+def bullseye(
+    wm_mask: np.ndarray,
+    ventricles: np.ndarray,
+    lobes: np.ndarray,
+    zooms,
+    n_shells: int = 4,
+    cortex: np.ndarray | None = None,
+) -> np.ndarray:
     """The bullseye parcellation: ``code = lobe * 10 + shell`` inside WM (0 elsewhere).
 
     ``shell`` 1..``n_shells`` cuts the normalised depth (:func:`normalised_depth`) into equal
@@ -147,8 +172,9 @@ def nearest_region(ids: np.ndarray, zooms) -> np.ndarray:
     ids = np.asarray(ids)
     if not (ids > 0).any():
         raise InputError("region map is empty: no labelled voxel to take the nearest region from")
-    nearest = ndimage.distance_transform_edt(ids == 0, sampling=tuple(float(z) for z in zooms),
-                                             return_distances=False, return_indices=True)
+    nearest = ndimage.distance_transform_edt(
+        ids == 0, sampling=tuple(float(z) for z in zooms), return_distances=False, return_indices=True
+    )
     return ids[tuple(nearest)]
 
 
@@ -168,9 +194,15 @@ def cortex_mask(tissue_labels: np.ndarray, ids: np.ndarray, zooms, near_ids: np.
     return (labels != 3) & ((ids > 0) | (labels == 2)) & np.isin(lobe_map(near_ids), cortical)
 
 
-def depth_maps(tissue: nib.spatialimages.SpatialImage, brain_mask: nib.spatialimages.SpatialImage | None = None,
-               regions: nib.spatialimages.SpatialImage | None = None, distance_mm: float = 10.0, n_shells: int = 4,
-               min_depth_mm: float = 15.0, csf_labels: tuple[int, ...] = (1,)) -> dict[str, nib.Nifti1Image]:
+def depth_maps(
+    tissue: nib.spatialimages.SpatialImage,
+    brain_mask: nib.spatialimages.SpatialImage | None = None,
+    regions: nib.spatialimages.SpatialImage | None = None,
+    distance_mm: float = 10.0,
+    n_shells: int = 4,
+    min_depth_mm: float = 15.0,
+    csf_labels: tuple[int, ...] = (1,),
+) -> dict[str, nib.Nifti1Image]:
     """Image-level wrapper: ventricles, periventricular/deep and (given refined ``regions``) bullseye images.
 
     ``tissue`` holds 0 background, 1 CSF, 2 GM, 3 WM (the Eve / Atropos convention); the brain
@@ -202,7 +234,10 @@ def depth_maps(tissue: nib.spatialimages.SpatialImage, brain_mask: nib.spatialim
     labels, brain = labels[box], brain[box]
     wm = labels == 3
     vent = lateral_ventricles(brain & np.isin(labels, csf_labels), brain, zooms, min_depth_mm=min_depth_mm)
-    maps = {"ventricles": (vent, np.uint8), "periventricular": (periventricular_deep(wm, vent, zooms, distance_mm), np.int16)}
+    maps = {
+        "ventricles": (vent, np.uint8),
+        "periventricular": (periventricular_deep(wm, vent, zooms, distance_mm), np.int16),
+    }
     if ids is not None:
         ids = ids[box]
         lobes = lobe_map(ids, absorb_deep=True, zooms=zooms)
