@@ -22,10 +22,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wmloc_utils import artefacts, inference, metrics, runtime, training
+from wmloc_utils import artefacts, book, inference, metrics, runtime, training
 
-# Patch edges must be multiples of 16 for unetr/mednext/multiresunet; 48 suits all five.
-NOTEBOOK_04 = dict(spacing=2.0, patch_size=48, batch_size=4, lr=3e-3, skeleton_weight=1.0, iters_per_epoch=40)
+# Notebook 04's training settings, read from its parameters cell (its patch edge, 48, suits all five
+# architectures: unetr/mednext/multiresunet need multiples of 16).
+TRAINING = ("spacing", "patch_size", "batch_size", "lr", "skeleton_weight", "iters_per_epoch")
+NOTEBOOK_04 = {k: v for k, v in book.defaults("04").items() if k in TRAINING}
 
 
 def run_pair(

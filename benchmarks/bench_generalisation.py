@@ -25,21 +25,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from wmloc_utils import demo, inference, metrics, subjects, tissue, training
+from wmloc_utils import book, demo, inference, metrics, subjects, tissue, training
 from wmloc_utils.images import save_nifti, write_table_atomic
 
-NOTEBOOK_04 = dict(
-    task="lesion",
-    architecture="unet",
-    inputs="t1+flair",
-    spacing=2.0,
-    patch_size=48,
-    batch_size=4,
-    epochs=12,
-    iters_per_epoch=40,
-    lr=3e-3,
-    seed=0,
-)
+# notebook 04's training settings, read from its parameters cell
+TRAINING = ("architecture", "inputs", "spacing", "patch_size", "batch_size", "epochs", "iters_per_epoch", "lr", "seed")
+NOTEBOOK_04 = {"task": "lesion", **{k: v for k, v in book.defaults("04").items() if k in TRAINING}}
 MODELS = {"old": dict(augment="basic", brain_masked=False), "new": dict(augment="scanner", brain_masked=True)}
 UNSEEN = dict(n_subjects=8, seed=100, grid="challenge", brain="eve", skull="mixed", contrast=0.3, lesion_free_every=4)
 MIN_LESION_ML = (0.0, 0.02, 0.05, 0.1)  # post-hoc minimum lesion sizes scored on the saved probabilities

@@ -25,15 +25,15 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from wmloc_utils import inference, training
+from wmloc_utils import book, inference, training
 from wmloc_utils.networks import build_model
 
 FOV_MM = np.array([180.0, 216.0, 180.0])
 TARGETS = {("lesion", 2.0): 2.0, ("lesion", 1.0): 10.0, ("regions", 2.0): 5.0, ("regions", 1.0): 40.0}
-# The defaults of notebooks 04 and 05 (architecture "unet", inputs T1 + FLAIR).
+# The defaults of notebooks 04 and 05 (architecture "unet", inputs T1 + FLAIR), read from their parameters cells.
 NOTEBOOK_DEFAULTS = {
-    "lesion": dict(spacing=2.0, patch_size=(48, 48, 48)),
-    "regions": dict(spacing=3.0, patch_size=(48, 56, 48), model_overrides={"channels": (32, 64, 128, 256)}),
+    task: {k: v for k, v in book.defaults(chapter).items() if k in ("spacing", "patch_size", "model_overrides")}
+    for task, chapter in (("lesion", "04"), ("regions", "05"))
 }
 
 

@@ -103,3 +103,21 @@ def test_start_is_a_notebooks_set_up(tmp_path, capsys):
     assert f"  workdir = '{tmp_path.resolve()}'\n  seed = 3\n  k = 2" in out
     assert runtime.start("01", tmp_path / "new", 0) == (tmp_path / "new").resolve()  # 01 needs nothing: no word of it
     assert "results it needs" not in capsys.readouterr().out
+
+
+def test_defaults_are_the_parameters_cell_of_a_chapter():
+    """One source for notebook settings used elsewhere (the benchmarks train with notebooks 04/05's)."""
+    import json
+
+    from wmloc_utils import book
+
+    lesions = book.defaults("04")
+    cell = next(
+        c for c in json.loads(book.notebooks()[3].read_text())["cells"] if "parameters" in c["metadata"].get("tags", [])
+    )
+    assert lesions["workdir"] is None and set(lesions) == {
+        line.split("=")[0].strip() for line in "".join(cell["source"]).splitlines() if "=" in line.split("#")[0]
+    }
+    assert book.defaults("05_train_regions")["augment"] == "tissue"
+    with pytest.raises(ValueError):
+        book.defaults("99")

@@ -90,6 +90,23 @@ def notebooks(folder: Path = REPO / "notebooks") -> list[Path]:
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
 
 
+def defaults(chapter: str) -> dict:
+    """The default parameters of a chapter: its ``parameters`` cell, name -> value.
+
+    One source for settings used elsewhere too (the benchmarks train networks with notebooks 04/05's).
+    """
+    import ast
+
+    name = artefacts.notebook(chapter)
+    nb = nbformat.read(next(p for p in notebooks() if p.stem == name), as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    return {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in ast.parse(cell.source).body
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+    }
+
+
 def _sha256_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
