@@ -61,3 +61,16 @@ def test_step_modules_import_no_plotting_library():
         if bad:
             offenders[module] = {lib: probe["importers"].get(lib) for lib in bad}
     assert not offenders, f"step modules that load a plotting library (its drawing belongs in figures.py): {offenders}"
+
+
+def test_training_curves_draw_the_terms_a_history_has():
+    import pandas as pd
+
+    from wmloc_utils import figures
+
+    history = pd.DataFrame(
+        {"epoch": [1, 2], "loss": [1.0, 0.5], "ce": [0.6, 0.3], "dice": [0.4, 0.2], "val_dice": [0.3, 0.6]}
+    )
+    fig = figures.training_curves(history, "validation mean region Dice")
+    assert [t.name for t in fig.data] == ["loss", "ce", "dice", "val_dice"]
+    assert fig.layout.title.text == "Training loss terms and validation mean region Dice"

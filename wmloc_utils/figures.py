@@ -131,6 +131,12 @@ def slice_viewer(
     return fig
 
 
+def training_curves(history: pd.DataFrame, what: str = "validation Dice") -> go.Figure:
+    """Loss terms and validation score per epoch of a training run (``training.train``'s history)."""
+    terms = [c for c in ("loss", "ce", "dice", "skeleton", "val_dice") if c in history]
+    return px.line(history, x="epoch", y=terms, markers=True, title=f"Training loss terms and {what}")
+
+
 def label_colormap(table: pd.DataFrame):
     """A matplotlib colormap with one colour per label id 0..max (table columns id, r, g, b), for nilearn."""
     from matplotlib.colors import ListedColormap
