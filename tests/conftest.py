@@ -74,3 +74,18 @@ def fake_download(monkeypatch) -> dict:
 
     monkeypatch.setattr(pooch, "retrieve", fake_retrieve)
     return seen
+
+
+def train_tiny_lesion_network(table, out: Path) -> Path:
+    """A lesion U-Net trained for one step on ``table``'s subjects (enough to predict with); its best.pt."""
+    from wmloc_utils import training
+
+    cfg = training.TrainConfig(
+        patch_size=16,
+        spacing=4.0,
+        epochs=1,
+        iters_per_epoch=1,
+        batch_size=2,
+        model_overrides={"channels": (4, 8, 16, 32)},
+    )
+    return training.train(cfg, training.make_records(table, "t1+flair", "lesion"), [], out, progress=False)["best"]

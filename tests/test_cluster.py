@@ -179,19 +179,10 @@ def test_cohort_table_reports_failed_subjects():
 @pytest.fixture(scope="module")
 def lesion_checkpoint(cohort, tmp_path_factory):
     """A lesion network trained for one step on the cohort's first subject (enough to predict with)."""
-    from wmloc_utils import training
+    from conftest import train_tiny_lesion_network
 
     table = pd.read_csv(cohort, dtype={"subject": str}).head(1)
-    cfg = training.TrainConfig(
-        patch_size=16,
-        spacing=4.0,
-        epochs=1,
-        iters_per_epoch=1,
-        batch_size=2,
-        model_overrides={"channels": (4, 8, 16, 32)},
-    )
-    out = tmp_path_factory.mktemp("model")
-    return training.train(cfg, training.make_records(table, "t1+flair", "lesion"), [], out, progress=False)["best"]
+    return train_tiny_lesion_network(table, tmp_path_factory.mktemp("model"))
 
 
 def test_segmentation_on_a_local_dask_cluster_with_a_failing_subject(

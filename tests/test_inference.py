@@ -261,22 +261,14 @@ def test_unsafe_or_damaged_checkpoints_are_refused_before_any_subject(tmp_path):
 def test_predict_cohort_reuses_an_unchanged_subject_and_redoes_a_changed_one(tmp_path):
     import os
 
-    from wmloc_utils import demo, subjects, training
+    from conftest import train_tiny_lesion_network
+
+    from wmloc_utils import demo, subjects
 
     demo.generate(tmp_path / "d", n_subjects=1, progress=False)
     s = subjects.discover(tmp_path / "d")[0]
     table = pd.DataFrame({"subject": [s.id], "t1": [str(s.t1)], "flair": [str(s.flair)], "lesion": [str(s.lesion)]})
-    cfg = training.TrainConfig(
-        patch_size=16,
-        spacing=4.0,
-        epochs=1,
-        iters_per_epoch=1,
-        batch_size=2,
-        model_overrides={"channels": (4, 8, 16, 32)},
-    )
-    best = training.train(cfg, training.make_records(table, "t1+flair", "lesion"), [], tmp_path / "m", progress=False)[
-        "best"
-    ]
+    best = train_tiny_lesion_network(table, tmp_path / "m")
     stamp = tmp_path / "p" / s.id / "lesion_prediction.json"
     inference.predict_cohort(table, tmp_path / "p", best, progress=False)
     written = stamp.stat().st_mtime_ns
