@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import pkgutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import wmloc_utils
 
@@ -17,10 +15,11 @@ PLOTTING = ("plotly", "matplotlib.pyplot")
 # Third-party libraries that import matplotlib.pyplot themselves when imported (for their own plots).
 LOAD_PYPLOT = ("ants", "monai")
 
-# Imports one step module in a fresh interpreter and reports which plotting libraries are loaded and,
-# for each, the module that imported it: the innermost frame outside importlib and the library itself.
+# Imports every step module, then figures, in one fresh interpreter, and reports which plotting libraries
+# each stage loaded and, for each library, the module that imported it first: the innermost frame outside
+# importlib and the library itself (so a step that pulls plotly in through another step names that one).
 _PROBE = """
-import json, sys
+import importlib, json, sys
 PLOTTING, OWN = {plotting!r}, ("plotly", "matplotlib", "importlib")
 importers = {{}}
 
@@ -34,33 +33,27 @@ class Probe:
             importers[name] = frame.f_globals.get("__name__", "?") if frame else "?"
 
 sys.meta_path.insert(0, Probe())
-import wmloc_utils.{module}
-print(json.dumps({{"loaded": [m for m in PLOTTING if m in sys.modules], "importers": importers}}))
+for module in {steps!r}:
+    importlib.import_module("wmloc_utils." + module)
+steps = {{"loaded": [m for m in PLOTTING if m in sys.modules], "importers": dict(importers)}}
+import wmloc_utils.figures
+print(json.dumps({{"steps": steps, "figures": importers}}))
 """
-
-
-def _probe(module: str) -> dict:
-    """The plotting libraries loaded by a fresh ``import wmloc_utils.<module>``, and who imported them."""
-    code = _PROBE.format(plotting=PLOTTING, module=module)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_step_modules_import_no_plotting_library():
     """plotly never; matplotlib.pyplot only when ANTsPy or MONAI imports it (they do so on their own import)."""
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        probes = dict(zip([*STEPS, "figures"], pool.map(_probe, [*STEPS, "figures"])))
-    assert probes.pop("figures")["importers"]["plotly"] == "wmloc_utils.figures"  # the probe sees an importer
-    offenders = {}
-    for module, probe in probes.items():
-        bad = [
-            lib
-            for lib in probe["loaded"]
-            if lib == "plotly" or probe["importers"].get(lib, "?").split(".")[0] not in LOAD_PYPLOT
-        ]
-        if bad:
-            offenders[module] = {lib: probe["importers"].get(lib) for lib in bad}
+    code = _PROBE.format(plotting=PLOTTING, steps=STEPS)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    loaded, importers = probe["steps"]["loaded"], probe["steps"]["importers"]
+    offenders = {
+        lib: importers.get(lib)
+        for lib in loaded
+        if lib == "plotly" or importers.get(lib, "?").split(".")[0] not in LOAD_PYPLOT
+    }
     assert not offenders, f"step modules that load a plotting library (its drawing belongs in figures.py): {offenders}"
+    assert probe["figures"]["plotly"] == "wmloc_utils.figures"  # the probe sees who imports
 
 
 def test_training_curves_draw_the_terms_a_history_has():
