@@ -183,7 +183,12 @@ def main() -> None:
                     f"  {r['workers']} worker(s): {r['wall']:.1f} s wall, {r['wall'] / args.subjects:.1f} s per subject, "
                     f"worker CPU share {r['cpu'] / (r['wall'] * r['workers']):.2f}"
                 )
-            print(f"  speed-up 1 -> 2 workers: {seg[0]['wall'] / seg[1]['wall']:.2f} (ideal 2)")
+            seg_shares = [r["cpu"] / (r["wall"] * r["workers"]) for r in seg]
+            seg_ratio = seg[0]["wall"] / seg[1]["wall"]
+            print(
+                f"  speed-up 1 -> 2 workers: {seg_ratio:.2f} (ideal 2); per core obtained: "
+                f"{seg_ratio * seg_shares[0] / seg_shares[1]:.2f}"
+            )
             steps["segmentation"] = seg[0]["wall"] / args.subjects
         overhead = (
             runs[0]["wall"] / args.subjects
