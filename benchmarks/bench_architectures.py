@@ -15,6 +15,7 @@ The checkpoints can be listed in notebook 06's ``compare_checkpoints`` to show t
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wmloc_utils import artefacts, book, inference, metrics, runtime, training
+from wmloc_utils import artefacts, book, inference, runtime, training
 
 # Notebook 04's training settings, read from its parameters cell (its patch edge, 48, suits all five
 # architectures: unetr/mednext/multiresunet need multiples of 16).
@@ -45,13 +46,13 @@ def run_pair(
     seg = inference.load_segmenter(result["best"], device)
     test = table[table["subject"].isin(split.loc[split["split"] == "test", "subject"])]
     scores, seconds = {}, {}
-    for tta in (True, False):
-        rows, start = [], time.perf_counter()
-        for r in test.itertuples():
-            mask = inference.segment(seg, r.t1, r.flair, tta=tta)["mask"]
-            rows.append(metrics.wmh_metrics_img(r.lesion, mask, subject=r.subject))
+    for tta in (True, False):  # predicted and scored as notebook 06 does (predict_cohort, score_lesions)
+        folder = out / f"test_tta_{tta}"
+        shutil.rmtree(folder, ignore_errors=True)  # timed afresh: predict_cohort reuses finished subjects
+        start = time.perf_counter()
+        preds = inference.predict_cohort(test, folder, result["best"], tta=tta, device=device, progress=False)
         seconds[tta] = (time.perf_counter() - start) / max(len(test), 1)
-        scores[tta] = pd.DataFrame(rows)
+        scores[tta] = inference.score_lesions({result["best"]: preds}, test, test["subject"].tolist(), progress=False)
     params = sum(p.numel() for p in seg.model.parameters())
     keys = ("dice", "hd95", "avd", "recall", "f1")
     return {

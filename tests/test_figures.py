@@ -67,3 +67,23 @@ def test_training_curves_draw_the_terms_a_history_has():
     fig = figures.training_curves(history, "validation mean region Dice")
     assert [t.name for t in fig.data] == ["loss", "ce", "dice", "val_dice"]
     assert fig.layout.title.text == "Training loss terms and validation mean region Dice"
+
+
+def test_lesion_overlay_outlines_the_reference_only_when_given():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import nibabel as nib
+    import numpy as np
+
+    from wmloc_utils import figures
+
+    flair = nib.Nifti1Image(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32), np.eye(4))
+    mask = np.zeros((20, 20, 20), np.uint8)
+    mask[8:12, 8:12, 6:14] = 1
+    lesion = nib.Nifti1Image(mask, np.eye(4))
+    with_ref = figures.lesion_overlay(lesion, flair, "001", reference=lesion)
+    alone = figures.lesion_overlay(lesion, flair, "001")
+    contours = [sum(len(ax.ax.collections) for ax in v.axes.values()) for v in (with_ref, alone)]
+    assert contours[0] > contours[1]
+    with_ref.close(), alone.close()

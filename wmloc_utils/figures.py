@@ -146,6 +146,19 @@ def label_colormap(table: pd.DataFrame):
     return ListedColormap(colours)
 
 
+def lesion_overlay(predicted, flair, subject: str, reference=None):
+    """Predicted lesions (red) on the FLAIR in six axial slices, the reference's outline (blue) when given."""
+    from nilearn import plotting
+
+    title = f"subject {subject}: predicted WMH (red)" + (", reference (blue)" if reference is not None else "")
+    view = plotting.plot_roi(
+        predicted, bg_img=flair, cmap="autumn", display_mode="z", cut_coords=6, draw_cross=False, title=title
+    )
+    if reference is not None:
+        view.add_contours(reference, levels=[0.5], colors="b", linewidths=0.8)
+    return view
+
+
 def plot_labels_nilearn(
     img: nib.spatialimages.SpatialImage,
     table: pd.DataFrame,
