@@ -164,6 +164,24 @@ def run_each(
             cluster.close()
 
 
+def run_here(fn: Callable, jobs: Sequence) -> Iterator[tuple[int, object]]:
+    """:func:`run_each` in this process, in order: ``(index, result)``, a job that raises yielding its exception."""
+    for i, job in enumerate(jobs):
+        try:
+            result = fn(job)
+        except Exception as err:  # noqa: BLE001 (one subject's failure: the caller raises it or records it)
+            result = err
+        yield i, result
+
+
+def failure(subject: str, err: Exception) -> dict:
+    """The table row of a subject whose job raised: ``status`` "failed" and the ``error``, naming the subject."""
+    message = f"{type(err).__name__}: {err}"
+    if f"subject {subject}" not in message:
+        message = f"subject {subject}: {message}"
+    return {"subject": subject, "status": "failed", "error": message}
+
+
 def _outcome(future) -> object:
     """A finished future's result, or the exception it raised (a lost Dask worker: ``KilledWorker``)."""
     try:

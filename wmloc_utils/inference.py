@@ -280,7 +280,7 @@ def predict_cohort(
     checkpoints = {k: str(c) for k, c in (("lesion", lesion_checkpoint), ("regions", region_checkpoint)) if c}
     if not checkpoints:
         raise ValueError("give lesion_checkpoint and/or region_checkpoint")
-    here = scheduler in (None, "in-process")
+    here = scheduler is None
     loaded = [_loaded(c, device if here else "cpu") for c in checkpoints.values()]  # each checked before any subject
     first = loaded[0]  # its config names the split
     which = dict(zip(split["subject"].astype(str), split["split"])) if split is not None else {}
@@ -303,7 +303,7 @@ def predict_cohort(
             }
         )
     if here:
-        outcomes = ((i, _outcome(predict_subject, job, errors)) for i, job in enumerate(jobs))
+        outcomes = cluster.run_here(predict_subject, jobs)
     else:
         outcomes = cluster.run_each(
             predict_subject, jobs, n_jobs, scheduler, names=[j["subject"] for j in jobs], config=cluster_config
@@ -313,28 +313,13 @@ def predict_cohort(
         if isinstance(result, Exception):
             if errors == "raise":
                 raise result
-            result = {
-                "subject": jobs[i]["subject"],
-                "split": jobs[i]["split"],
-                "status": "failed",
-                "error": f"{type(result).__name__}: {result}",
-            }
+            result = {**cluster.failure(jobs[i]["subject"], result), "split": jobs[i]["split"]}
         rows[i] = result
     out = pd.DataFrame(rows)
     if errors == "record":
         out["status"] = out.get("status", pd.Series("ok", out.index)).fillna("ok")
         out["error"] = out.get("error", pd.Series("", out.index)).fillna("")
     return out
-
-
-def _outcome(fn, job, errors: str):
-    """``fn(job)``, or (``errors="record"``) the exception it raised."""
-    if errors == "raise":
-        return fn(job)
-    try:
-        return fn(job)
-    except Exception as err:  # noqa: BLE001 (one subject's failure is recorded by the caller)
-        return err
 
 
 def _loaded(checkpoint: str, device: str) -> Segmenter:

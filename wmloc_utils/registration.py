@@ -8,6 +8,7 @@ The Eve header has no origin, so every registration starts from the centre of ma
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -365,22 +366,11 @@ def _run_jobs(jobs: list[tuple], workdir, n_jobs: int | None, scheduler, cluster
         n = cluster.worker_count(n_jobs, len(jobs))
     if scheduler in (None, "processes") and n <= 1:
         atlas = atlas_inputs(workdir)  # loaded once for every subject
-        for job in jobs:
-            try:
-                yield job, _worker(job, atlas)
-            except Exception as err:  # noqa: BLE001 (the caller raises it or records it)
-                yield job, err
+        for i, result in cluster.run_here(functools.partial(_worker, atlas=atlas), jobs):
+            yield jobs[i], result
         return
     for i, result in cluster.run_each(_worker, jobs, n, scheduler, [job[0]["subject"] for job in jobs], cluster_config):
         yield jobs[i], result
-
-
-def _failure(subject: str, err: Exception) -> dict:
-    """The table row of a failed subject: ``status`` "failed" and the ``error``, naming the subject."""
-    message = f"{type(err).__name__}: {err}"
-    if f"subject {subject}" not in message:
-        message = f"subject {subject}: {message}"
-    return {"subject": subject, "status": "failed", "error": message}
 
 
 def _report_failures(failed: dict[str, dict], n_subjects: int) -> None:
@@ -515,7 +505,7 @@ def run_cohort(
         elif errors == "raise":
             raise result
         else:
-            failed[row["subject"]] = rows[row["subject"]] = _failure(row["subject"], result)
+            failed[row["subject"]] = rows[row["subject"]] = cluster.failure(row["subject"], result)
     bar.close()
     qc = pd.DataFrame([_qc_row(rows[s]) for s in table["subject"]])
     if errors == "record":
