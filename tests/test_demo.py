@@ -186,6 +186,22 @@ def test_mixed_skull_contrast_and_lesion_free_subjects(unseen):
     assert abs(ratio[0] - ratio[1]) > 0.05 and not np.array_equal(plain["t1"], jittered["t1"])
 
 
+def test_contrast_jitter_keeps_the_tissue_order_of_real_scanners():
+    """Jitter per tissue could make GM and WM equal (a subject of the unseen cohort had T1 medians 412 vs 414)."""
+    rng = np.random.default_rng(0)
+    raw = [
+        demo.plausible_contrast(demo.T1_MEANS * rng.uniform(0.7, 1.3, 4), demo.FLAIR_MEANS * rng.uniform(0.7, 1.3, 4))
+        for _ in range(500)
+    ]
+    assert 0.05 < 1 - np.mean(raw) < 0.95, "independent draws are sometimes implausible: the check has work to do"
+    for seed in range(200):
+        sc = demo._scanner(np.random.default_rng([seed, 1]), 0.3)
+        t1, flair = demo.T1_MEANS * sc["t1"], demo.FLAIR_MEANS * sc["flair"]
+        assert demo.plausible_contrast(t1, flair), (seed, t1, flair)
+        assert t1[2] >= demo.MIN_GM_WM_RATIO * t1[1] and flair[1] >= demo.MIN_GM_WM_RATIO * flair[2]
+    assert not demo.plausible_contrast(np.array([0.2, 0.6, 0.6, 0.5]), demo.FLAIR_MEANS), "GM = WM on T1"
+
+
 def test_generate_checks_new_options(tmp_path):
     with pytest.raises(ValueError, match="brain must be one of"):
         demo.generate(tmp_path / "x", brain="colin27")

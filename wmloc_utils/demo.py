@@ -50,11 +50,14 @@ GRID_CHOICES = (*GRIDS, "challenge")
 BRAINS = ("mni152", "eve")
 MAX_OBLIQUE_DEG = 8.0  # challenge grids: rotation of the voxel axes relative to the scanner's world axes
 FOV_MM = np.array([188.0, 224.0, 188.0])
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: contrast jitter keeps the physical tissue order (cohorts of version 1 are remade)
 
 # Tissue intensities (fraction of the scanner's range) before subject jitter: CSF, GM, WM, lesion.
 T1_MEANS = np.array([0.22, 0.55, 0.82, 0.58])
 FLAIR_MEANS = np.array([0.12, 0.62, 0.45, 1.00])
+# Least GM/WM contrast a jittered scanner keeps (T1w WM/GM, FLAIR GM/WM; nominal 1.49 and 1.38; 3T and 1.5T
+# scanners give about 1.2-1.6 on T1w and 1.1-1.4 on FLAIR).
+MIN_GM_WM_RATIO = 1.15
 # Group priors: load range (mL), where seeds may go, and lesion radius range (mm).
 GROUP_PRIORS = {
     "frontal_pv": dict(load=(8.0, 45.0), where="frontal_pv", radius=(3.0, 6.5), age=(68, 6)),
@@ -343,13 +346,34 @@ def _has_skull(index: int, spec: CohortSpec) -> bool:
     return bool(spec.skull)
 
 
+def plausible_contrast(t1_means: np.ndarray, flair_means: np.ndarray) -> bool:
+    """Whether tissue means (CSF, GM, WM, lesion) keep the order physics gives every T1w and FLAIR scanner.
+
+    T1w: CSF < GM < WM with WM/GM >= :data:`MIN_GM_WM_RATIO`, lesions darker than WM; FLAIR: CSF < WM < GM
+    with GM/WM >= :data:`MIN_GM_WM_RATIO`, lesions brighter than GM. Independent jitter per tissue
+    can otherwise make GM and WM equal, an image no scanner produces and no tissue segmentation can read.
+    """
+    c, g, w, les = t1_means
+    fc, fg, fw, fles = flair_means
+    return bool(
+        c < g < w and w >= MIN_GM_WM_RATIO * g and les < w and fc < fw < fg and fg >= MIN_GM_WM_RATIO * fw and fles > fg
+    )
+
+
 def _scanner(extra: np.random.Generator, strength: float) -> dict:
-    """Scanner-specific changes drawn for ``contrast=strength``: tissue intensity factors, gamma, bias, noise, scale."""
+    """Scanner-specific changes drawn for ``contrast=strength``: tissue intensity factors, gamma, bias, noise, scale.
+
+    Tissue factors are redrawn until the tissue order is physically plausible (:func:`plausible_contrast`).
+    """
     if strength <= 0:
         return {"t1": 1.0, "flair": 1.0, "gamma": (1.0, 1.0), "bias": 1.0, "noise": 1.0, "scale": 1.0}
+    while True:
+        t1, flair = extra.uniform(1 - strength, 1 + strength, 4), extra.uniform(1 - strength, 1 + strength, 4)
+        if plausible_contrast(T1_MEANS * t1, FLAIR_MEANS * flair):
+            break
     return {
-        "t1": extra.uniform(1 - strength, 1 + strength, 4),
-        "flair": extra.uniform(1 - strength, 1 + strength, 4),
+        "t1": t1,
+        "flair": flair,
         "gamma": tuple(np.exp(extra.uniform(-strength, strength, 2))),
         "bias": 1 + strength * extra.uniform(0, 3),
         "noise": 1 + strength * extra.uniform(0, 4),
