@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -78,6 +80,37 @@ def test_depth_maps_on_an_anisotropic_image():
     assert radius[pv == 1].max() == pytest.approx(18.0, abs=1.0)
     bull = np.asarray(maps["bullseye"].dataobj)
     assert set(np.unique(bull[wm])) == {11, 12, 13, 14} and np.allclose(maps["bullseye"].affine, affine)
+
+
+def test_cohort_depth_maps_writes_each_subjects_maps_and_falls_back_without_cortex(tmp_path, capsys):
+    import pandas as pd
+
+    from wmloc_utils import artefacts
+
+    _, vent, wm, brain = phantom()
+    affine = np.diag([-ZOOMS[0], ZOOMS[1], ZOOMS[2], 1.0])
+    nib.save(
+        nib.Nifti1Image(np.where(wm, 3, np.where(vent, 1, np.where(brain, 2, 0))).astype(np.int16), affine),
+        tmp_path / "tissue.nii.gz",
+    )
+    for name, regions in (("gyral", np.where(brain, 3, 0)), ("none", np.zeros(wm.shape))):
+        nib.save(nib.Nifti1Image(regions.astype(np.int16), affine), tmp_path / f"{name}.nii.gz")
+    records = pd.DataFrame(
+        {
+            "subject": ["a", "b"],
+            "tissue": [str(tmp_path / "tissue.nii.gz")] * 2,
+            "regions": [str(tmp_path / "gyral.nii.gz"), str(tmp_path / "none.nii.gz")],
+            "lesion": ["ref_a", "ref_b"],
+            "lesion_pred": ["pred_a", "pred_b"],
+        }
+    )
+    out = wmdepth.cohort_depth_maps(records, tmp_path / "work", "lesion", progress=False)
+    assert out["lesion"].tolist() == ["ref_a", "ref_b"] and out["lesion_pred"].tolist() == ["pred_a", "pred_b"]
+    assert out.loc[0, "bullseye"] == str(
+        artefacts.path(tmp_path / "work", artefacts.DEPTH_MAPS, subject="a", map="bullseye")
+    )
+    assert pd.isna(out.loc[1, "bullseye"]) and "subject b: periventricular/deep only" in capsys.readouterr().out
+    assert all(Path(p).exists() for p in out["periventricular"])
 
 
 def test_bullseye_on_regions_kept_inside_wm(eve_dir):

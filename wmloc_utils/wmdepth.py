@@ -8,6 +8,8 @@ into equal shells and crossed with lobes (see :func:`wmloc_utils.atlas.lobe_map`
 
 from __future__ import annotations
 
+import os
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -249,6 +251,42 @@ def depth_maps(
         full[box] = arr
         out[key] = like(tissue, full, dtype)
     return out
+
+
+def cohort_depth_maps(
+    records: pd.DataFrame,
+    workdir: str | os.PathLike,
+    lesion_col: str,
+    distance_mm: float = 10.0,
+    n_shells: int = 4,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Notebook 07's depth step: every subject's periventricular/deep and bullseye maps, written to its folder.
+
+    ``records`` needs ``subject``, ``tissue`` and ``regions`` (notebook 03) and ``lesion_col``/``lesion_pred``.
+    A subject whose regions leave no cortex to end the depth gets periventricular/deep only (printed).
+    Returns one row per subject: subject, lesion, lesion_pred and the map paths (bullseye NaN when missing).
+    """
+    from tqdm.auto import tqdm
+
+    from . import artefacts
+    from .images import save_nifti
+
+    rows = []
+    for r in tqdm(records.itertuples(), total=len(records), desc="depth maps", disable=not progress):
+        tissue = nib.load(r.tissue)
+        try:
+            maps = depth_maps(tissue, regions=nib.load(r.regions), distance_mm=distance_mm, n_shells=n_shells)
+        except InputError as err:  # the bullseye needs cortex around the gyral regions
+            print(f"subject {r.subject}: periventricular/deep only, no bullseye ({err})")
+            maps = depth_maps(tissue, distance_mm=distance_mm)
+        paths = {
+            k: str(save_nifti(v, artefacts.path(workdir, artefacts.DEPTH_MAPS, subject=r.subject, map=k)))
+            for k, v in maps.items()
+            if k != "ventricles"
+        }
+        rows.append({"subject": r.subject, "lesion": getattr(r, lesion_col), "lesion_pred": r.lesion_pred, **paths})
+    return pd.DataFrame(rows, columns=["subject", "lesion", "lesion_pred", "periventricular", "bullseye"])
 
 
 def bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
