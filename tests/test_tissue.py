@@ -99,6 +99,27 @@ def test_grid_mismatch_is_a_clear_error(eve_small):
         tissue.segment_tissues(eve_small["t1"], None, other)
 
 
+def test_bias_correction_flattens_a_bias_field_and_keeps_the_tissue_contrast(eve_small):
+    """A smooth field (x1.8 from one end of the brain to the other, as on the unseen cohort) is mostly removed."""
+    t1, mask, truth = eve_small["t1"], np.asanyarray(eve_small["mask"].dataobj) > 0, eve_small["truth"]
+    x = np.linspace(-1, 1, t1.shape[0])[:, None, None]
+    biased = like(t1, (np.asanyarray(t1.dataobj) * np.exp(0.3 * x)).astype(np.float32), np.float32)
+    fixed = np.asanyarray(tissue.bias_corrected(biased, eve_small["mask"], "T1", "s1").dataobj)
+
+    def spread(img):  # WM median of the left third vs the right third of the brain
+        wm = (truth == 3) & mask
+        third = img.shape[0] // 3
+        return np.median(img[:third][wm[:third]]) / np.median(img[-third:][wm[-third:]])
+
+    before, after = spread(np.asanyarray(biased.dataobj)), spread(fixed)
+    assert abs(np.log(after)) < 0.4 * abs(np.log(before)), (before, after)
+    wm, gm = np.median(fixed[(truth == 3) & mask]), np.median(fixed[(truth == 2) & mask])
+    assert wm > 1.1 * gm, "tissue contrast kept"
+    other = type(t1)(np.ones((10, 10, 10), np.uint8), t1.affine)
+    with pytest.raises(InputError, match="subject s1: brain mask is not on the grid of FLAIR"):
+        tissue.bias_corrected(biased, other, "FLAIR", "s1")
+
+
 def test_segmentation_is_repeatable_on_a_demo_subject(tmp_path_factory):
     """Atropos is seeded: two runs on the same demo subject give identical labels and probabilities.
 

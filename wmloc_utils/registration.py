@@ -29,8 +29,8 @@ from .errors import InputError
 from .images import atomic_path, check_labels, check_same_grid, like, load_nifti, same_grid, save_nifti
 from .metrics import dice
 from .subjects import register_t1_to_flair
+from .tissue import bias_corrected, segment_tissues
 from .tissue import brain_mask as make_brain_mask
-from .tissue import segment_tissues
 
 if TYPE_CHECKING:
     from dask.distributed import Client
@@ -40,6 +40,8 @@ ERRORS = ("raise", "record")  # run_cohort: stop at a failed subject, or record 
 REGION_TARGETS = ("registered", "authors")  # the region maps regions.csv hands on: ours, or the paper authors'
 DONE = "qc.json"
 T1_ON_FLAIR = "t1_on_flair.nii.gz"
+# the bias-corrected images the networks read (notebooks 04-06, the apply path), FLAIR grid
+BIAS_CORRECTED = {"t1": "t1_corrected.nii.gz", "flair": "flair_corrected.nii.gz"}
 T1_REG_SPACING = 2.0  # mm: grid of the rigid T1-to-FLAIR registration (the transform resamples the full T1)
 
 
@@ -214,7 +216,8 @@ def process_subject(
 ) -> dict:
     """Brain mask, tissues, WM mask, registration and region labels of one subject, written to ``outdir``.
 
-    Files: brain_mask, tissue, prob_{csf,gm,wm}, wm_mask, regions (.nii.gz, FLAIR grid), the
+    Files: brain_mask, t1_corrected and flair_corrected (N4 bias-corrected; what the networks read), tissue,
+    prob_{csf,gm,wm}, wm_mask, regions (.nii.gz, FLAIR grid), the
     transform(s) ``atlas_to_subject_*``, for a T1 on another grid ``t1_on_flair.nii.gz`` (registered
     rigidly once, used for mask and tissues) and ``qc.json`` (written last: the done marker, holding
     ``fingerprint`` and the fingerprints of the written ``outputs`` for :func:`run_cohort`).
@@ -231,7 +234,13 @@ def process_subject(
     mask = make_brain_mask(t1_img, flair_img, subject=subject, outprefix=out / "brainmask_")
     remove_files(out.glob("brainmask_*"))
     save_nifti(mask, out / "brain_mask.nii.gz")
-    seg = segment_tissues(t1_img, flair_img, mask, lesion=les_img, subject=subject, outprefix=f"{out}{os.sep}")
+    # bias fields corrected once (N4 in the brain); the tissues use the corrected T1, the networks both images
+    corrected = {m: bias_corrected(img, mask, m.upper(), subject) for m, img in (("t1", t1_img), ("flair", flair_img))}
+    for m, img in corrected.items():
+        save_nifti(img, out / BIAS_CORRECTED[m])
+    seg = segment_tissues(
+        corrected["t1"], flair_img, mask, lesion=les_img, n4=False, subject=subject, outprefix=f"{out}{os.sep}"
+    )
     wm = np.asanyarray(seg["wm_mask"].dataobj) > 0
     if not wm.any():
         raise InputError(f"subject {subject}: the tissue segmentation found no white matter (WM mask is empty)")
@@ -242,6 +251,7 @@ def process_subject(
         "tissue": str(out / "tissue.nii.gz"),
         "wm_mask": str(out / "wm_mask.nii.gz"),
         "t1_on_flair": t1_on_flair,
+        **{f"{m}_corrected": str(out / name) for m, name in BIAS_CORRECTED.items()},
         **label_subject(subject, seg["wm"], wm, flair_img, out, atlas, method, reg_spacing),
     }
     if _given(truth_dir) and Path(truth_dir, "tissue.nii.gz").exists():
@@ -249,6 +259,7 @@ def process_subject(
         qc["true_wm_dice"] = dice(wm, true_wm)
     qc["seconds"] = time.perf_counter() - start
     written = [qc["brain_mask"], qc["tissue"], qc["wm_mask"], qc["regions"], t1_on_flair, *qc["transform"].split(";")]
+    written += [qc[f"{m}_corrected"] for m in BIAS_CORRECTED]
     qc["fingerprint"] = fingerprint
     qc["outputs"] = {Path(p).name: provenance.file_fingerprint(p) for p in written if p}
     with atomic_path(out / DONE) as tmp:
@@ -409,7 +420,9 @@ def subject_fingerprint(
         inputs["lesion"] = row["lesion"]
     if _given(row.get("truth_dir")):
         inputs["true tissue"] = Path(row["truth_dir"]) / "tissue.nii.gz"
-    return provenance.fingerprint(inputs, {"method": method, "reg_spacing": reg_spacing}, upstream, full_hash)
+    # "outputs" 2: bias-corrected T1 and FLAIR are written (results of version 1 lack them and are redone)
+    params = {"method": method, "reg_spacing": reg_spacing, "outputs": 2}
+    return provenance.fingerprint(inputs, params, upstream, full_hash)
 
 
 def stale(subject_dir: Path, fp: dict) -> tuple[list[str], dict | None]:
@@ -561,7 +574,8 @@ def failed_subjects(qc: pd.DataFrame, step: str = "the regions step") -> list[st
 
 
 def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The subjects table with ``t1`` replaced by notebook 03's ``t1_on_flair`` where it registered one.
+    """The subjects table with ``t1`` replaced by notebook 03's ``t1_on_flair`` where it registered one,
+    and ``t1``/``flair`` by notebook 03's bias-corrected images where it made them.
 
     With notebook 03's results, ``brain_mask`` and ``wm_mask`` columns give each subject's brain and WM
     masks (FLAIR grid).
@@ -584,6 +598,13 @@ def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | 
             moved = regions.set_index("subject")["t1_on_flair"]
             moved = table["subject"].map(moved[moved != ""])
             table["t1"] = moved.where(moved.notna(), table["t1"])
+        # the networks read the bias-corrected images (same grid); the originals stay as t1_native/flair_native
+        table["flair_native"] = table["flair"]
+        for m in BIAS_CORRECTED:
+            if f"{m}_corrected" in regions:
+                fixed = regions.set_index("subject")[f"{m}_corrected"]
+                fixed = table["subject"].map(fixed[fixed != ""])
+                table[m] = fixed.where(fixed.notna(), table[m])
         # networks see only the brain (heads with skull: the challenge's pre/ images); region labels stay in WM
         for mask in ("brain_mask", "wm_mask"):
             if mask in regions:

@@ -135,6 +135,22 @@ def _n4(img: ants.ANTsImage, mask: ants.ANTsImage) -> ants.ANTsImage:
     )
 
 
+def bias_corrected(img, brain_mask, what: str = "image", subject: str | None = None) -> nib.Nifti1Image:
+    """``img`` corrected for its bias field (ANTs N4, estimated inside ``brain_mask``), float32 on its grid.
+
+    Scanner bias fields make one end of the brain brighter than the other; on FLAIR that reads as lesions
+    to a network (on an unseen demo cohort with strong fields, 8 mL of false lesions in a lesion-free
+    subject before correction, 0.07 mL after). The regions step corrects T1 and FLAIR once and every
+    network, in training and in inference, reads the corrected images.
+    """
+    image = _as_img(img, what, subject)
+    mask_img = _as_img(brain_mask, "brain mask", subject)
+    check_same_grid(image, mask_img, what, "brain mask", subject)
+    mask = to_ants(like(image, (np.asanyarray(mask_img.dataobj) > 0).astype(np.float32)))
+    corrected = _n4(to_ants(image), mask).numpy()
+    return like(image, corrected.astype(np.float32), np.float32)
+
+
 def segment_tissues(
     t1,
     flair,
