@@ -2,6 +2,7 @@
 
 import errno
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -544,3 +545,14 @@ def test_a_finished_run_is_reused_and_writes_nothing_unless_its_configuration_ch
     assert (tmp_path / "last.pt").stat().st_mtime_ns != stamps["last.pt"]
     training.train(tiny_cfg(lr=1e-4), recs[:2], recs[3:], tmp_path, progress=False)  # other subjects: again
     assert checkpoints.read_checkpoint(tmp_path / "last.pt")["config"]["train_subjects"] == ["s0", "s1"]
+    # the same bytes under another path are the same data; other bytes (e.g. a bias-corrected FLAIR) are not
+    flair = nib.load(recs[0]["image"][1])
+    moved = [{**r, "image": list(r["image"])} for r in recs]
+    moved[0]["image"][1] = str(tmp_path.parent / "copy.nii.gz")
+    Path(moved[0]["image"][1]).write_bytes(Path(recs[0]["image"][1]).read_bytes())
+    stamp = (tmp_path / "last.pt").stat().st_mtime_ns
+    training.train(tiny_cfg(lr=1e-4), moved[:2], moved[3:], tmp_path, progress=False)
+    assert (tmp_path / "last.pt").stat().st_mtime_ns == stamp, "same bytes: reused"
+    nib.save(nib.Nifti1Image(flair.get_fdata().astype(np.float32) * 1.01, flair.affine), moved[0]["image"][1])
+    training.train(tiny_cfg(lr=1e-4), moved[:2], moved[3:], tmp_path, progress=False)
+    assert (tmp_path / "last.pt").stat().st_mtime_ns != stamp, "another image: trained again"

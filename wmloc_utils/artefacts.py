@@ -47,7 +47,10 @@ REGIONS = Artefact(
     "one QC row per subject, with the paths of its region map, tissue classes, brain and WM masks",
 )
 SUBJECT_REGIONS = Artefact(
-    "03_regions", "{subject}", "a subject's brain mask, tissues, WM mask and region map on its FLAIR grid, and qc.json"
+    "03_regions",
+    "{subject}",
+    "a subject's brain mask, bias-corrected T1 and FLAIR (what the networks read), tissues, WM mask and region map "
+    "on its FLAIR grid, and qc.json",
 )
 SYN_REGIONS = Artefact(
     "03_regions", "syn/{subject}", "demo only: a subject's regions by SyN, to compare with the affine"

@@ -22,6 +22,11 @@ from .images import atomic_path
 NIFTI = (".nii", ".nii.gz")
 
 
+def sha256_of(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex)."""
+    return _sha256(Path(path))
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

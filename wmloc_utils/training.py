@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import itertools
 import json
 import math
@@ -71,7 +72,7 @@ from monai.transforms import (
 )
 from tqdm.auto import tqdm
 
-from . import __version__, artefacts, atlas, runtime
+from . import __version__, artefacts, atlas, provenance, runtime
 from .checkpoints import NORMALISATION, plain_data, preprocessing, read_checkpoint, save_checkpoint
 from .errors import InputError
 from .images import atomic_path, check_same_grid, write_errors, write_table_atomic
@@ -668,8 +669,24 @@ def _comparable(config: dict) -> dict:
     return {**{k: v for k, v in config.items() if k != "versions"}, "training": training}
 
 
+def records_digest(records: Sequence[dict]) -> str:
+    """SHA-256 over the bytes of every file the records name (channels, label, brain, tissue), in order.
+
+    Stored in the checkpoint's config: a finished run is reused only when its images are the same bytes,
+    so new inputs (e.g. bias-corrected images in place of the raw ones) are never served by an old network.
+    """
+    digest = hashlib.sha256()
+    for rec in records:
+        digest.update(str(rec.get("subject", "")).encode())
+        for key in ("image", "label", "brain", "tissue"):
+            for path in rec.get(key) if isinstance(rec.get(key), list) else [rec.get(key)]:
+                if path:
+                    digest.update(key.encode() + provenance.sha256_of(path).encode())
+    return digest.hexdigest()
+
+
 def _finished_run(out_dir: Path, config: dict, epochs: int) -> dict | None:
-    """train()'s result when ``out_dir`` holds a finished run of the same configuration and subjects, else None."""
+    """train()'s result when ``out_dir`` holds a finished run of the same configuration, subjects and data, else None."""
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if not (last_path.exists() and best_path.exists()):
         return None
@@ -882,6 +899,7 @@ def _train(
         )
     runtime.set_seed(cfg.seed)  # the same on every process: the same weights, and rank 0's random states resume all
     config = model_config(cfg, [r["subject"] for r in train_records], [r["subject"] for r in val_records])
+    config["data_sha256"] = records_digest(train_records + val_records)
     finished = _finished_run(out_dir, config, cfg.epochs)
     if finished is not None:
         if progress and ranks.main:
