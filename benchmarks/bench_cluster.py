@@ -63,7 +63,7 @@ def timed_segmentation(workdir: Path, n_workers: int, lesion: str, regions: str 
     from wmloc_utils import inference
 
     out = workdir.parent / f"{workdir.name}-seg{n_workers}"
-    table = reg.subjects_on_flair_grid(workdir)
+    table = reg.corrected_inputs(reg.subjects_on_flair_grid(workdir))  # as notebook 06 applies the networks
     with cluster.client(n_workers, "local") as client:
         cpu0, t0 = _cpu(client), time.perf_counter()
         preds = inference.predict_cohort(

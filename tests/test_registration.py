@@ -330,10 +330,11 @@ def test_run_cohort_real_rerun_writes_nothing_even_read_only(demo_csv, tmp_path,
     assert qc["fingerprint"]["params"] == {"method": "Affine", "reg_spacing": 4.0, "outputs": 2}
     assert {"regions.nii.gz", "wm_mask.nii.gz", "brain_mask.nii.gz", *reg.BIAS_CORRECTED.values()} <= set(qc["outputs"])
     table = reg.subjects_on_flair_grid(work, pd.read_csv(demo_csv, dtype={"subject": str}))
-    assert table["flair"].tolist() == first["flair_corrected"].tolist(), "the networks read the corrected FLAIR"
+    applied = reg.corrected_inputs(table)
+    assert applied["flair"].tolist() == first["flair_corrected"].tolist(), "networks are applied to the corrected FLAIR"
     assert (
-        table["t1"].tolist() == first["t1_corrected"].tolist()
-        and table["flair_native"].tolist() != table["flair"].tolist()
+        applied["t1"].tolist() == first["t1_corrected"].tolist()
+        and table["flair"].tolist() != applied["flair"].tolist()
     )
     before = _tree(work)
     again = reg.run_cohort(demo_csv, work, reg_spacing=4.0, progress=False)
@@ -427,14 +428,15 @@ def test_t1_on_its_own_grid_is_registered_once_and_used_downstream(tmp_path):
     assert scores["brain_mask_dice"] > 0.9, scores
 
     table = reg.subjects_on_flair_grid(work)
-    # the networks read the bias-corrected copy of t1_on_flair (FLAIR grid) and of the FLAIR
-    corrected = {m: qc.loc[0, f"{m}_corrected"] for m in ("t1", "flair")}
-    assert table.loc[0, "t1"] == corrected["t1"] and table.loc[0, "t1_native"].endswith("T1_moved.nii.gz")
-    assert np.allclose(nib.load(corrected["t1"]).affine, flair.affine, atol=1e-3)
+    assert table.loc[0, "t1"] == str(path) and table.loc[0, "t1_native"].endswith("T1_moved.nii.gz")
+    # the networks are applied to the bias-corrected copies of t1_on_flair (FLAIR grid) and of the FLAIR
+    corrected = reg.corrected_inputs(table)
+    assert [corrected.loc[0, m] for m in ("t1", "flair")] == [qc.loc[0, f"{m}_corrected"] for m in ("t1", "flair")]
+    assert np.allclose(nib.load(corrected.loc[0, "t1"]).affine, flair.affine, atol=1e-3)
     with pytest.raises(InputError, match="subject 001.*not on the grid"):
         training.make_records(pd.read_csv(subjects_csv, dtype={"subject": str}), "t1+flair", "lesion")
     records = training.make_records(table, "t1+flair", "lesion")
-    assert records[0]["image"] == [corrected["t1"], corrected["flair"]]
+    assert records[0]["image"] == [str(path), str(aniso / "pre" / "FLAIR.nii.gz")], "trained on the images as scanned"
 
 
 def test_subjects_on_flair_grid_refuses_an_unregistered_off_grid_t1(tmp_path):

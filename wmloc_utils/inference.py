@@ -398,7 +398,8 @@ def predict_step(
 ) -> pd.DataFrame:
     """Notebook 06's step: predict the subjects of notebook 01's table into notebook 06's folder of ``workdir``.
 
-    The T1 on the FLAIR grid, the brain mask and the WM mask of notebook 03 are used when it made them:
+    The bias-corrected T1 (on the FLAIR grid) and FLAIR, the brain mask and the WM mask of notebook 03 are
+    used when it made them (:func:`wmloc_utils.registration.corrected_inputs`):
     the networks see only the brain and predict nothing outside it, and the region network's labels
     stay inside the subject's WM, as the registered atlas's do.
 
@@ -406,10 +407,10 @@ def predict_step(
     ``scheduler``, ``n_jobs``, ``errors``, ``cluster_config``: where the subjects run (:func:`predict_cohort`).
     """
     from . import provenance
-    from .registration import subjects_on_flair_grid
+    from .registration import corrected_inputs, subjects_on_flair_grid
 
     workdir = Path(workdir)
-    table = subjects_on_flair_grid(workdir).fillna({"t1": "", "flair": ""})
+    table = corrected_inputs(subjects_on_flair_grid(workdir)).fillna({"t1": "", "flair": ""})
     out = artefacts.folder(workdir, artefacts.PREDICTIONS)
     predictions = predict_cohort(
         table,

@@ -140,8 +140,8 @@ def bias_corrected(img, brain_mask, what: str = "image", subject: str | None = N
 
     Scanner bias fields make one end of the brain brighter than the other; on FLAIR that reads as lesions
     to a network (on an unseen demo cohort with strong fields, 8 mL of false lesions in a lesion-free
-    subject before correction, 0.07 mL after). The regions step corrects T1 and FLAIR once and every
-    network, in training and in inference, reads the corrected images.
+    subject before correction, 0.07 mL after). The regions step corrects T1 and FLAIR once; the networks
+    are applied to the corrected images (:func:`wmloc_utils.registration.corrected_inputs`).
     """
     image = _as_img(img, what, subject)
     mask_img = _as_img(brain_mask, "brain mask", subject)
