@@ -18,11 +18,9 @@ from pathlib import Path
 import pandas as pd
 import pooch
 
+from .errors import DataError
+
 ENV_VAR = "WMLOC_DATA"
-
-
-class DataError(RuntimeError):
-    """A data file is missing, corrupt or cannot be fetched."""
 
 
 @dataclass(frozen=True)
