@@ -49,7 +49,7 @@ REGIONS = Artefact(
 SUBJECT_REGIONS = Artefact(
     "03_regions",
     "{subject}",
-    "a subject's brain mask, bias-corrected T1 and FLAIR (what the networks read), tissues, WM mask and region map "
+    "a subject's brain mask, bias-corrected T1 and FLAIR (what the networks are applied to), tissues, WM mask and region map "
     "on its FLAIR grid, and qc.json",
 )
 SYN_REGIONS = Artefact(

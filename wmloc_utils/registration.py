@@ -40,7 +40,7 @@ ERRORS = ("raise", "record")  # run_cohort: stop at a failed subject, or record 
 REGION_TARGETS = ("registered", "authors")  # the region maps regions.csv hands on: ours, or the paper authors'
 DONE = "qc.json"
 T1_ON_FLAIR = "t1_on_flair.nii.gz"
-# the bias-corrected images the networks read (notebooks 04-06, the apply path), FLAIR grid
+# the bias-corrected images notebook 06 and the apply path give the networks (FLAIR grid; trained on the raw ones)
 BIAS_CORRECTED = {"t1": "t1_corrected.nii.gz", "flair": "flair_corrected.nii.gz"}
 T1_REG_SPACING = 2.0  # mm: grid of the rigid T1-to-FLAIR registration (the transform resamples the full T1)
 
@@ -216,7 +216,7 @@ def process_subject(
 ) -> dict:
     """Brain mask, tissues, WM mask, registration and region labels of one subject, written to ``outdir``.
 
-    Files: brain_mask, t1_corrected and flair_corrected (N4 bias-corrected; what the networks read), tissue,
+    Files: brain_mask, t1_corrected and flair_corrected (N4 bias-corrected; what the networks are applied to), tissue,
     prob_{csf,gm,wm}, wm_mask, regions (.nii.gz, FLAIR grid), the
     transform(s) ``atlas_to_subject_*``, for a T1 on another grid ``t1_on_flair.nii.gz`` (registered
     rigidly once, used for mask and tissues) and ``qc.json`` (written last: the done marker, holding
@@ -234,7 +234,7 @@ def process_subject(
     mask = make_brain_mask(t1_img, flair_img, subject=subject, outprefix=out / "brainmask_")
     remove_files(out.glob("brainmask_*"))
     save_nifti(mask, out / "brain_mask.nii.gz")
-    # bias fields corrected once (N4 in the brain); the tissues use the corrected T1, the networks both images
+    # bias fields corrected once (N4 in the brain); the tissues use the corrected T1, inference both images
     corrected = {m: bias_corrected(img, mask, m.upper(), subject) for m, img in (("t1", t1_img), ("flair", flair_img))}
     for m, img in corrected.items():
         save_nifti(img, out / BIAS_CORRECTED[m])
@@ -597,15 +597,11 @@ def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | 
             moved = regions.set_index("subject")["t1_on_flair"]
             moved = table["subject"].map(moved[moved != ""])
             table["t1"] = moved.where(moved.notna(), table["t1"])
-        for m in BIAS_CORRECTED:  # the bias-corrected images the networks are applied to (corrected_inputs)
-            if f"{m}_corrected" in regions:
-                table[f"{m}_corrected"] = (
-                    table["subject"].map(regions.set_index("subject")[f"{m}_corrected"]).fillna("")
-                )
-        # networks see only the brain (heads with skull: the challenge's pre/ images); region labels stay in WM
-        for mask in ("brain_mask", "wm_mask"):
-            if mask in regions:
-                table[mask] = table["subject"].map(regions.set_index("subject")[mask]).fillna("")
+        # networks see only the brain (heads with skull: the challenge's pre/ images); region labels stay in WM;
+        # they are applied to the bias-corrected images (corrected_inputs)
+        for col in ("brain_mask", "wm_mask", *(f"{m}_corrected" for m in BIAS_CORRECTED)):
+            if col in regions:
+                table[col] = table["subject"].map(regions.set_index("subject")[col]).fillna("")
     if "t1_on_flair_grid" in table:
         off = table["t1_on_flair_grid"].astype(str).str.lower().eq("false") & table["t1"].eq(table["t1_native"])
         if off.any():

@@ -14,9 +14,11 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy import ndimage
+from tqdm.auto import tqdm
 
+from . import artefacts
 from .errors import InputError
-from .images import check_labels, like
+from .images import check_labels, like, save_nifti
 
 
 def _edt(mask: np.ndarray, zooms) -> np.ndarray:
@@ -267,11 +269,6 @@ def cohort_depth_maps(
     A subject whose regions leave no cortex to end the depth gets periventricular/deep only (printed).
     Returns one row per subject: subject, lesion, lesion_pred and the map paths (bullseye NaN when missing).
     """
-    from tqdm.auto import tqdm
-
-    from . import artefacts
-    from .images import save_nifti
-
     rows = []
     for r in tqdm(records.itertuples(), total=len(records), desc="depth maps", disable=not progress):
         tissue = nib.load(r.tissue)
