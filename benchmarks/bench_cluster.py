@@ -77,6 +77,8 @@ def timed_segmentation(workdir: Path, n_workers: int, lesion: str, regions: str 
             errors="record",
             brain_col="brain_mask",
             wm_col="wm_mask",
+            nawm_col="nawm",
+            min_wm_border=inference.MIN_WM_BORDER,
         )
         wall, cpu = time.perf_counter() - t0, _cpu(client) - cpu0
         client.cluster.close()

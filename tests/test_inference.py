@@ -295,3 +295,42 @@ def test_checkpoints_default_to_notebooks_04_and_05(tmp_path):
     assert inference.checkpoints(tmp_path / "other", lesion, region) == (lesion, region)
     with pytest.raises(FileNotFoundError, match="check the path given for the region network"):
         inference.checkpoints(tmp_path, region=tmp_path / "missing.pt")
+
+
+def test_lesions_bordered_by_grey_matter_are_dropped_those_in_wm_kept():
+    """keep_wm_lesions: a lesion inside WM stays; one whose border is mostly not WM (bright cortex) goes."""
+    nawm = np.zeros((30, 20, 20), bool)
+    nawm[2:15] = True  # WM half; the other half is "cortex"
+    mask = np.zeros_like(nawm)
+    mask[6:9, 8:11, 8:11] = True  # in WM: border all WM
+    mask[20:23, 8:11, 8:11] = True  # in cortex: border all non-WM
+    mask[14:16, 2:4, 2:4] = True  # on the boundary: half its border is WM
+    kept = inference.keep_wm_lesions(mask, nawm, 0.3)
+    assert kept[7, 9, 9] and kept[14, 2, 2] and not kept[21, 9, 9]
+    assert not inference.keep_wm_lesions(mask, nawm, 0.7)[14, 2, 2]  # half WM < 0.7
+    assert (inference.keep_wm_lesions(mask, nawm, 0.0) == mask).all()
+    with pytest.raises(InputError, match="not the same grid"):
+        inference.keep_wm_lesions(mask, nawm[1:])
+
+
+def test_min_wm_border_filters_the_mask_not_the_probability(tmp_path):
+    paths, lesion, aff = _subject(tmp_path, (2.0, 2.0, 2.0), "RAS", (24, 28, 22))
+    seg = inference.Segmenter(FlairThreshold(), _config(), torch.device("cpu"), Path("stub.pt"))
+    nawm = np.zeros(lesion.shape, np.uint8)
+    nib.save(nib.Nifti1Image(nawm, aff), tmp_path / "no_wm.nii.gz")
+    nib.save(nib.Nifti1Image(1 - lesion, aff), tmp_path / "wm.nii.gz")
+    with pytest.raises(InputError, match="stub.pt: min_wm_border=0.3 needs nawm_mask="):
+        inference.segment(seg, paths["t1"], paths["flair"], min_wm_border=0.3)
+    with pytest.raises(InputError, match="NAWM mask is empty"):
+        inference.segment(seg, paths["t1"], paths["flair"], min_wm_border=0.3, nawm_mask=tmp_path / "no_wm.nii.gz")
+    out = inference.segment(seg, paths["t1"], paths["flair"], min_wm_border=0.3, nawm_mask=tmp_path / "wm.nii.gz")
+    assert np.asanyarray(out["mask"].dataobj).sum() > 0.8 * lesion.sum()  # bordered by WM: kept
+    nawm[: lesion.shape[0] // 2] = 1  # the lesion's half of the image is WM except where it is...
+    nawm[lesion.shape[0] // 5 - 1 : lesion.shape[0] // 2 + 1] = 0  # ...around the lesion: bordered by non-WM
+    nib.save(nib.Nifti1Image(nawm, aff), tmp_path / "cortex.nii.gz")
+    out = inference.segment(seg, paths["t1"], paths["flair"], min_wm_border=0.3, nawm_mask=tmp_path / "cortex.nii.gz")
+    assert np.asanyarray(out["mask"].dataobj).sum() == 0
+    assert np.asanyarray(out["prob"].dataobj)[lesion > 0].mean() > 0.5  # the network's probability is untouched
+    regions = inference.Segmenter(FlairThreshold(), _config("regions"), torch.device("cpu"), Path("regions.pt"))
+    with pytest.raises(InputError, match="regions.pt: nawm_mask= and min_wm_border= are for lesion networks"):
+        inference.segment(regions, paths["t1"], paths["flair"], nawm_mask=tmp_path / "wm.nii.gz")

@@ -134,13 +134,15 @@ def run(
     progress: bool = True,
     scheduler: str | Client = "processes",
     cluster_config: str | os.PathLike | dict | None = None,
+    min_wm_border: float = inference.MIN_WM_BORDER,
 ) -> dict[str, Path]:
     """The whole apply path on a folder or manifest; returns the paths of the tables it wrote.
 
     Registration runs on ``scheduler`` with ``n_jobs`` workers (:func:`registration.run_cohort`), and so does
     segmentation on a Dask scheduler (``"local"``, ``"slurm"``, a client; with ``"processes"`` the networks run
     in this process, their threads on every core). A subject that fails in either is skipped by the later
-    steps and reported in the cohort table (``status``, ``error``).
+    steps and reported in the cohort table (``status``, ``error``). Predicted lesions whose border is less
+    than ``min_wm_border`` normal-appearing WM are dropped (:func:`inference.keep_wm_lesions`; 0: kept).
     """
     if region_source == "network" and region_checkpoint is None:
         raise InputError("region_source='network' needs a region checkpoint")
@@ -175,6 +177,7 @@ def run(
         n_jobs=n_jobs,
         errors="record",
         cluster_config=cluster_config,
+        min_wm_border=min_wm_border,
     )
     timings["segmentation"] = time.perf_counter() - start - sum(timings.values())
     failed = preds.loc[preds["status"] == "failed", ["subject", "status", "error"]]
@@ -274,6 +277,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (slower)")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
+        "--min-wm-border",
+        type=float,
+        default=inference.MIN_WM_BORDER,
+        help="drop predicted lesions whose border is less than this fraction normal-appearing WM "
+        f"(bright cortex; default {inference.MIN_WM_BORDER}, 0 keeps every lesion)",
+    )
+    parser.add_argument(
         "--scheduler",
         choices=cluster.SCHEDULERS,
         default="processes",
@@ -305,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
             args.n_workers,
             scheduler=args.scheduler,
             cluster_config=args.cluster_config,
+            min_wm_border=args.min_wm_border,
         )
     except (InputError, FileNotFoundError) as err:
         raise SystemExit(f"wmloc-apply: {err}") from None

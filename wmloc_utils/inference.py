@@ -22,6 +22,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Invertd
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import artefacts, runtime
@@ -81,6 +82,33 @@ def remove_small_lesions(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     return keep[labels]
 
 
+MIN_WM_BORDER = 0.3  # default of notebook 06 and wmloc-apply (keep_wm_lesions)
+
+
+def keep_wm_lesions(mask: np.ndarray, nawm: np.ndarray, min_wm_border: float = MIN_WM_BORDER) -> np.ndarray:
+    """Drop predicted lesions (26-connected) whose one-voxel border is less than ``min_wm_border`` WM.
+
+    A white-matter hyperintensity lies in white matter: its border is WM, or WM and a ventricle. Bright
+    cortex on a FLAIR with strong grey/white contrast, the commonest false lesion on an unfamiliar
+    scanner, is bordered by grey matter and CSF. ``nawm`` is the normal-appearing WM of the tissue
+    segmentation (notebook 03's nawm.nii.gz: no lesion mask went into it). On 12 subjects of an unseen
+    demo cohort, 0.3 took the false lesions of lesion-free subjects from 3.5 mL (most) to 0.3 mL, with
+    Dice 0.738 vs 0.734 and lesion F1 0.738 vs 0.727; lesion recall fell from 0.81 to 0.67 (small lesions).
+    """
+    mask = np.asarray(mask, bool)
+    nawm = np.asarray(nawm, bool)
+    if nawm.shape != mask.shape:
+        raise InputError(f"NAWM mask has shape {nawm.shape}, the lesion mask {mask.shape}: not the same grid")
+    labels, n = lesions(mask)
+    keep = np.zeros(n + 1, bool)
+    for i, box in enumerate(ndimage.find_objects(labels), start=1):
+        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)  # one voxel around the lesion
+        lesion = labels[box] == i
+        border = ndimage.binary_dilation(lesion) & ~lesion  # face neighbours
+        keep[i] = not border.any() or nawm[box][border].mean() >= min_wm_border
+    return keep[labels]
+
+
 def segment(
     segmenter: Segmenter | str | os.PathLike,
     t1_path: str | os.PathLike | None = None,
@@ -94,6 +122,8 @@ def segment(
     brain_mask: str | os.PathLike | nib.spatialimages.SpatialImage | None = None,
     min_lesion_ml: float = 0.0,
     wm_mask: str | os.PathLike | nib.spatialimages.SpatialImage | None = None,
+    nawm_mask: str | os.PathLike | nib.spatialimages.SpatialImage | None = None,
+    min_wm_border: float = 0.0,
 ) -> dict[str, nib.Nifti1Image]:
     """Segment one subject; return images on the FLAIR grid ({"mask", "prob"} or {"labels"}).
 
@@ -103,7 +133,10 @@ def segment(
     FLAIR grid at a time (memory: ``chunk`` float32 copies of the FLAIR volume).
     ``brain_mask`` (path or image on the FLAIR grid, e.g. notebook 03's brain_mask.nii.gz) multiplies the
     images before normalisation, and nothing is predicted outside it; networks trained brain-masked
-    require it. ``min_lesion_ml`` removes predicted lesions (26-connected) smaller than that volume.
+    require it. ``min_lesion_ml`` removes predicted lesions (26-connected) smaller than that volume;
+    ``min_wm_border`` > 0 those whose border is less than that fraction normal-appearing WM
+    (:func:`keep_wm_lesions`; ``nawm_mask`` on the FLAIR grid, e.g. notebook 03's nawm.nii.gz). The
+    "prob" image stays the network's own; only the mask is filtered.
     ``wm_mask`` (regions only; e.g. notebook 03's wm_mask.nii.gz) keeps the regions inside the subject's WM,
     as the registered atlas's are: every WM voxel takes its most probable label 1..36, every other voxel 0.
     The network then divides the same voxels as the atlas, and a WM extent it misjudges on an unfamiliar
@@ -126,6 +159,15 @@ def segment(
             check_same_grid(ref, load_nifti(given[m], what=m.upper()), ref_name.upper(), m.upper())
     if wm_mask is not None and cfg["task"] != "regions":
         raise InputError(f"{seg.path}: wm_mask= is for region networks; this is a {cfg['task']} network")
+    if (nawm_mask is not None or min_wm_border > 0) and cfg["task"] != "lesion":
+        raise InputError(
+            f"{seg.path}: nawm_mask= and min_wm_border= are for lesion networks; this is a {cfg['task']} network"
+        )
+    if min_wm_border > 0 and nawm_mask is None:
+        raise InputError(
+            f"{seg.path}: min_wm_border={min_wm_border} needs nawm_mask= (normal-appearing WM on the "
+            f"{ref_name.upper()} grid, e.g. notebook 03's nawm.nii.gz); min_wm_border=0 switches the filter off"
+        )
     if brain_mask is None and is_brain_masked(cfg):
         raise InputError(
             f"{seg.path}: this network was trained on brain-masked images and needs brain_mask= "
@@ -133,6 +175,7 @@ def segment(
         )
     brain = None if brain_mask is None else _mask_on_grid(brain_mask, ref, ref_name, "brain mask")
     wm = None if wm_mask is None else _mask_on_grid(wm_mask, ref, ref_name, "WM mask")
+    nawm = None if nawm_mask is None else _mask_on_grid(nawm_mask, ref, ref_name, "NAWM mask")
 
     pre = preprocessing(cfg["spacing"], with_label=False, brain=brain is not None)
     record = {"image": [str(given[m]) for m in cfg["modalities"]]}
@@ -162,6 +205,8 @@ def segment(
         if brain is not None:
             prob[~brain] = 0
         mask = prob >= 0.5
+        if min_wm_border > 0:
+            mask = keep_wm_lesions(mask, nawm, min_wm_border)
         if min_lesion_ml > 0:
             voxel_ml = abs(np.linalg.det(ref.affine[:3, :3])) / 1000
             mask = remove_small_lesions(mask, int(np.ceil(min_lesion_ml / voxel_ml - 1e-9)))
@@ -253,6 +298,7 @@ def predict_cohort(
     progress: bool = True,
     brain_col: str | None = None,
     wm_col: str | None = None,
+    nawm_col: str | None = None,
     scheduler: str | Client | None = None,
     n_jobs: int | None = None,
     errors: str = "raise",
@@ -262,8 +308,9 @@ def predict_cohort(
     """Predict every subject of ``table`` into ``out_root/<subject>/`` with each given checkpoint.
 
     A subject whose outputs exist and whose inputs, checkpoints and settings are unchanged (same
-    ``<task>_prediction.json``) is not predicted again. ``brain_col`` names a column of brain masks
-    and ``wm_col`` one of WM masks (FLAIR grid; the region network's labels stay inside it) passed to
+    ``<task>_prediction.json``) is not predicted again. ``brain_col`` names a column of brain masks,
+    ``wm_col`` one of WM masks (FLAIR grid; the region network's labels stay inside it) and ``nawm_col``
+    one of normal-appearing WM masks (the lesion network's ``min_wm_border`` filter), passed to
     :func:`segment`, as are ``kwargs``. Returns one row per subject: subject,
     split, lesion_pred, lesion_prob, regions_pred. The split comes from ``split`` when given, else from
     the lesion checkpoint: "train"/"val" for subjects it was trained on, "test" for all others.
@@ -298,7 +345,13 @@ def predict_cohort(
                 "kwargs": kwargs,
                 **{
                     k: (getattr(row, col, None) or None) if col else None
-                    for k, col in (("t1", "t1"), ("flair", "flair"), ("brain", brain_col), ("wm", wm_col))
+                    for k, col in (
+                        ("t1", "t1"),
+                        ("flair", "flair"),
+                        ("brain", brain_col),
+                        ("wm", wm_col),
+                        ("nawm", nawm_col),
+                    )
                 },
             }
         )
@@ -335,6 +388,9 @@ def _load_once(checkpoint: str, device: str, mtime_ns: int, size: int) -> Segmen
     return load_segmenter(checkpoint, device)
 
 
+LESION_ONLY = ("min_lesion_ml", "min_wm_border")  # segment() options that only lesion networks take
+
+
 def predict_subject(job: dict) -> dict:
     """One subject of :func:`predict_cohort` (``job``: its images, checkpoints and settings); its row.
 
@@ -350,6 +406,8 @@ def predict_subject(job: dict) -> dict:
     row = {"subject": job["subject"], "split": job["split"]}
     for task, checkpoint in job["checkpoints"].items():
         wm = job["wm"] if task == "regions" else None
+        nawm = job.get("nawm") if task == "lesion" else None
+        task_kwargs = kwargs if task == "lesion" else {k: v for k, v in kwargs.items() if k not in LESION_ONLY}
         paths = {k: out_dir / name for k, name in OUTPUT_NAMES[task].items()}
         inputs = {
             k: p
@@ -358,12 +416,14 @@ def predict_subject(job: dict) -> dict:
                 ("flair", job["flair"]),
                 ("brain", job["brain"]),
                 ("wm", wm),
+                ("nawm", nawm),
                 ("checkpoint", checkpoint),
             )
             if p
         }
         stamp = provenance.fingerprint(
-            inputs, {"tta": job["tta"], **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))}}
+            inputs,
+            {"tta": job["tta"], **{k: v for k, v in task_kwargs.items() if isinstance(v, (int, float, str, bool))}},
         )
         done = out_dir / f"{task}_prediction.json"
         fresh = done.exists() and json.loads(done.read_text()) == stamp and all(p.exists() for p in paths.values())
@@ -376,7 +436,8 @@ def predict_subject(job: dict) -> dict:
                 tta=job["tta"],
                 brain_mask=job["brain"],
                 wm_mask=wm,
-                **kwargs,
+                **({"nawm_mask": nawm} if nawm else {}),
+                **task_kwargs,
             )
             provenance.write_text_if_changed(done, json.dumps(stamp, indent=1))
         row.update({names[k]: str(p) for k, p in paths.items()})
@@ -390,6 +451,7 @@ def predict_step(
     tta: bool = False,
     device: str = "auto",
     min_lesion_ml: float = 0.0,
+    min_wm_border: float = MIN_WM_BORDER,
     progress: bool = True,
     scheduler: str | Client | None = None,
     n_jobs: int | None = None,
@@ -400,8 +462,9 @@ def predict_step(
 
     The bias-corrected T1 (on the FLAIR grid) and FLAIR, the brain mask and the WM mask of notebook 03 are
     used when it made them (:func:`wmloc_utils.registration.corrected_inputs`):
-    the networks see only the brain and predict nothing outside it, and the region network's labels
-    stay inside the subject's WM, as the registered atlas's do.
+    the networks see only the brain and predict nothing outside it, the region network's labels
+    stay inside the subject's WM, as the registered atlas's do, and predicted lesions whose border is
+    less than ``min_wm_border`` normal-appearing WM are dropped (:func:`keep_wm_lesions`; 0: kept).
 
     Writes :data:`artefacts.PREDICTIONS` (only when its content changes) and returns it.
     ``scheduler``, ``n_jobs``, ``errors``, ``cluster_config``: where the subjects run (:func:`predict_cohort`).
@@ -422,11 +485,13 @@ def predict_step(
         progress=progress,
         brain_col="brain_mask" if "brain_mask" in table else None,
         wm_col="wm_mask" if "wm_mask" in table else None,
+        nawm_col="nawm" if "nawm" in table else None,
         scheduler=scheduler,
         n_jobs=n_jobs,
         errors=errors,
         cluster_config=cluster_config,
         min_lesion_ml=min_lesion_ml,
+        min_wm_border=min_wm_border,
     )
     provenance.write_table_if_changed(predictions, artefacts.path(workdir, artefacts.PREDICTIONS), index=False)
     return predictions

@@ -217,7 +217,7 @@ def process_subject(
     """Brain mask, tissues, WM mask, registration and region labels of one subject, written to ``outdir``.
 
     Files: brain_mask, t1_corrected and flair_corrected (N4 bias-corrected; what the networks are applied to), tissue,
-    prob_{csf,gm,wm}, wm_mask, regions (.nii.gz, FLAIR grid), the
+    prob_{csf,gm,wm}, wm_mask, nawm (the WM before lesions are filled in), regions (.nii.gz, FLAIR grid), the
     transform(s) ``atlas_to_subject_*``, for a T1 on another grid ``t1_on_flair.nii.gz`` (registered
     rigidly once, used for mask and tissues) and ``qc.json`` (written last: the done marker, holding
     ``fingerprint`` and the fingerprints of the written ``outputs`` for :func:`run_cohort`).
@@ -245,11 +245,13 @@ def process_subject(
     if not wm.any():
         raise InputError(f"subject {subject}: the tissue segmentation found no white matter (WM mask is empty)")
     save_nifti(seg["wm_mask"], out / "wm_mask.nii.gz")
+    save_nifti(seg["nawm"], out / "nawm.nii.gz")
     qc = {
         "subject": subject,
         "brain_mask": str(out / "brain_mask.nii.gz"),
         "tissue": str(out / "tissue.nii.gz"),
         "wm_mask": str(out / "wm_mask.nii.gz"),
+        "nawm": str(out / "nawm.nii.gz"),
         "t1_on_flair": t1_on_flair,
         **{f"{m}_corrected": str(out / name) for m, name in BIAS_CORRECTED.items()},
         **label_subject(subject, seg["wm"], wm, flair_img, out, atlas, method, reg_spacing),
@@ -258,7 +260,15 @@ def process_subject(
         true_wm = np.asanyarray(load_nifti(Path(truth_dir) / "tissue.nii.gz", subject, "true tissue").dataobj) == 3
         qc["true_wm_dice"] = dice(wm, true_wm)
     qc["seconds"] = time.perf_counter() - start
-    written = [qc["brain_mask"], qc["tissue"], qc["wm_mask"], qc["regions"], t1_on_flair, *qc["transform"].split(";")]
+    written = [
+        qc["brain_mask"],
+        qc["tissue"],
+        qc["wm_mask"],
+        qc["nawm"],
+        qc["regions"],
+        t1_on_flair,
+        *qc["transform"].split(";"),
+    ]
     written += [qc[f"{m}_corrected"] for m in BIAS_CORRECTED]
     qc["fingerprint"] = fingerprint
     qc["outputs"] = {Path(p).name: provenance.file_fingerprint(p) for p in written if p}
@@ -420,8 +430,8 @@ def subject_fingerprint(
         inputs["lesion"] = row["lesion"]
     if _given(row.get("truth_dir")):
         inputs["true tissue"] = Path(row["truth_dir"]) / "tissue.nii.gz"
-    # "outputs" 2: bias-corrected T1 and FLAIR are written (results of version 1 lack them and are redone)
-    params = {"method": method, "reg_spacing": reg_spacing, "outputs": 2}
+    # "outputs" 2: bias-corrected T1 and FLAIR are written; 3: nawm too (older results lack them and are redone)
+    params = {"method": method, "reg_spacing": reg_spacing, "outputs": 3}
     return provenance.fingerprint(inputs, params, upstream, full_hash)
 
 
@@ -576,8 +586,8 @@ def failed_subjects(qc: pd.DataFrame, step: str = "the regions step") -> list[st
 def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | None = None) -> pd.DataFrame:
     """The subjects table with ``t1`` replaced by notebook 03's ``t1_on_flair`` where it registered one.
 
-    With notebook 03's results, ``brain_mask`` and ``wm_mask`` columns give each subject's brain and WM
-    masks (FLAIR grid), and ``t1_corrected``/``flair_corrected`` its bias-corrected images (:func:`corrected_inputs`).
+    With notebook 03's results, ``brain_mask``, ``wm_mask`` and ``nawm`` columns give each subject's brain, WM
+    and normal-appearing WM masks (FLAIR grid), and ``t1_corrected``/``flair_corrected`` its bias-corrected images (:func:`corrected_inputs`).
 
     Training (notebooks 04/05) and inference (06) need every channel on the FLAIR grid; the original
     path is kept as ``t1_native``. ``subjects`` defaults to notebook 01's :data:`artefacts.SUBJECTS` (read as
@@ -599,7 +609,7 @@ def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | 
             table["t1"] = moved.where(moved.notna(), table["t1"])
         # networks see only the brain (heads with skull: the challenge's pre/ images); region labels stay in WM;
         # they are applied to the bias-corrected images (corrected_inputs)
-        for col in ("brain_mask", "wm_mask", *(f"{m}_corrected" for m in BIAS_CORRECTED)):
+        for col in ("brain_mask", "wm_mask", "nawm", *(f"{m}_corrected" for m in BIAS_CORRECTED)):
             if col in regions:
                 table[col] = table["subject"].map(regions.set_index("subject")[col]).fillna("")
     if "t1_on_flair_grid" in table:
