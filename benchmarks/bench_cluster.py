@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from wmloc_utils import apply, artefacts, atlas, cluster, demo, localization
+from wmloc_utils import apply, artefacts, atlas, cluster, demo, inference, localization
 from wmloc_utils import registration as reg
 
 WORKERS = (2, 16, 64, 256)
@@ -60,7 +60,6 @@ def timed_run(csv: Path, workdir: Path, n_workers: int) -> dict:
 
 def timed_segmentation(workdir: Path, n_workers: int, lesion: str, regions: str | None) -> dict:
     """The segmentation step (both networks, brain and WM masks of the registration step) on a fresh local cluster."""
-    from wmloc_utils import inference
 
     out = workdir.parent / f"{workdir.name}-seg{n_workers}"
     table = reg.corrected_inputs(reg.subjects_on_flair_grid(workdir))  # as notebook 06 applies the networks
@@ -77,8 +76,8 @@ def timed_segmentation(workdir: Path, n_workers: int, lesion: str, regions: str 
             errors="record",
             brain_col="brain_mask",
             wm_col="wm_mask",
-            nawm_col="nawm",
-            min_wm_border=inference.MIN_WM_BORDER,
+            tissue_col="tissue",
+            min_gm_contrast=inference.MIN_GM_CONTRAST,
         )
         wall, cpu = time.perf_counter() - t0, _cpu(client) - cpu0
         client.cluster.close()

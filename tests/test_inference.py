@@ -297,40 +297,72 @@ def test_checkpoints_default_to_notebooks_04_and_05(tmp_path):
         inference.checkpoints(tmp_path, region=tmp_path / "missing.pt")
 
 
-def test_lesions_bordered_by_grey_matter_are_dropped_those_in_wm_kept():
-    """keep_wm_lesions: a lesion inside WM stays; one whose border is mostly not WM (bright cortex) goes."""
-    nawm = np.zeros((30, 20, 20), bool)
-    nawm[2:15] = True  # WM half; the other half is "cortex"
-    mask = np.zeros_like(nawm)
-    mask[6:9, 8:11, 8:11] = True  # in WM: border all WM
-    mask[20:23, 8:11, 8:11] = True  # in cortex: border all non-WM
-    mask[14:16, 2:4, 2:4] = True  # on the boundary: half its border is WM
-    kept = inference.keep_wm_lesions(mask, nawm, 0.3)
-    assert kept[7, 9, 9] and kept[14, 2, 2] and not kept[21, 9, 9]
-    assert not inference.keep_wm_lesions(mask, nawm, 0.7)[14, 2, 2]  # half WM < 0.7
-    assert (inference.keep_wm_lesions(mask, nawm, 0.0) == mask).all()
+def test_lesions_no_brighter_than_grey_matter_are_dropped():
+    """keep_hyperintense_lesions: a lesion brighter than grey matter stays; one as bright as cortex goes."""
+    rng = np.random.default_rng(0)
+    flair = rng.normal(100.0, 2.0, (30, 20, 20)).astype(np.float32)  # white matter
+    gm = np.zeros(flair.shape, bool)
+    gm[20:] = True
+    flair[gm] = rng.normal(120.0, 5.0, gm.sum())  # grey matter: 90th percentile about 126
+    mask = np.zeros(flair.shape, bool)
+    mask[6:9, 8:11, 8:11] = True
+    flair[6:9, 8:11, 8:11] = 150.0  # a WMH: 1.19 x grey matter's 90th percentile
+    mask[22:25, 8:11, 8:11] = True  # bright cortex: grey matter as it is, ~0.95 x
+    mask[4:6, 2:4, 2:4] = True
+    flair[4:6, 2:4, 2:4] = 132.0  # a faint lesion: 1.05 x
+    kept = inference.keep_hyperintense_lesions(mask, flair, gm, 1.1)
+    assert kept[7, 9, 9] and not kept[23, 9, 9] and not kept[4, 2, 2]
+    assert inference.keep_hyperintense_lesions(mask, flair, gm, 1.0)[4, 2, 2]
+    assert (inference.keep_hyperintense_lesions(mask, flair, gm, 0.0) == mask).all()
+    assert not inference.keep_hyperintense_lesions(np.zeros_like(mask), flair, gm).any()
     with pytest.raises(InputError, match="not the same grid"):
-        inference.keep_wm_lesions(mask, nawm[1:])
+        inference.keep_hyperintense_lesions(mask, flair[1:], gm[1:])
+    with pytest.raises(InputError, match="no grey matter"):
+        inference.keep_hyperintense_lesions(mask, flair, np.zeros_like(gm))
 
 
-def test_min_wm_border_filters_the_mask_not_the_probability(tmp_path):
-    paths, lesion, aff = _subject(tmp_path, (2.0, 2.0, 2.0), "RAS", (24, 28, 22))
+def test_min_gm_contrast_filters_the_mask_not_the_probability(tmp_path):
+    paths, lesion, aff = _subject(tmp_path, (2.0, 2.0, 2.0), "RAS", (24, 28, 22))  # brain 1.0, lesion 3.0
     seg = inference.Segmenter(FlairThreshold(), _config(), torch.device("cpu"), Path("stub.pt"))
-    nawm = np.zeros(lesion.shape, np.uint8)
-    nib.save(nib.Nifti1Image(nawm, aff), tmp_path / "no_wm.nii.gz")
-    nib.save(nib.Nifti1Image(1 - lesion, aff), tmp_path / "wm.nii.gz")
-    with pytest.raises(InputError, match="stub.pt: min_wm_border=0.3 needs nawm_mask="):
-        inference.segment(seg, paths["t1"], paths["flair"], min_wm_border=0.3)
-    with pytest.raises(InputError, match="NAWM mask is empty"):
-        inference.segment(seg, paths["t1"], paths["flair"], min_wm_border=0.3, nawm_mask=tmp_path / "no_wm.nii.gz")
-    out = inference.segment(seg, paths["t1"], paths["flair"], min_wm_border=0.3, nawm_mask=tmp_path / "wm.nii.gz")
-    assert np.asanyarray(out["mask"].dataobj).sum() > 0.8 * lesion.sum()  # bordered by WM: kept
-    nawm[: lesion.shape[0] // 2] = 1  # the lesion's half of the image is WM except where it is...
-    nawm[lesion.shape[0] // 5 - 1 : lesion.shape[0] // 2 + 1] = 0  # ...around the lesion: bordered by non-WM
-    nib.save(nib.Nifti1Image(nawm, aff), tmp_path / "cortex.nii.gz")
-    out = inference.segment(seg, paths["t1"], paths["flair"], min_wm_border=0.3, nawm_mask=tmp_path / "cortex.nii.gz")
+    brain = np.asanyarray(nib.load(paths["flair"]).dataobj) > 0
+    tissue = np.where(brain, 3, 0).astype(np.uint8)
+    tissue[brain & (np.arange(24) > 18)[:, None, None]] = 2  # grey matter as bright as the rest of the brain
+    nib.save(nib.Nifti1Image(tissue, aff), tmp_path / "tissue.nii.gz")
+    with pytest.raises(InputError, match="stub.pt: min_gm_contrast=1.1 compares each lesion's FLAIR"):
+        inference.segment(seg, paths["t1"], paths["flair"], min_gm_contrast=1.1)
+    out = inference.segment(
+        seg, paths["t1"], paths["flair"], min_gm_contrast=1.1, tissue_map=tmp_path / "tissue.nii.gz"
+    )
+    assert np.asanyarray(out["mask"].dataobj).sum() > 0.8 * lesion.sum()  # 3x grey matter: kept
+    out = inference.segment(
+        seg, paths["t1"], paths["flair"], min_gm_contrast=4.0, tissue_map=tmp_path / "tissue.nii.gz"
+    )
     assert np.asanyarray(out["mask"].dataobj).sum() == 0
     assert np.asanyarray(out["prob"].dataobj)[lesion > 0].mean() > 0.5  # the network's probability is untouched
+    nib.save(nib.Nifti1Image(tissue[:, :, 1:], aff), tmp_path / "small.nii.gz")
+    with pytest.raises(InputError, match="tissue map is not on the grid of FLAIR"):
+        inference.segment(seg, paths["t1"], paths["flair"], min_gm_contrast=1.1, tissue_map=tmp_path / "small.nii.gz")
     regions = inference.Segmenter(FlairThreshold(), _config("regions"), torch.device("cpu"), Path("regions.pt"))
-    with pytest.raises(InputError, match="regions.pt: nawm_mask= and min_wm_border= are for lesion networks"):
-        inference.segment(regions, paths["t1"], paths["flair"], nawm_mask=tmp_path / "wm.nii.gz")
+    with pytest.raises(InputError, match="regions.pt: min_gm_contrast= is for lesion networks"):
+        inference.segment(regions, paths["t1"], paths["flair"], min_gm_contrast=1.1)
+
+
+def test_a_tissue_input_network_reads_its_maps_from_channels(tmp_path):
+    """inputs="tissue": the tissue classes and WM probability come by name (a subjects-table row), checked and used."""
+    paths, lesion, aff = _subject(tmp_path, (2.0, 2.0, 2.0), "RAS", (24, 28, 22))
+    seg = inference.Segmenter(FlairThreshold(), _config(inputs="tissue"), torch.device("cpu"), Path("tissue.pt"))
+    with pytest.raises(InputError, match="tissue.pt: the network was trained on 'tissue' and needs TISSUE and PROB_WM"):
+        inference.segment(seg, paths["t1"], paths["flair"])
+    row = {"subject": "001", "lesion_ml": 1.5, "tissue": str(paths["t1"]), "prob_wm": str(paths["flair"])}
+    mask = np.asanyarray(inference.segment(seg, paths["t1"], paths["flair"], channels=row)["mask"].dataobj)
+    assert 2 * (mask & lesion).sum() / (mask.sum() + lesion.sum()) > 0.8  # the last channel (prob_wm) was read
+    nib.save(nib.Nifti1Image(np.ones((24, 28, 20), np.float32), aff), tmp_path / "small.nii.gz")
+    with pytest.raises(InputError, match="PROB_WM is not on the grid of FLAIR"):
+        inference.segment(seg, paths["t1"], paths["flair"], channels={**row, "prob_wm": tmp_path / "small.nii.gz"})
+    table = pd.DataFrame([{"subject": "001", "t1": str(paths["t1"]), "flair": str(paths["flair"])}])
+    ckpt = tmp_path / "tissue.pt"
+    torch.save(
+        {"config": seg.config, "model": build_model("unet", 2, 2, **seg.config["model_kwargs"]).state_dict()}, ckpt
+    )
+    with pytest.raises(InputError, match="reads tissue, prob_wm, a column the subjects table lacks"):
+        inference.predict_cohort(table, tmp_path / "out", ckpt, progress=False)

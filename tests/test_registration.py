@@ -327,11 +327,12 @@ def test_run_cohort_real_rerun_writes_nothing_even_read_only(demo_csv, tmp_path,
     first = reg.run_cohort(demo_csv, work, reg_spacing=4.0, progress=False)
     assert "t1_on_flair" in first and (first["t1_on_flair"] == "").all(), "2 mm demo T1s are on the FLAIR grid"
     qc = json.loads((artefacts.path(work, artefacts.SUBJECT_REGIONS, subject="001") / reg.DONE).read_text())
-    assert qc["fingerprint"]["params"] == {"method": "Affine", "reg_spacing": 4.0, "outputs": 3}
-    written = {"regions.nii.gz", "wm_mask.nii.gz", "nawm.nii.gz", "brain_mask.nii.gz", *reg.BIAS_CORRECTED.values()}
+    assert qc["fingerprint"]["params"] == {"method": "Affine", "reg_spacing": 4.0, "outputs": 4}
+    written = {"regions.nii.gz", "wm_mask.nii.gz", "prob_wm.nii.gz", "brain_mask.nii.gz", *reg.BIAS_CORRECTED.values()}
     assert written <= set(qc["outputs"])
     table = reg.subjects_on_flair_grid(work, pd.read_csv(demo_csv, dtype={"subject": str}))
-    assert table["nawm"].map(lambda p: Path(p).name).eq("nawm.nii.gz").all()
+    for col in ("tissue", "prob_wm"):  # the lesion filter's grey matter; a tissue-input network's channels
+        assert table[col].map(lambda p: Path(p).name).eq(f"{col}.nii.gz").all()
     applied = reg.corrected_inputs(table)
     assert applied["flair"].tolist() == first["flair_corrected"].tolist(), "networks are applied to the corrected FLAIR"
     assert (

@@ -78,6 +78,10 @@ def test_records_check_grids(cohort, tmp_path):
     recs = training.make_records(cohort, "t1+flair", "lesion")
     assert [len(r["image"]) for r in recs] == [2] * 4 and recs[0]["image"][1] == cohort["flair"][0]
     assert training.make_records(cohort, "flair", "lesion")[0]["image"] == [cohort["flair"][0]]
+    maps = cohort.assign(tissue=cohort["t1"], prob_wm=cohort["flair"])  # inputs="tissue": notebook 03's maps
+    assert training.make_records(maps, "tissue", "lesion")[0]["image"] == [cohort["t1"][0], cohort["flair"][0]]
+    with pytest.raises(InputError, match="subject s0: prob_wm image missing"):
+        training.make_records(cohort.assign(tissue=cohort["t1"]), "tissue", "lesion")
     bad = cohort.copy()
     bad.loc[0, "t1"] = make_subject(tmp_path, "odd", np.random.default_rng(1), shape=(30, 32, 32))["t1"]
     with pytest.raises(InputError, match="subject s0: t1 is not on the grid of FLAIR"):

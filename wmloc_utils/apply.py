@@ -134,15 +134,15 @@ def run(
     progress: bool = True,
     scheduler: str | Client = "processes",
     cluster_config: str | os.PathLike | dict | None = None,
-    min_wm_border: float = inference.MIN_WM_BORDER,
+    min_gm_contrast: float = inference.MIN_GM_CONTRAST,
 ) -> dict[str, Path]:
     """The whole apply path on a folder or manifest; returns the paths of the tables it wrote.
 
     Registration runs on ``scheduler`` with ``n_jobs`` workers (:func:`registration.run_cohort`), and so does
     segmentation on a Dask scheduler (``"local"``, ``"slurm"``, a client; with ``"processes"`` the networks run
     in this process, their threads on every core). A subject that fails in either is skipped by the later
-    steps and reported in the cohort table (``status``, ``error``). Predicted lesions whose border is less
-    than ``min_wm_border`` normal-appearing WM are dropped (:func:`inference.keep_wm_lesions`; 0: kept).
+    steps and reported in the cohort table (``status``, ``error``). Predicted lesions whose median FLAIR is below
+    ``min_gm_contrast`` x grey matter's are dropped (:func:`inference.keep_hyperintense_lesions`; 0: all kept).
     """
     if region_source == "network" and region_checkpoint is None:
         raise InputError("region_source='network' needs a region checkpoint")
@@ -177,7 +177,7 @@ def run(
         n_jobs=n_jobs,
         errors="record",
         cluster_config=cluster_config,
-        min_wm_border=min_wm_border,
+        min_gm_contrast=min_gm_contrast,
     )
     timings["segmentation"] = time.perf_counter() - start - sum(timings.values())
     failed = preds.loc[preds["status"] == "failed", ["subject", "status", "error"]]
@@ -277,11 +277,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (slower)")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
-        "--min-wm-border",
+        "--min-gm-contrast",
         type=float,
-        default=inference.MIN_WM_BORDER,
-        help="drop predicted lesions whose border is less than this fraction normal-appearing WM "
-        f"(bright cortex; default {inference.MIN_WM_BORDER}, 0 keeps every lesion)",
+        default=inference.MIN_GM_CONTRAST,
+        help="drop predicted lesions whose median FLAIR is below this many times the 90th percentile of grey "
+        f"matter's (bright cortex; default {inference.MIN_GM_CONTRAST}, 0 keeps every lesion)",
     )
     parser.add_argument(
         "--scheduler",
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
             args.n_workers,
             scheduler=args.scheduler,
             cluster_config=args.cluster_config,
-            min_wm_border=args.min_wm_border,
+            min_gm_contrast=args.min_gm_contrast,
         )
     except (InputError, FileNotFoundError) as err:
         raise SystemExit(f"wmloc-apply: {err}") from None

@@ -217,7 +217,7 @@ def process_subject(
     """Brain mask, tissues, WM mask, registration and region labels of one subject, written to ``outdir``.
 
     Files: brain_mask, t1_corrected and flair_corrected (N4 bias-corrected; what the networks are applied to), tissue,
-    prob_{csf,gm,wm}, wm_mask, nawm (the WM before lesions are filled in), regions (.nii.gz, FLAIR grid), the
+    prob_{csf,gm,wm}, wm_mask, regions (.nii.gz, FLAIR grid), the
     transform(s) ``atlas_to_subject_*``, for a T1 on another grid ``t1_on_flair.nii.gz`` (registered
     rigidly once, used for mask and tissues) and ``qc.json`` (written last: the done marker, holding
     ``fingerprint`` and the fingerprints of the written ``outputs`` for :func:`run_cohort`).
@@ -245,13 +245,12 @@ def process_subject(
     if not wm.any():
         raise InputError(f"subject {subject}: the tissue segmentation found no white matter (WM mask is empty)")
     save_nifti(seg["wm_mask"], out / "wm_mask.nii.gz")
-    save_nifti(seg["nawm"], out / "nawm.nii.gz")
     qc = {
         "subject": subject,
         "brain_mask": str(out / "brain_mask.nii.gz"),
         "tissue": str(out / "tissue.nii.gz"),
+        "prob_wm": str(out / "prob_wm.nii.gz"),
         "wm_mask": str(out / "wm_mask.nii.gz"),
-        "nawm": str(out / "nawm.nii.gz"),
         "t1_on_flair": t1_on_flair,
         **{f"{m}_corrected": str(out / name) for m, name in BIAS_CORRECTED.items()},
         **label_subject(subject, seg["wm"], wm, flair_img, out, atlas, method, reg_spacing),
@@ -263,8 +262,8 @@ def process_subject(
     written = [
         qc["brain_mask"],
         qc["tissue"],
+        qc["prob_wm"],
         qc["wm_mask"],
-        qc["nawm"],
         qc["regions"],
         t1_on_flair,
         *qc["transform"].split(";"),
@@ -430,8 +429,8 @@ def subject_fingerprint(
         inputs["lesion"] = row["lesion"]
     if _given(row.get("truth_dir")):
         inputs["true tissue"] = Path(row["truth_dir"]) / "tissue.nii.gz"
-    # "outputs" 2: bias-corrected T1 and FLAIR are written; 3: nawm too (older results lack them and are redone)
-    params = {"method": method, "reg_spacing": reg_spacing, "outputs": 3}
+    # "outputs" 2: bias-corrected T1 and FLAIR are written; 4: prob_wm in qc too (older results are redone)
+    params = {"method": method, "reg_spacing": reg_spacing, "outputs": 4}
     return provenance.fingerprint(inputs, params, upstream, full_hash)
 
 
@@ -586,8 +585,9 @@ def failed_subjects(qc: pd.DataFrame, step: str = "the regions step") -> list[st
 def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | None = None) -> pd.DataFrame:
     """The subjects table with ``t1`` replaced by notebook 03's ``t1_on_flair`` where it registered one.
 
-    With notebook 03's results, ``brain_mask``, ``wm_mask`` and ``nawm`` columns give each subject's brain, WM
-    and normal-appearing WM masks (FLAIR grid), and ``t1_corrected``/``flair_corrected`` its bias-corrected images (:func:`corrected_inputs`).
+    With notebook 03's results, ``brain_mask`` and ``wm_mask`` columns give each subject's brain and WM
+    masks (FLAIR grid), ``tissue`` and ``prob_wm`` its tissue classes and WM probability (the lesion filter
+    of :func:`wmloc_utils.inference.segment`; the inputs of networks trained with ``inputs="tissue"``), and ``t1_corrected``/``flair_corrected`` its bias-corrected images (:func:`corrected_inputs`).
 
     Training (notebooks 04/05) and inference (06) need every channel on the FLAIR grid; the original
     path is kept as ``t1_native``. ``subjects`` defaults to notebook 01's :data:`artefacts.SUBJECTS` (read as
@@ -609,7 +609,7 @@ def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | 
             table["t1"] = moved.where(moved.notna(), table["t1"])
         # networks see only the brain (heads with skull: the challenge's pre/ images); region labels stay in WM;
         # they are applied to the bias-corrected images (corrected_inputs)
-        for col in ("brain_mask", "wm_mask", "nawm", *(f"{m}_corrected" for m in BIAS_CORRECTED)):
+        for col in ("brain_mask", "wm_mask", "tissue", "prob_wm", *(f"{m}_corrected" for m in BIAS_CORRECTED)):
             if col in regions:
                 table[col] = table["subject"].map(regions.set_index("subject")[col]).fillna("")
     if "t1_on_flair_grid" in table:

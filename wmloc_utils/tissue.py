@@ -173,8 +173,7 @@ def segment_tissues(
     hyperintensity estimate when ``estimate_lesions``) are filled into WM. With
     ``outprefix``, ``{outprefix}tissue.nii.gz`` and ``{outprefix}prob_{csf,gm,wm}.nii.gz`` are written.
     Atropos runs with a constant seed: the same input gives the same maps on every run.
-    Returns dict(labels, csf, gm, wm, wm_mask, lesion, nawm) of nibabel images on the T1 grid; ``nawm``
-    (normal-appearing WM) is the WM before lesions are filled in, so it depends on no lesion mask.
+    Returns dict(labels, csf, gm, wm, wm_mask, lesion) of nibabel images on the T1 grid.
     """
     t1 = _as_img(t1, "T1", subject)
     mask_img = _as_img(brain_mask, "brain mask", subject)
@@ -218,7 +217,6 @@ def segment_tissues(
     labels = remap[labels] * mask_np
     csf, gm, wm = (probs[k] for k in order)
     labels[(labels == 3) & (wm <= wm_threshold)] = 2
-    nawm = labels == 3  # WM as Atropos sees it, before any lesion is filled in (no manual mask enters it)
     # lesions: given mask, else FLAIR hyperintensities beside WM
     if lesion is not None:
         les_img = _as_img(lesion, "lesion mask", subject)
@@ -240,7 +238,6 @@ def segment_tissues(
         "wm": like(t1, (wm * mask_np).astype(np.float32)),
         "wm_mask": like(t1, (labels == 3).astype(np.uint8)),
         "lesion": like(t1, les.astype(np.uint8)),
-        "nawm": like(t1, nawm.astype(np.uint8)),
     }
     if outprefix is not None:
         save_nifti(out["labels"], f"{outprefix}tissue.nii.gz")
