@@ -37,6 +37,11 @@ NOTEBOOK_DEFAULTS = {
 }
 
 
+def maps_as_images(paths: dict[str, Path]) -> dict[str, Path]:
+    """A network trained with ``inputs="tissue"`` reads tissue maps; any images on the grid time the same."""
+    return {"tissue": paths["t1"], "prob_wm": paths["flair"]}
+
+
 def subject(folder: Path, voxel: float) -> dict[str, Path]:
     """A brain-sized ellipsoid FLAIR/T1 pair stored LAS at ``voxel`` mm."""
     shape = tuple(int(s) for s in np.ceil(FOV_MM / voxel))
@@ -74,7 +79,7 @@ def run_case(task: str, voxel: float, native: bool, checkpoint: str | None, repe
         times = []
         for _ in range(repeats + 1):
             start = time.perf_counter()
-            inference.predict(seg, paths["t1"], paths["flair"], out_dir=tmp / "out")
+            inference.predict(seg, paths["t1"], paths["flair"], out_dir=tmp / "out", channels=maps_as_images(paths))
             times.append(time.perf_counter() - start)
         shape = nib.load(paths["flair"]).shape
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
