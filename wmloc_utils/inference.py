@@ -136,11 +136,12 @@ def segment(
     """Segment one subject; return images on the FLAIR grid ({"mask", "prob"} or {"labels"}).
 
     ``roi_size`` (default: the training patch) sets the sliding window; a larger window means fewer
-    windows, i.e. faster on a CPU. ``inputs`` (default: the checkpoint's) must match the mode the network was trained on; every
-    modality it needs must be given, on the same grid: T1 and FLAIR as arguments, others (``inputs="tissue"``:
-    notebook 03's ``tissue`` and ``prob_wm``) in ``channels``, a mapping of name to path from which only
-    the network's modalities are read (a row of :func:`wmloc_utils.registration.subjects_on_flair_grid` will do). ``chunk`` region classes are resampled onto the
-    FLAIR grid at a time (memory: ``chunk`` float32 copies of the FLAIR volume).
+    windows, i.e. faster on a CPU. ``inputs`` (default: the checkpoint's) must match the mode the network
+    was trained on; every modality it needs must be given, on the same grid: T1 and FLAIR as arguments,
+    others (``inputs="tissue"``: notebook 03's ``tissue`` and ``prob_wm``) in ``channels``, a mapping of
+    name to path from which only the network's modalities are read (a row of
+    :func:`wmloc_utils.registration.subjects_on_flair_grid` will do). ``chunk`` region classes are
+    resampled onto the FLAIR grid at a time (memory: ``chunk`` float32 copies of the FLAIR volume).
     ``brain_mask`` (path or image on the FLAIR grid, e.g. notebook 03's brain_mask.nii.gz) multiplies the
     images before normalisation, and nothing is predicted outside it; networks trained brain-masked
     require it. ``min_lesion_ml`` removes predicted lesions (26-connected) smaller than that volume;
