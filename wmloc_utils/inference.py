@@ -226,8 +226,7 @@ def segment(
             prob[~brain] = 0
         mask = prob >= 0.5
         if min_gm_contrast > 0:
-            flair = np.asanyarray(load_nifti(given["flair"], what="FLAIR").dataobj)
-            mask = keep_hyperintense_lesions(mask, flair, gm, min_gm_contrast)
+            mask = keep_hyperintense_lesions(mask, np.asanyarray(ref.dataobj), gm, min_gm_contrast)  # ref: the FLAIR
         if min_lesion_ml > 0:
             voxel_ml = abs(np.linalg.det(ref.affine[:3, :3])) / 1000
             mask = remove_small_lesions(mask, int(np.ceil(min_lesion_ml / voxel_ml - 1e-9)))
