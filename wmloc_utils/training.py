@@ -93,12 +93,14 @@ TASKS: dict[str, dict[str, Any]] = {
 }
 # Input modes -> channels (columns of the subjects table), in this order. "tissue" reads notebook 03's
 # tissue classes and WM probability instead of intensities: maps that look alike from any scanner, for the
-# region network (a region is found from where it lies, not from how bright it is).
+# region network (a region is found from where it lies, not from how bright it is); "t1+flair+tissue"
+# reads both (notebook 05's default: on unseen data better than either alone, see there).
 INPUTS: dict[str, tuple[str, ...]] = {
     "t1+flair": ("t1", "flair"),
     "flair": ("flair",),
     "t1": ("t1",),
     "tissue": ("tissue", "prob_wm"),
+    "t1+flair+tissue": ("t1", "flair", "tissue", "prob_wm"),
 }
 # Augmentation sets: "basic" (flips, small affine, intensity scale/shift: the original set), "scanner" (also
 # what changes between scanners: orientation, bias field, gamma, histogram, noise, blur, resolution) and
