@@ -58,6 +58,7 @@ def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta
     demo.generate(data, n_subjects=n_subjects, seed=seed, progress=False, **options)
     withheld = demo.withhold_masks(data, out / "withheld")
     lesion_ckpt, region_ckpt = inference.checkpoints(workdir)
+    cold = not (out / "work").exists()  # a rerun reuses every finished step: its seconds are not a cold run's
     start = time.perf_counter()  # one subject alone, cold (a new user's first subject); prints its steps
     apply.run(data, out / "one_subject", lesion_ckpt, region_ckpt, n_subjects=1, tta=tta, progress=True)
     one = time.perf_counter() - start
@@ -74,7 +75,12 @@ def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta
     print(f"new demo cohort {options}, {n_subjects} subjects, masks withheld (tta={tta}):")
     print(
         f"  apply path: {one:.1f} s for one subject alone; {seconds:.1f} s per subject for the cohort "
-        f"(subjects registered {os.cpu_count()} at a time; first run, everything computed)"
+        f"(subjects registered {os.cpu_count()} at a time; "
+        + (
+            "first run, everything computed)"
+            if cold
+            else f"a rerun reusing finished steps: delete {out} for a cold one)"
+        )
     )
     print(
         f"  lesions: Dice {with_lesions['dice'].mean():.3f}, F1 {with_lesions['f1'].mean():.3f}, "
