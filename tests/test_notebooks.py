@@ -142,6 +142,7 @@ def test_apply_chain_without_masks(workdir, tmp_path):
         "03_regions": {"score_truth": False, "eve_spacing": 3.0, "show_subjects": 1},
         "06_evaluate": {
             "tta": False,
+            "min_gm_contrast": 0.0,  # the tiny network's lesions are noise (book.PRESETS["tiny"])
             "lesion_checkpoint": str(artefacts.path(workdir, artefacts.LESION_MODEL)),
             "region_checkpoint": str(artefacts.path(workdir, artefacts.REGION_MODEL)),
         },

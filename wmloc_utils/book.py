@@ -32,12 +32,15 @@ PRESETS: dict[str, dict[str, dict]] = {
         "03_regions": {"score_truth": False, "eve_spacing": 3.0, "show_subjects": 1},
         "04_train_lesions": {"epochs": 1, "iters_per_epoch": 2, "patch_size": 48, "batch_size": 2},
         "05_train_regions": {"epochs": 1, "iters_per_epoch": 2, "patch_size": 48, "batch_size": 2},
-        "06_evaluate": {"tta": False},
+        # a lesion network trained for 2 steps marks noise, which the hyperintensity filter rightly drops: it
+        # is off here, or notebook 08 would have no lesion to cluster (the filter has its own tests)
+        "06_evaluate": {"tta": False, "min_gm_contrast": 0.0},
         "07_localization": {},
         "08_clustering": {"k_range": [2, 3], "n_boot": 5},
         "09_new_cohort": {
             "n_subjects": 2,
             "tta": False,
+            "min_gm_contrast": 0.0,
             "demo_options": {"brain": "eve", "grid": "2mm", "skull": "mixed", "lesion_free_every": 2},
         },
     },
