@@ -50,6 +50,13 @@ def book_numbers(workdir: Path) -> None:
     print("  median lesion volume fraction in no region:", qc.round(4).to_dict())
 
 
+def one_subject_steps(workdir: Path) -> dict[str, float]:
+    """Seconds of each regions step of a one-subject apply run (its qc.json), as last computed."""
+    qc = json.loads(next(artefacts.folder(workdir, artefacts.REGIONS).glob("*/qc.json")).read_text())
+    names = ("brain_mask", "bias_correction", "tissues", "registration", "propagation")
+    return {name: qc[f"{name}_seconds"] for name in names if f"{name}_seconds" in qc}
+
+
 def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta: bool) -> None:
     """The apply path on a new demo cohort with its masks withheld."""
     name = "_".join(f"{k}-{v}" for k, v in sorted(options.items())) + ("" if seed == SEED else f"_seed-{seed}")
@@ -62,6 +69,7 @@ def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta
     start = time.perf_counter()  # one subject alone, cold (a new user's first subject); prints its steps
     apply.run(data, out / "one_subject", lesion_ckpt, region_ckpt, n_subjects=1, tta=tta, progress=True)
     one = time.perf_counter() - start
+    steps = one_subject_steps(out / "one_subject")
     start = time.perf_counter()
     apply.run(data, out / "work", lesion_ckpt, region_ckpt, tta=tta, progress=False)
     seconds = (time.perf_counter() - start) / n_subjects
@@ -82,6 +90,7 @@ def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta
             else f"a rerun reusing finished steps: delete {out} for a cold one)"
         )
     )
+    print("  one subject's steps (s):", ", ".join(f"{k} {v:.1f}" for k, v in steps.items()))
     print(
         f"  lesions: Dice {with_lesions['dice'].mean():.3f}, F1 {with_lesions['f1'].mean():.3f}, "
         f"HD95 {with_lesions['hd95'].mean():.1f} mm, AVD {with_lesions['avd'].mean():.1f} %"

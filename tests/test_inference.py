@@ -321,6 +321,56 @@ def test_lesions_no_brighter_than_grey_matter_are_dropped():
         inference.keep_hyperintense_lesions(mask, flair, np.zeros_like(gm))
 
 
+def test_lesions_grow_along_hyperintense_voxels_the_network_doubts():
+    """grow_lesions: a lesion's faint bright rim joins it; a doubtful bright voxel off any lesion, dark voxels of
+    high probability, and a bright rim the network rules out (below min_prob) do not."""
+    rng = np.random.default_rng(0)
+    flair = rng.normal(100.0, 2.0, (30, 20, 20)).astype(np.float32)  # white matter
+    gm = np.zeros(flair.shape, bool)
+    gm[25:] = True
+    flair[gm] = rng.normal(120.0, 5.0, gm.sum())  # grey matter: 90th percentile about 126
+    prob = np.zeros(flair.shape, np.float32)
+    mask = np.zeros(flair.shape, bool)
+    mask[8:11, 8:11, 8:11] = True  # the network's confident core
+    flair[6:13, 8:11, 8:11], prob[6:13, 8:11, 8:11] = 150.0, 0.35  # a bright rim of low probability...
+    prob[8:11, 8:11, 8:11] = 0.9
+    flair[8:11, 11:13, 8:11], prob[8:11, 11:13, 8:11] = 150.0, 0.1  # ...and one the network rules out
+    prob[8:11, 8:11, 11:14] = 0.45  # probable but as dark as white matter
+    flair[18:20, 2:4, 2:4], prob[18:20, 2:4, 2:4] = 150.0, 0.4  # bright and doubtful, on no lesion
+    grown = inference.grow_lesions(mask, prob, flair, gm, 0.3, 1.1)
+    assert grown[6:13, 8:11, 8:11].all() and grown.sum() == 7 * 9  # the core and its rim, nothing else
+    assert (inference.grow_lesions(mask, prob, flair, gm, 0.5, 1.1) == mask).all()  # rim below 0.5: no growth
+    assert inference.grow_lesions(mask, prob, flair, gm, 0.05, 1.1)[8:11, 11:13, 8:11].all()
+    assert not inference.grow_lesions(np.zeros_like(mask), prob, flair, gm).any()
+    with pytest.raises(InputError, match="not the same grid"):
+        inference.grow_lesions(mask, prob[1:], flair, gm)
+
+
+def test_dropped_lesion_volume_is_reported(tmp_path, capsys):
+    """lesion_volumes: the final mask's mL and the network's mL the filters dropped; report_dropped names the
+    subjects that lost most of what the network found (1 mL and half at least), not the others."""
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])  # 8 uL voxels: 125 voxels = 1 mL
+    prob = np.zeros((20, 20, 20), np.float32)
+    prob[0:5, 0:5, 0:10] = 0.9  # 250 voxels found by the network
+    mask = np.zeros(prob.shape, np.uint8)
+    mask[0:5, 0:5, 0:2] = 1  # 50 kept
+    mask[10:12, 10:12, 10:12] = 1  # 8 grown or added where the network said < 0.5: not dropped
+    nib.save(nib.Nifti1Image(prob, aff), tmp_path / "prob.nii.gz")
+    nib.save(nib.Nifti1Image(mask, aff), tmp_path / "mask.nii.gz")
+    kept, dropped = inference.lesion_volumes(tmp_path / "mask.nii.gz", tmp_path / "prob.nii.gz")
+    assert kept == pytest.approx(58 / 125) and dropped == pytest.approx(200 / 125)
+    preds = pd.DataFrame(
+        {
+            "subject": ["lost", "kept", "small", "failed"],
+            "pred_ml": [kept, 10.0, 0.1, np.nan],
+            "dropped_ml": [dropped, 2.0, 0.5, np.nan],
+        }
+    )
+    assert inference.report_dropped(preds) == ["lost"]
+    assert "subject lost: the lesion filters dropped 1.6 mL, 78% of what the network found" in capsys.readouterr().out
+    assert inference.report_dropped(preds.drop(columns="dropped_ml")) == []
+
+
 def test_min_gm_contrast_filters_the_mask_not_the_probability(tmp_path):
     paths, lesion, aff = _subject(tmp_path, (2.0, 2.0, 2.0), "RAS", (24, 28, 22))  # brain 1.0, lesion 3.0
     seg = inference.Segmenter(FlairThreshold(), _config(), torch.device("cpu"), Path("stub.pt"))
@@ -328,12 +378,12 @@ def test_min_gm_contrast_filters_the_mask_not_the_probability(tmp_path):
     tissue = np.where(brain, 3, 0).astype(np.uint8)
     tissue[brain & (np.arange(24) > 18)[:, None, None]] = 2  # grey matter as bright as the rest of the brain
     nib.save(nib.Nifti1Image(tissue, aff), tmp_path / "tissue.nii.gz")
-    with pytest.raises(InputError, match="stub.pt: min_gm_contrast=1.1 compares each lesion's FLAIR"):
+    with pytest.raises(InputError, match="stub.pt: min_gm_contrast=1.1 compares the FLAIR of lesions"):
         inference.segment(seg, paths["t1"], paths["flair"], min_gm_contrast=1.1)
-    out = inference.segment(
+    out_kept = inference.segment(
         seg, paths["t1"], paths["flair"], min_gm_contrast=1.1, tissue_map=tmp_path / "tissue.nii.gz"
     )
-    assert np.asanyarray(out["mask"].dataobj).sum() > 0.8 * lesion.sum()  # 3x grey matter: kept
+    assert np.asanyarray(out_kept["mask"].dataobj).sum() > 0.8 * lesion.sum()  # 3x grey matter: kept
     out = inference.segment(
         seg, paths["t1"], paths["flair"], min_gm_contrast=4.0, tissue_map=tmp_path / "tissue.nii.gz"
     )
@@ -345,6 +395,14 @@ def test_min_gm_contrast_filters_the_mask_not_the_probability(tmp_path):
     regions = inference.Segmenter(FlairThreshold(), _config("regions"), torch.device("cpu"), Path("regions.pt"))
     with pytest.raises(InputError, match="regions.pt: min_gm_contrast= is for lesion networks"):
         inference.segment(regions, paths["t1"], paths["flair"], min_gm_contrast=1.1)
+    with pytest.raises(InputError, match="stub.pt: grow_to_prob=0.3 compares the FLAIR of lesions .* tissue_map="):
+        inference.segment(seg, paths["t1"], paths["flair"], grow_to_prob=0.3)
+    with pytest.raises(InputError, match="regions.pt: grow_to_prob= is for lesion networks"):
+        inference.segment(regions, paths["t1"], paths["flair"], grow_to_prob=0.3)
+    grown = inference.segment(
+        seg, paths["t1"], paths["flair"], min_gm_contrast=1.1, tissue_map=tmp_path / "tissue.nii.gz", grow_to_prob=0.3
+    )
+    assert np.asanyarray(grown["mask"].dataobj).sum() >= np.asanyarray(out_kept["mask"].dataobj).sum()
 
 
 def test_a_tissue_input_network_reads_its_maps_from_channels(tmp_path):

@@ -7,6 +7,7 @@ notebook whose predecessor failed fails too (it cannot run without the predecess
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -177,8 +178,6 @@ def test_apply_chain_without_masks(workdir, tmp_path):
 def test_a_chapter_opened_alone_prepares_what_it_needs(workdir, tmp_path, monkeypatch):
     """Chapter 07 in a work directory that holds only 01..03 (the chain's): its set-up call runs 04..06
     (tiny preset), says so, then 07 runs."""
-    import shutil
-
     if _failed:
         pytest.fail(f"the book chain failed at {_failed}")
     work = tmp_path / "work"
@@ -211,3 +210,30 @@ def test_a_chapter_opened_alone_prepares_what_it_needs(workdir, tmp_path, monkey
         "05_train_regions.ipynb",
         "06_evaluate.ipynb",
     ]
+
+
+def test_compared_networks_see_what_the_main_network_sees(workdir, tmp_path):
+    """Notebook 06's compare_checkpoints: notebook 04's own checkpoint, compared, gives notebook 06's lesion masks
+    (the same bias-corrected images, brain masks and lesion filters), not a prediction on the raw images."""
+    if _failed:
+        pytest.fail(f"the book chain failed at {_failed}")
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+
+    from wmloc_utils import inference
+
+    work = tmp_path / "work"  # a copy: the book's own work directory stays as its run left it
+    for step in ("01_data", "03_regions", "06_evaluate"):
+        shutil.copytree(workdir / step, work / step)
+    preds = pd.read_csv(work / "06_evaluate" / "predictions.csv", dtype={"subject": str})
+    test = preds.loc[preds["split"] == "test", "subject"].tolist()[:1]
+    assert test, "the tiny book has no test subject to compare on"
+    ckpt = artefacts.path(workdir, artefacts.LESION_MODEL)
+    settings = {**book.PRESETS["tiny"]["06_evaluate"]}  # the settings notebook 06 ran with
+    compared = inference.compare_step(work, [ckpt], test, progress=False, **settings)[str(ckpt)]
+    assert compared["subject"].tolist() == test
+    assert "compare/model1" in compared["lesion_pred"].iloc[0]
+    mine = np.asanyarray(nib.load(compared["lesion_pred"].iloc[0]).dataobj)
+    theirs = np.asanyarray(nib.load(preds.set_index("subject").loc[test[0], "lesion_pred"]).dataobj)
+    assert np.array_equal(mine, theirs)

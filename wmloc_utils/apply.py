@@ -113,10 +113,15 @@ def cohort_loads(
     )
 
 
-def cohort_table(tidy: pd.DataFrame, pairing: str = "automatic") -> pd.DataFrame:
-    """One row per subject: total lesion mL, unassigned mL and fraction (QC), then mL per region."""
+def cohort_table(
+    tidy: pd.DataFrame, pairing: str = "automatic", predictions: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """One row per subject: total lesion mL, unassigned mL and fraction (QC), the mL of the network's lesions
+    the filters dropped (QC, from ``predictions``' ``dropped_ml`` when given), then mL per region."""
     rows = tidy[tidy["pairing"] == pairing]
     qc = localization.lesion_qc(rows).drop(columns="pairing").set_index("subject")
+    if predictions is not None and "dropped_ml" in predictions:
+        qc["dropped_ml"] = qc.index.map(predictions.set_index("subject")["dropped_ml"])
     wide = localization.wide_matrix(rows, unlabelled=False)
     return qc.join(wide).reset_index()
 
@@ -135,6 +140,7 @@ def run(
     scheduler: str | Client = "processes",
     cluster_config: str | os.PathLike | dict | None = None,
     min_gm_contrast: float = inference.MIN_GM_CONTRAST,
+    grow_to_prob: float | None = inference.GROW_TO_PROB,
 ) -> dict[str, Path]:
     """The whole apply path on a folder or manifest; returns the paths of the tables it wrote.
 
@@ -142,7 +148,9 @@ def run(
     segmentation on a Dask scheduler (``"local"``, ``"slurm"``, a client; with ``"processes"`` the networks run
     in this process, their threads on every core). A subject that fails in either is skipped by the later
     steps and reported in the cohort table (``status``, ``error``). Predicted lesions whose median FLAIR is below
-    ``min_gm_contrast`` x grey matter's are dropped (:func:`inference.keep_hyperintense_lesions`; 0: all kept).
+    ``min_gm_contrast`` x grey matter's are dropped (:func:`inference.keep_hyperintense_lesions`; 0: all kept),
+    those kept grown into clearly hyperintense voxels of probability >= ``grow_to_prob``
+    (:func:`inference.grow_lesions`; None: not grown).
     """
     if region_source == "network" and region_checkpoint is None:
         raise InputError("region_source='network' needs a region checkpoint")
@@ -178,6 +186,7 @@ def run(
         errors="record",
         cluster_config=cluster_config,
         min_gm_contrast=min_gm_contrast,
+        grow_to_prob=grow_to_prob,
     )
     timings["segmentation"] = time.perf_counter() - start - sum(timings.values())
     failed = preds.loc[preds["status"] == "failed", ["subject", "status", "error"]]
@@ -191,7 +200,10 @@ def run(
     tidy = cohort_loads(recs, lut, region_source, progress=progress)
     paths = localization.write_loads(tidy, artefacts.folder(workdir, artefacts.REGIONAL_LOADS))
     paths["cohort"] = write_table_atomic(
-        with_status(cohort_table(tidy), regions), workdir / artefacts.COHORT_LOADS, index=False, float_format="%.6g"
+        with_status(cohort_table(tidy, predictions=preds), regions),
+        workdir / artefacts.COHORT_LOADS,
+        index=False,
+        float_format="%.6g",
     )
     timings["loads"] = time.perf_counter() - start - sum(timings.values())
     if progress:
@@ -284,6 +296,13 @@ def main(argv: list[str] | None = None) -> None:
         f"matter's (bright cortex; default {inference.MIN_GM_CONTRAST}, 0 keeps every lesion)",
     )
     parser.add_argument(
+        "--grow-to-prob",
+        type=lambda v: None if v.lower() in ("off", "none") else float(v),
+        default=inference.GROW_TO_PROB,
+        help="grow the lesions kept into neighbouring voxels of at least this network probability and "
+        f"{inference.GROW_GM_CONTRAST} x grey matter's FLAIR (default {inference.GROW_TO_PROB}; 'off': no growth)",
+    )
+    parser.add_argument(
         "--scheduler",
         choices=cluster.SCHEDULERS,
         default="processes",
@@ -316,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
             scheduler=args.scheduler,
             cluster_config=args.cluster_config,
             min_gm_contrast=args.min_gm_contrast,
+            grow_to_prob=args.grow_to_prob,
         )
     except (InputError, FileNotFoundError) as err:
         raise SystemExit(f"wmloc-apply: {err}") from None

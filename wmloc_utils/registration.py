@@ -231,16 +231,20 @@ def process_subject(
     if _given(lesion):
         les_img = load_nifti(lesion, subject=subject, what="lesion mask")
         check_same_grid(flair_img, les_img, "FLAIR", "lesion mask", subject)
+    steps = {"start": time.perf_counter()}  # seconds of each step, in qc.json
     mask = make_brain_mask(t1_img, flair_img, subject=subject, outprefix=out / "brainmask_")
     remove_files(out.glob("brainmask_*"))
     save_nifti(mask, out / "brain_mask.nii.gz")
+    steps["brain_mask"] = time.perf_counter()
     # bias fields corrected once (N4 in the brain); the tissues use the corrected T1, inference both images
     corrected = {m: bias_corrected(img, mask, m.upper(), subject) for m, img in (("t1", t1_img), ("flair", flair_img))}
     for m, img in corrected.items():
         save_nifti(img, out / BIAS_CORRECTED[m])
+    steps["bias_correction"] = time.perf_counter()
     seg = segment_tissues(
         corrected["t1"], flair_img, mask, lesion=les_img, n4=False, subject=subject, outprefix=f"{out}{os.sep}"
     )
+    steps["tissues"] = time.perf_counter()
     wm = np.asanyarray(seg["wm_mask"].dataobj) > 0
     if not wm.any():
         raise InputError(f"subject {subject}: the tissue segmentation found no white matter (WM mask is empty)")
@@ -259,6 +263,8 @@ def process_subject(
         true_wm = np.asanyarray(load_nifti(Path(truth_dir) / "tissue.nii.gz", subject, "true tissue").dataobj) == 3
         qc["true_wm_dice"] = dice(wm, true_wm)
     qc["seconds"] = time.perf_counter() - start
+    marks = list(steps.values())
+    qc.update({f"{name}_seconds": b - a for name, a, b in zip(list(steps)[1:], marks, marks[1:])})
     written = [
         qc["brain_mask"],
         qc["tissue"],
@@ -429,7 +435,8 @@ def subject_fingerprint(
         inputs["lesion"] = row["lesion"]
     if _given(row.get("truth_dir")):
         inputs["true tissue"] = Path(row["truth_dir"]) / "tissue.nii.gz"
-    # "outputs" 2: bias-corrected T1 and FLAIR are written; 4: prob_wm in qc too (older results are redone)
+    # "outputs" 2: bias-corrected T1 and FLAIR are written; (3: a nawm.nii.gz of a filter tried and dropped);
+    # 4: prob_wm in qc too. Older results are redone.
     params = {"method": method, "reg_spacing": reg_spacing, "outputs": 4}
     return provenance.fingerprint(inputs, params, upstream, full_hash)
 
@@ -587,7 +594,8 @@ def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | 
 
     With notebook 03's results, ``brain_mask`` and ``wm_mask`` columns give each subject's brain and WM
     masks (FLAIR grid), ``tissue`` and ``prob_wm`` its tissue classes and WM probability (the lesion filter
-    of :func:`wmloc_utils.inference.segment`; the inputs of networks trained with ``inputs="tissue"``), and ``t1_corrected``/``flair_corrected`` its bias-corrected images (:func:`corrected_inputs`).
+    of :func:`wmloc_utils.inference.segment`; the inputs of networks trained with ``inputs="tissue"``), and
+    ``t1_corrected``/``flair_corrected`` its bias-corrected images (:func:`corrected_inputs`).
 
     Training (notebooks 04/05) and inference (06) need every channel on the FLAIR grid; the original
     path is kept as ``t1_native``. ``subjects`` defaults to notebook 01's :data:`artefacts.SUBJECTS` (read as
