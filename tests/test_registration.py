@@ -330,6 +330,8 @@ def test_run_cohort_real_rerun_writes_nothing_even_read_only(demo_csv, tmp_path,
     assert qc["fingerprint"]["params"] == {"method": "Affine", "reg_spacing": 4.0, "outputs": 4}
     written = {"regions.nii.gz", "wm_mask.nii.gz", "prob_wm.nii.gz", "brain_mask.nii.gz", *reg.BIAS_CORRECTED.values()}
     assert written <= set(qc["outputs"])
+    steps = [f"{s}_seconds" for s in ("brain_mask", "bias_correction", "tissues", "registration", "propagation")]
+    assert all(qc[k] > 0 for k in steps) and sum(qc[k] for k in steps) <= qc["seconds"]  # where a subject's time goes
     table = reg.subjects_on_flair_grid(work, pd.read_csv(demo_csv, dtype={"subject": str}))
     for col in ("tissue", "prob_wm"):  # the lesion filter's grey matter; a tissue-input network's channels
         assert table[col].map(lambda p: Path(p).name).eq(f"{col}.nii.gz").all()
