@@ -230,7 +230,7 @@ def test_compared_networks_see_what_the_main_network_sees(workdir, tmp_path):
     test = preds.loc[preds["split"] == "test", "subject"].tolist()[:1]
     assert test, "the tiny book has no test subject to compare on"
     ckpt = artefacts.path(workdir, artefacts.LESION_MODEL)
-    settings = {**book.PRESETS["tiny"]["06_evaluate"]}  # the settings notebook 06 ran with
+    settings = TINY["06_evaluate"]  # the settings notebook 06 ran with
     compared = inference.compare_step(work, [ckpt], test, progress=False, **settings)[str(ckpt)]
     assert compared["subject"].tolist() == test
     assert "compare/model1" in compared["lesion_pred"].iloc[0]
