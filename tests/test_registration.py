@@ -321,13 +321,14 @@ def test_run_cohort_full_hash_ignores_a_touch(demo_csv, tmp_path, fake_process):
 def test_run_cohort_real_rerun_writes_nothing_even_read_only(demo_csv, tmp_path, monkeypatch):
     """Real regions for 2 demo subjects; an unchanged rerun writes no file (not even regions.csv) and, with every
     write function made to fail (a read-only work directory), still returns the same table."""
-    from wmloc_utils import provenance
+    from wmloc_utils import provenance, tissue
 
     work = tmp_path / "work"
     first = reg.run_cohort(demo_csv, work, reg_spacing=4.0, progress=False)
     assert "t1_on_flair" in first and (first["t1_on_flair"] == "").all(), "2 mm demo T1s are on the FLAIR grid"
     qc = json.loads((artefacts.path(work, artefacts.SUBJECT_REGIONS, subject="001") / reg.DONE).read_text())
-    assert qc["fingerprint"]["params"] == {"method": "Affine", "reg_spacing": 4.0, "outputs": 4}
+    atropos = [tissue.ATROPOS_START, tissue.ATROPOS_ITERATIONS]  # results of another tissue segmentation are redone
+    assert qc["fingerprint"]["params"] == {"method": "Affine", "reg_spacing": 4.0, "outputs": 4, "atropos": atropos}
     written = {"regions.nii.gz", "wm_mask.nii.gz", "prob_wm.nii.gz", "brain_mask.nii.gz", *reg.BIAS_CORRECTED.values()}
     assert written <= set(qc["outputs"])
     steps = [f"{s}_seconds" for s in ("brain_mask", "bias_correction", "tissues", "registration", "propagation")]

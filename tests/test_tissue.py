@@ -32,7 +32,7 @@ def eve_small(eve_dir):
 
 
 def test_eve_wm_matches_eve_tissue_classes(eve_small):
-    """Atropos (T1, k-means, 3 classes, WM posterior > 0.8) finds Eve's WM with Dice > 0.94 (measured 0.97 at 3 mm)."""
+    """Atropos (T1, Otsu start, 3 classes, WM posterior > 0.8) finds Eve's WM with Dice > 0.94 (measured 0.97 at 3 mm)."""
     seg = tissue.segment_tissues(eve_small["t1"], None, eve_small["mask"])
     labels = np.asanyarray(seg["labels"].dataobj)
     wm_dice = tissue.dice(labels == 3, eve_small["truth"] == 3)

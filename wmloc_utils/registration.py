@@ -29,7 +29,7 @@ from .errors import InputError
 from .images import atomic_path, check_labels, check_same_grid, like, load_nifti, same_grid, save_nifti
 from .metrics import dice
 from .subjects import register_t1_to_flair
-from .tissue import bias_corrected, segment_tissues
+from .tissue import ATROPOS_ITERATIONS, ATROPOS_START, bias_corrected, segment_tissues
 from .tissue import brain_mask as make_brain_mask
 
 if TYPE_CHECKING:
@@ -436,8 +436,13 @@ def subject_fingerprint(
     if _given(row.get("truth_dir")):
         inputs["true tissue"] = Path(row["truth_dir"]) / "tissue.nii.gz"
     # "outputs" 2: bias-corrected T1 and FLAIR are written; (3: a nawm.nii.gz of a filter tried and dropped);
-    # 4: prob_wm in qc too. Older results are redone.
-    params = {"method": method, "reg_spacing": reg_spacing, "outputs": 4}
+    # 4: prob_wm in qc too. Older results are redone, as are those of another Atropos start.
+    params = {
+        "method": method,
+        "reg_spacing": reg_spacing,
+        "outputs": 4,
+        "atropos": [ATROPOS_START, ATROPOS_ITERATIONS],
+    }
     return provenance.fingerprint(inputs, params, upstream, full_hash)
 
 

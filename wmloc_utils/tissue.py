@@ -151,6 +151,14 @@ def bias_corrected(img, brain_mask, what: str = "image", subject: str | None = N
     return like(image, corrected.astype(np.float32), np.float32)
 
 
+#: How Atropos starts and how many updates it makes. Otsu thresholds and one update instead of k-means and
+#: up to five (Atropos stopped after two): 6 s instead of 11 s on a challenge-grid subject (Atropos is the
+#: costliest step of a new subject on 2 cores) for the same tissues on 12 unseen demo subjects (WM Dice vs the
+#: true tissues 0.842 vs 0.840, GM 0.663 vs 0.664) and Eve's WM at 2 mm 0.971 vs 0.973.
+ATROPOS_START = "Otsu[3]"
+ATROPOS_ITERATIONS = 1
+
+
 def segment_tissues(
     t1,
     flair,
@@ -164,7 +172,7 @@ def segment_tissues(
     outprefix: str | os.PathLike | None = None,
     subject: str | None = None,
 ) -> dict:
-    """CSF/GM/WM probabilities and hard labels (1 CSF, 2 GM, 3 WM) with ``ants.atropos`` (k-means start, MRF).
+    """CSF/GM/WM probabilities and hard labels (1 CSF, 2 GM, 3 WM) with ``ants.atropos`` (Otsu start, MRF).
 
     ``use_flair`` feeds T1+FLAIR to Atropos as a multivariate input (default T1 only: it
     scored better, see the tests/notebook 03). WM is where its posterior exceeds ``wm_threshold``
@@ -172,7 +180,8 @@ def segment_tissues(
     Eve at 2 mm from 0.95 to 0.97 and on demo subjects by 0.03); other argmax-WM voxels become GM. Lesions (``lesion`` mask, else a FLAIR
     hyperintensity estimate when ``estimate_lesions``) are filled into WM. With
     ``outprefix``, ``{outprefix}tissue.nii.gz`` and ``{outprefix}prob_{csf,gm,wm}.nii.gz`` are written.
-    Atropos runs with a constant seed: the same input gives the same maps on every run.
+    Atropos runs with a constant seed: the same input gives the same maps on every run. It starts from
+    Otsu thresholds and makes one MRF update (:data:`ATROPOS_START`, :data:`ATROPOS_ITERATIONS`).
     Returns dict(labels, csf, gm, wm, wm_mask, lesion) of nibabel images on the T1 grid.
     """
     t1 = _as_img(t1, "T1", subject)
@@ -201,9 +210,9 @@ def segment_tissues(
         seg = ants.atropos(
             a=channels if len(channels) > 1 else channels[0],
             x=mask,
-            i="Kmeans[3]",
+            i=ATROPOS_START,
             m=f"[{mrf},{mrf_r}]",
-            c="[5,0]",
+            c=f"[{ATROPOS_ITERATIONS},0]",
             v=0,
             r=0,
         )
