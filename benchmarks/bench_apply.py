@@ -57,6 +57,12 @@ def one_subject_steps(workdir: Path) -> dict[str, float]:
     return {name: qc[f"{name}_seconds"] for name in names if f"{name}_seconds" in qc}
 
 
+def computed_since(workdir: Path, since: float) -> bool:
+    """Whether every subject's regions step of ``workdir`` was computed after ``since`` (time.time()), none reused."""
+    done = list(artefacts.folder(workdir, artefacts.REGIONS).glob("*/qc.json"))
+    return bool(done) and all(p.stat().st_mtime >= since for p in done)
+
+
 def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta: bool) -> None:
     """The apply path on a new demo cohort with its masks withheld."""
     name = "_".join(f"{k}-{v}" for k, v in sorted(options.items())) + ("" if seed == SEED else f"_seed-{seed}")
@@ -65,14 +71,18 @@ def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta
     demo.generate(data, n_subjects=n_subjects, seed=seed, progress=False, **options)
     withheld = demo.withhold_masks(data, out / "withheld")
     lesion_ckpt, region_ckpt = inference.checkpoints(workdir)
-    cold = not (out / "work").exists()  # a rerun reuses every finished step: its seconds are not a cold run's
+    # a rerun reuses every finished step (its seconds are not a cold run's) unless the code changed what they hold
+    since = time.time()
     start = time.perf_counter()  # one subject alone, cold (a new user's first subject); prints its steps
     apply.run(data, out / "one_subject", lesion_ckpt, region_ckpt, n_subjects=1, tta=tta, progress=True)
     one = time.perf_counter() - start
+    one_cold = computed_since(out / "one_subject", since)
     steps = one_subject_steps(out / "one_subject")
+    since = time.time()
     start = time.perf_counter()
     apply.run(data, out / "work", lesion_ckpt, region_ckpt, tta=tta, progress=False)
     seconds = (time.perf_counter() - start) / n_subjects
+    cold = computed_since(out / "work", since)
     truth = demo_truth.demo_template_regions(
         options.get("brain", "mni152"), artefacts.path(workdir, artefacts.TEMPLATE_TRUTH)
     )
@@ -82,10 +92,11 @@ def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta
     with_lesions = les[les["reference_ml"] > 0]
     print(f"new demo cohort {options}, {n_subjects} subjects, masks withheld (tta={tta}):")
     print(
-        f"  apply path: {one:.1f} s for one subject alone; {seconds:.1f} s per subject for the cohort "
+        f"  apply path: {one:.1f} s for one subject alone ({'computed' if one_cold else 'regions reused'}); "
+        f"{seconds:.1f} s per subject for the cohort "
         f"(subjects registered {os.cpu_count()} at a time; "
         + (
-            "first run, everything computed)"
+            "every subject's regions computed)"
             if cold
             else f"a rerun reusing finished steps: delete {out} for a cold one)"
         )
