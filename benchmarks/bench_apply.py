@@ -10,7 +10,7 @@ Prints
    of lesion volume left in no region;
 2. on a new demo cohort made with ``--demo`` generator options (settings the networks never trained on),
    masks withheld: the seconds of the whole apply path (brain mask, tissues, registration, both networks,
-   loads) for one subject alone and per subject of the cohort, lesion Dice / F1 / false mL in subjects
+   loads) for the first subject of each site alone (each site has its own grid) and per subject of the cohort, lesion Dice / F1 / false mL in subjects
    without lesions, region Dice of the atlas registration and of the region network against the true
    regions, and the load agreement.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from wmloc_utils import apply, artefacts, demo, demo_truth, inference, localization
+from wmloc_utils import apply, artefacts, demo, demo_truth, images, inference, localization, subjects
 
 #: A demo setting the book's networks never trained on: another brain, the challenge's scanner grids (LPS,
 #: oblique, 3 mm slices), skull on some sites, shifted contrasts, and lesion-free subjects.
@@ -57,6 +57,31 @@ def one_subject_steps(workdir: Path) -> dict[str, float]:
     return {name: qc[f"{name}_seconds"] for name in names if f"{name}_seconds" in qc}
 
 
+def one_subject_per_site(data: Path, out: Path, lesion_ckpt: Path, region_ckpt: Path, tta: bool) -> pd.DataFrame:
+    """A new user's first subject, on each site's grid: the whole apply path on the site's first subject alone
+    (a one-row manifest), with the seconds of its regions steps and whether they were computed or reused."""
+    rows = []
+    for site, first in {s.site: s for s in reversed(subjects.discover(data))}.items():
+        folder = out / f"one_subject_{site}"
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = folder / "subject.csv"
+        manifest.write_text(f"subject,t1,flair\n{first.id},{first.t1.resolve()},{first.flair.resolve()}\n")
+        since, start = time.time(), time.perf_counter()
+        apply.run(manifest, folder / "work", lesion_ckpt, region_ckpt, tta=tta, progress=False)
+        grid = images.grid_of(images.load_nifti(first.flair))
+        rows.append(
+            {
+                "site": site,
+                "subject": first.id,
+                "grid": "x".join(str(n) for n in grid["shape"]),
+                "seconds": time.perf_counter() - start,
+                "computed": computed_since(folder / "work", since),
+                **one_subject_steps(folder / "work"),
+            }
+        )
+    return pd.DataFrame(rows).sort_values("site", ignore_index=True)
+
+
 def computed_since(workdir: Path, since: float) -> bool:
     """Whether every subject's regions step of ``workdir`` was computed after ``since`` (time.time()), none reused."""
     done = list(artefacts.folder(workdir, artefacts.REGIONS).glob("*/qc.json"))
@@ -72,12 +97,7 @@ def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta
     withheld = demo.withhold_masks(data, out / "withheld")
     lesion_ckpt, region_ckpt = inference.checkpoints(workdir)
     # a rerun reuses every finished step (its seconds are not a cold run's) unless the code changed what they hold
-    since = time.time()
-    start = time.perf_counter()  # one subject alone, cold (a new user's first subject); prints its steps
-    apply.run(data, out / "one_subject", lesion_ckpt, region_ckpt, n_subjects=1, tta=tta, progress=True)
-    one = time.perf_counter() - start
-    one_cold = computed_since(out / "one_subject", since)
-    steps = one_subject_steps(out / "one_subject")
+    ones = one_subject_per_site(data, out, lesion_ckpt, region_ckpt, tta)
     since = time.time()
     start = time.perf_counter()
     apply.run(data, out / "work", lesion_ckpt, region_ckpt, tta=tta, progress=False)
@@ -91,9 +111,10 @@ def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta
     free = les[les["reference_ml"] == 0]
     with_lesions = les[les["reference_ml"] > 0]
     print(f"new demo cohort {options}, {n_subjects} subjects, masks withheld (tta={tta}):")
+    print("  apply path, one subject alone (a new user's first), the first subject of each site (seconds):")
+    print(ones.round(1).to_string(index=False).replace("\n", "\n    ").join(["    ", ""]))
     print(
-        f"  apply path: {one:.1f} s for one subject alone ({'computed' if one_cold else 'regions reused'}); "
-        f"{seconds:.1f} s per subject for the cohort "
+        f"  apply path: {seconds:.1f} s per subject for the cohort "
         f"(subjects registered {os.cpu_count()} at a time; "
         + (
             "every subject's regions computed)"
@@ -101,7 +122,6 @@ def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta
             else f"a rerun reusing finished steps: delete {out} for a cold one)"
         )
     )
-    print("  one subject's steps (s):", ", ".join(f"{k} {v:.1f}" for k, v in steps.items()))
     print(
         f"  lesions: Dice {with_lesions['dice'].mean():.3f}, F1 {with_lesions['f1'].mean():.3f}, "
         f"HD95 {with_lesions['hd95'].mean():.1f} mm, AVD {with_lesions['avd'].mean():.1f} %"
