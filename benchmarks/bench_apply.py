@@ -10,9 +10,9 @@ Prints
    of lesion volume left in no region;
 2. on a new demo cohort made with ``--demo`` generator options (settings the networks never trained on),
    masks withheld: the seconds of the whole apply path (brain mask, tissues, registration, both networks,
-   loads) for the first subject of each site alone (each site has its own grid) and per subject of the cohort, lesion Dice / F1 / false mL in subjects
-   without lesions, region Dice of the atlas registration and of the region network against the true
-   regions, and the load agreement.
+   loads) for the first subject of each site alone (each site has its own grid) and per subject of the
+   cohort, lesion Dice / F1 / false mL in subjects without lesions, region Dice of the atlas registration
+   and of the region network against the true regions, and the load agreement.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from wmloc_utils import apply, artefacts, demo, demo_truth, images, inference, localization, subjects
+from wmloc_utils import apply, artefacts, demo, demo_truth, inference, localization, subjects
 
 #: A demo setting the book's networks never trained on: another brain, the challenge's scanner grids (LPS,
 #: oblique, 3 mm slices), skull on some sites, shifted contrasts, and lesion-free subjects.
@@ -60,21 +60,25 @@ def one_subject_steps(workdir: Path) -> dict[str, float]:
 def one_subject_per_site(data: Path, out: Path, lesion_ckpt: Path, region_ckpt: Path, tta: bool) -> pd.DataFrame:
     """A new user's first subject, on each site's grid: the whole apply path on the site's first subject alone
     (a one-row manifest), with the seconds of its regions steps and whether they were computed or reused."""
+    firsts: dict[str, subjects.Subject] = {}
+    for subject in subjects.discover(data):
+        firsts.setdefault(subject.site, subject)
     rows = []
-    for site, first in {s.site: s for s in reversed(subjects.discover(data))}.items():
+    for site, first in firsts.items():
         folder = out / f"one_subject_{site}"
         folder.mkdir(parents=True, exist_ok=True)
         manifest = folder / "subject.csv"
         manifest.write_text(f"subject,t1,flair\n{first.id},{first.t1.resolve()},{first.flair.resolve()}\n")
         since, start = time.time(), time.perf_counter()
         apply.run(manifest, folder / "work", lesion_ckpt, region_ckpt, tta=tta, progress=False)
-        grid = images.grid_of(images.load_nifti(first.flair))
+        seconds = time.perf_counter() - start
+        table = pd.read_csv(artefacts.path(folder / "work", artefacts.SUBJECTS), dtype=str)  # notebook 01's grid
         rows.append(
             {
                 "site": site,
                 "subject": first.id,
-                "grid": "x".join(str(n) for n in grid["shape"]),
-                "seconds": time.perf_counter() - start,
+                "grid": table["shape"].iloc[0],
+                "seconds": seconds,
                 "computed": computed_since(folder / "work", since),
                 **one_subject_steps(folder / "work"),
             }
