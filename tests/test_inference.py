@@ -93,20 +93,48 @@ class FlairClasses(torch.nn.Module):
         return logits
 
 
-def test_region_probabilities_resampled_onto_flair_grid_in_chunks(tmp_path):
-    """Class probabilities are inverted a few classes at a time; the chunking must not change the labels."""
+def test_region_probabilities_interpolated_onto_flair_grid_in_chunks(tmp_path):
+    """Class probabilities are interpolated a chunk of FLAIR voxels at a time; the chunking must not change the labels."""
     paths, lesion, aff = _subject(tmp_path, (1.0, 1.0, 3.0), "LAS", (40, 36, 14))
     seg = inference.Segmenter(
         FlairClasses(), _config(task="regions", inputs="flair"), torch.device("cpu"), Path("r.pt")
     )
-    whole = inference.segment(seg, flair_path=paths["flair"], chunk=37)["labels"]
-    chunked = inference.segment(seg, flair_path=paths["flair"], chunk=4)["labels"]
+    whole = inference.segment(seg, flair_path=paths["flair"])["labels"]
+    chunked = inference.segment(seg, flair_path=paths["flair"], voxels_per_chunk=997)["labels"]
     assert whole.shape == (40, 36, 14) and np.allclose(whole.affine, aff)
     a, b = np.asanyarray(whole.dataobj), np.asanyarray(chunked.dataobj)
     np.testing.assert_array_equal(a, b)
     assert set(np.unique(a)) <= {0, 5, 30}
     dice = 2 * ((a == 30) & (lesion == 1)).sum() / ((a == 30).sum() + lesion.sum())
     assert dice > 0.8, dice
+
+
+def test_on_grid_equals_monai_invertd_on_an_oblique_lps_grid(tmp_path):
+    """Interpolating at the FLAIR voxels through the affines gives what MONAI's Invertd gives on the whole grid
+    (a challenge-like oblique LPS grid with 3 mm slices), at the voxels asked for only."""
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    from wmloc_utils.checkpoints import preprocessing
+
+    shape = (30, 34, 12)
+    rot = nib.eulerangles.euler2mat(0.12, -0.08, 0.1)
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([-0.96, -0.95, 3.0])  # LPS, oblique
+    aff[:3, 3] = [14.0, 17.0, -15.0]
+    rng = np.random.default_rng(0)
+    smooth = np.cumsum(np.cumsum(rng.normal(size=shape), 0), 1).astype(np.float32)
+    nib.save(nib.Nifti1Image(smooth, aff), tmp_path / "flair.nii.gz")
+    pre = preprocessing((2.0, 2.0, 2.0), with_label=False)
+    image = pre({"image": [str(tmp_path / "flair.nii.gz")]})["image"]
+    channels = torch.stack([image[0], -2.0 * image[0], image[0] ** 2])
+    data = {"image": image, "pred": MetaTensor(channels, meta=image.meta, applied_operations=image.applied_operations)}
+    expected = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False)(data)["pred"].numpy()
+    where = np.zeros(shape, bool)
+    where[3:-3, 4:-4, 2:-2] = rng.random((24, 26, 8)) < 0.5
+    got = inference.on_grid(channels, image.affine, aff, where, voxels_per_chunk=500)
+    assert expected.shape == (3, *shape) and got.shape == (3, where.sum())
+    np.testing.assert_allclose(got, expected[:, where], atol=1e-4 * np.abs(expected).max())
 
 
 class LeftRight(torch.nn.Module):

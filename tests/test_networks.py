@@ -100,6 +100,26 @@ def test_gradient_flows_through_all_terms():
         assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
+def test_skeleton_term_of_weight_zero_is_not_computed_and_changes_nothing():
+    """Region training switches the skeleton term off (weight 0): it is skipped, with the same loss and gradients."""
+    lab = _tube()
+    target = torch.from_numpy(lab)[None, None].long()
+    skel = torch.from_numpy(label_skeleton(lab, 2, ignore_label=2))[None, None]
+    logits = torch.randn(1, 2, 24, 24, 24, requires_grad=True)
+    off = SegLoss(1.0, 1.0, 0.0, ignore_label=2)
+    terms = off.terms(logits, target, skel)
+    assert terms["skeleton"].item() == 0.0  # not computed (a real skeleton term here is far from 0)
+    assert SegLoss(1.0, 1.0, 1.0, ignore_label=2).terms(logits, target, skel)["skeleton"].item() > 0.1
+    off.total(terms).backward()
+    skipped = logits.grad.clone()
+    logits.grad = None
+    on = SegLoss(1.0, 1.0, 1.0, ignore_label=2).terms(logits, target, skel)
+    (on["ce"] + on["dice"]).backward()
+    torch.testing.assert_close(skipped, logits.grad, rtol=0, atol=0)
+    glob = off.global_terms(logits, target, skel, lambda sums: sums)
+    assert glob["skeleton"].item() == 0.0 and glob["dice"].item() == pytest.approx(terms["dice"].item(), abs=1e-6)
+
+
 def test_label_2_is_ignored_in_the_loss():
     lab = _tube()
     target = torch.from_numpy(lab)[None, None].long()
