@@ -35,6 +35,21 @@ def test_generate_reuses_an_identical_cohort(cohort):
     assert (root / "siteA" / "001" / "pre" / "FLAIR.nii.gz").stat().st_mtime_ns == before
 
 
+def test_subjects_made_in_two_processes_are_the_same_files(tmp_path):
+    """Each subject has its own random stream: two worker processes write byte-identical files to one."""
+    import hashlib
+
+    def digests(root):
+        return {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.nii.gz"))
+        }
+
+    one = demo.generate(tmp_path / "one", n_subjects=2, seed=5, progress=False, n_jobs=1)
+    two = demo.generate(tmp_path / "two", n_subjects=2, seed=5, progress=False, n_jobs=2)
+    pd.testing.assert_frame_equal(one, two)
+    assert len(digests(tmp_path / "one")) == 2 * 4 and digests(tmp_path / "one") == digests(tmp_path / "two")
+
+
 def test_labels_lesions_inside_wm_and_loads(cohort):
     root, participants = cohort
     for s in subjects.discover(root):
