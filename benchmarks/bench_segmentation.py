@@ -2,8 +2,9 @@
 
 Run: ``python benchmarks/bench_segmentation.py [--lesion CKPT] [--regions CKPT] [--threads N]``.
 Each case runs in its own process (so peak memory is its own): a brain-sized LAS FLAIR (+T1) at the
-given voxel size is segmented with ``inference.predict`` (load, preprocess, sliding window, inversion
-onto the FLAIR grid, writing). Without checkpoints, untrained networks are timed (speed does not
+given voxel size is segmented with ``inference.predict`` (load, preprocess, sliding window, interpolation
+back onto the FLAIR grid, writing), with a brain mask and, for regions, a WM mask, as notebooks 06 and 09
+and the apply path do. Without checkpoints, untrained networks are timed (speed does not
 depend on the weights), in two configurations: the book's (notebooks 04/05: lesions at 2 mm, regions
 at 3 mm, whatever the FLAIR's voxel size) and one trained at the FLAIR's own voxel size (a network
 run at full resolution, as on a GPU). Targets on 2 CPU cores: lesion <= 2 s at 2 mm and <= 10 s at
@@ -43,16 +44,21 @@ def maps_as_images(paths: dict[str, Path]) -> dict[str, Path]:
 
 
 def subject(folder: Path, voxel: float) -> dict[str, Path]:
-    """A brain-sized ellipsoid FLAIR/T1 pair stored LAS at ``voxel`` mm."""
+    """A brain-sized ellipsoid FLAIR/T1 pair stored LAS at ``voxel`` mm, with its brain and a WM mask (a shell
+    holding about 40 % of the brain, as in a real subject)."""
     shape = tuple(int(s) for s in np.ceil(FOV_MM / voxel))
     ijk = np.stack(np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij"))
-    brain = ((ijk**2).sum(0) < 0.7).astype(np.float32)
+    r2 = (ijk**2).sum(0)
+    brain = (r2 < 0.7).astype(np.float32)
     rng = np.random.default_rng(0)
     aff = np.diag([-voxel, voxel, voxel, 1.0])
     paths = {}
     for key in ("t1", "flair"):
         paths[key] = folder / f"{key}_{voxel}mm.nii.gz"
         nib.save(nib.Nifti1Image(brain * (1 + 0.1 * rng.standard_normal(shape, dtype=np.float32)), aff), paths[key])
+    for key, mask in (("brain", brain), ("wm", (r2 > 0.15) & (r2 < 0.45))):
+        paths[key] = folder / f"{key}_{voxel}mm.nii.gz"
+        nib.save(nib.Nifti1Image(np.asarray(mask, np.uint8), aff), paths[key])
     return paths
 
 
@@ -79,7 +85,15 @@ def run_case(task: str, voxel: float, native: bool, checkpoint: str | None, repe
         times = []
         for _ in range(repeats + 1):
             start = time.perf_counter()
-            inference.predict(seg, paths["t1"], paths["flair"], out_dir=tmp / "out", channels=maps_as_images(paths))
+            inference.predict(
+                seg,
+                paths["t1"],
+                paths["flair"],
+                out_dir=tmp / "out",
+                channels=maps_as_images(paths),
+                brain_mask=paths["brain"],
+                wm_mask=paths["wm"] if task == "regions" else None,
+            )
             times.append(time.perf_counter() - start)
         shape = nib.load(paths["flair"]).shape
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -109,7 +109,7 @@ def test_region_probabilities_interpolated_onto_flair_grid_in_chunks(tmp_path):
     assert dice > 0.8, dice
 
 
-def test_on_grid_equals_monai_invertd_on_an_oblique_lps_grid(tmp_path):
+def test_on_grid_equals_monai_invertd_on_an_oblique_lps_grid(tmp_path, monkeypatch):
     """Interpolating at the FLAIR voxels through the affines gives what MONAI's Invertd gives on the whole grid
     (a challenge-like oblique LPS grid with 3 mm slices), at the voxels asked for only."""
     from monai.data import MetaTensor
@@ -135,6 +135,10 @@ def test_on_grid_equals_monai_invertd_on_an_oblique_lps_grid(tmp_path):
     got = inference.on_grid(channels, image.affine, aff, where, voxels_per_chunk=500)
     assert expected.shape == (3, *shape) and got.shape == (3, where.sum())
     np.testing.assert_allclose(got, expected[:, where], atol=1e-4 * np.abs(expected).max())
+    monkeypatch.setattr(inference, "CLASSES_PER_PASS", 2)  # the largest class is found across passes
+    labels = inference.on_grid(channels, image.affine, aff, where, voxels_per_chunk=500, argmax=True)
+    np.testing.assert_array_equal(labels, expected[:, where].argmax(0))
+    assert set(np.unique(labels)) == {0, 1, 2}
 
 
 class LeftRight(torch.nn.Module):
