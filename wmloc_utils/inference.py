@@ -322,8 +322,8 @@ def _mask_on_grid(
     return out
 
 
-#: Classes interpolated in one pass of :func:`on_grid`: a few at a time keep the memory they are gathered from
-#: small (37 classes of a 1 mm network at once were 2.4x slower).
+#: Classes interpolated in one pass of :func:`on_grid`. A few at a time, with a running argmax for labels, bound
+#: the memory: all 37 classes of a 1 mm region network over a whole 1 mm grid at once held 5.7 GB and took 36 s.
 CLASSES_PER_PASS = 8
 
 
