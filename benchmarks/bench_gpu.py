@@ -57,7 +57,6 @@ def gpu_mb() -> float:
 
 def time_steps(arch: str, task: str, device: torch.device, steps: int, warmup: int, benchmark: bool) -> dict:
     """Median time of ``train``'s step for one architecture and task at the paper preset, on random batches."""
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, not benchmark
     cfg = training.TrainConfig(**training.PAPER_PRESETS[arch][task])
     config = training.model_config(cfg)
     model = build_model(arch, config["in_channels"], config["n_classes"], **config["model_kwargs"]).to(device)
@@ -70,12 +69,13 @@ def time_steps(arch: str, task: str, device: torch.device, steps: int, warmup: i
     y = torch.randint(0, config["n_classes"], shape, device=device, generator=gen).float()
     torch.cuda.reset_peak_memory_stats()
     times = []
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, not benchmark
     for i in range(warmup + steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda"):
-            loss = loss_fn.total(loss_fn.terms(model(x), y, y))
+            loss = loss_fn.total(loss_fn.terms(model(x), y, y))  # the labels stand in for their skeleton
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -94,6 +94,7 @@ def time_steps(arch: str, task: str, device: torch.device, steps: int, warmup: i
                 sliding_window_inference(volume, cfg.patch_size, 4, model, overlap=0.25, mode="gaussian")
                 torch.cuda.synchronize()
                 infer_s = time.perf_counter() - t0
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True  # as set_determinism leaves them
     median = statistics.median(times)
     return {
         "architecture": arch,
@@ -141,7 +142,9 @@ def demo_table(root: Path, n_subjects: int, template_regions: Path | None) -> pd
             "brain": str(save_nifti(like(tissue, (t > 0).astype(np.uint8)), folder / "brain.nii.gz")),
             "wm": str(save_nifti(like(tissue, (t == 3).astype(np.uint8)), folder / "wm.nii.gz")),
         }
-        if regions_img is not None:  # the true regions (template labels through the true transform), in true WM
+        # The true regions: template labels through the true transform, in true WM. demo_truth.truth_regions
+        # also fills unlabelled WM, but it imports ANTsPy, which the GPU image lacks; a timing run needs no fill.
+        if regions_img is not None:
             warped = np.asanyarray(demo.warp_from_template(regions_img, folder / "truth", order=0).dataobj)
             labels = np.where(t == 3, warped, 0).astype(np.uint8)
             row["regions"] = str(save_nifti(like(tissue, labels), folder / "regions.nii.gz"))
@@ -162,6 +165,7 @@ def part_train(table: pd.DataFrame, out: Path, epochs: int, iters: int, workers:
             name: training.make_records(table, cfg.inputs, label, ids, brain_col="brain", tissue_col="tissue")
             for name, ids in (("train", train_ids), ("val", val_ids))
         }
+        torch.cuda.reset_peak_memory_stats()  # this task's peak, not part 1's
         t0 = time.perf_counter()
         result = training.train(cfg, rec["train"], rec["val"], out / task, progress=False)
         total = time.perf_counter() - t0
