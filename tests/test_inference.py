@@ -353,6 +353,31 @@ def test_lesions_no_brighter_than_grey_matter_are_dropped():
         inference.keep_hyperintense_lesions(mask, flair, np.zeros_like(gm))
 
 
+def test_a_lesion_with_a_halo_keeps_its_core_and_lesions_at_the_surface_must_be_brighter():
+    """keep_hyperintense_lesions: a lesion that the network took in with a halo of normal WM (most of its voxels
+    WM-dark) stays, trimmed to its hyperintense voxels; near the brain's surface (where cortex lies) a lesion needs
+    min_gm_contrast + SURFACE_EXTRA."""
+    rng = np.random.default_rng(1)
+    flair = rng.normal(100.0, 2.0, (30, 30, 30)).astype(np.float32)  # white matter
+    gm = np.zeros(flair.shape, bool)
+    gm[25:] = True
+    flair[gm] = rng.normal(120.0, 5.0, gm.sum())  # grey matter: 90th percentile about 126
+    mask = np.zeros(flair.shape, bool)
+    mask[5:10, 5:10, 5:10] = True  # the network's lesion: 125 voxels, of them a 3x3x4 core of 36 (29 %)
+    flair[6:9, 6:9, 6:10] = 160.0  # 1.27 x grey matter; the median of the whole component is WM's
+    kept = inference.keep_hyperintense_lesions(mask, flair, gm, 1.15)
+    assert (kept == (mask & (flair > 150))).all()  # the core, and nothing of the halo
+    lesion = np.zeros(flair.shape, bool)
+    lesion[14:17, 14:17, 14:17] = True
+    flair[lesion] = 147.0  # 1.17 x grey matter: above 1.15, below 1.15 + 0.05
+    deep = np.full(flair.shape, 20.0)
+    assert inference.keep_hyperintense_lesions(lesion, flair, gm, 1.15, deep)[15, 15, 15]
+    assert not inference.keep_hyperintense_lesions(lesion, flair, gm, 1.15, np.full(flair.shape, 3.0)).any()
+    assert inference.keep_hyperintense_lesions(lesion, flair, gm, 1.15)[15, 15, 15]  # no depth map: no surface rule
+    with pytest.raises(InputError, match="depth map"):
+        inference.keep_hyperintense_lesions(lesion, flair, gm, 1.15, deep[1:])
+
+
 def test_lesions_grow_along_hyperintense_voxels_the_network_doubts():
     """grow_lesions: a lesion's faint bright rim joins it; a doubtful bright voxel off any lesion, dark voxels of
     high probability, and a bright rim the network rules out (below min_prob) do not."""

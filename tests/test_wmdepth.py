@@ -137,3 +137,12 @@ def test_bullseye_on_regions_kept_inside_wm(eve_dir):
     assert (bull[wm] > 0).mean() > 0.95, "nearly every WM voxel gets a lobe x shell label"
     shells = np.bincount(bull[bull > 0] % 10)
     assert all(shells[1:5] > 0), f"all four shells present: {shells}"
+
+
+def test_depth_below_surface_is_in_mm_and_counts_the_volume_edge():
+    """wmdepth.depth_below_surface: mm on an anisotropic grid; a mask touching the volume's edge is shallow there."""
+    brain = np.ones((9, 9, 9), bool)
+    depth = wmdepth.depth_below_surface(brain, (1.0, 1.0, 3.0))
+    assert depth[4, 4, 4] == pytest.approx(5.0)  # 5 voxels to the x and y edges (1 mm), 5 x 3 mm in z
+    assert depth[0, 4, 4] == pytest.approx(1.0) and depth[4, 4, 0] == pytest.approx(3.0)
+    assert (wmdepth.depth_below_surface(np.zeros((4, 4, 4), bool), (1, 1, 1)) == 0).all()

@@ -147,9 +147,9 @@ def run(
     Registration runs on ``scheduler`` with ``n_jobs`` workers (:func:`registration.run_cohort`), and so does
     segmentation on a Dask scheduler (``"local"``, ``"slurm"``, a client; with ``"processes"`` the networks run
     in this process, their threads on every core). A subject that fails in either is skipped by the later
-    steps and reported in the cohort table (``status``, ``error``). Predicted lesions whose median FLAIR is below
-    ``min_gm_contrast`` x grey matter's are dropped (:func:`inference.keep_hyperintense_lesions`; 0: all kept),
-    those kept grown into clearly hyperintense voxels of probability >= ``grow_to_prob``
+    steps and reported in the cohort table (``status``, ``error``). Predicted lesions whose brighter quarter on
+    FLAIR is below ``min_gm_contrast`` x grey matter's are dropped, and voxels darker than grey matter trimmed
+    off those kept (:func:`inference.keep_hyperintense_lesions`; 0: all kept), which then grow into clearly hyperintense voxels of probability >= ``grow_to_prob``
     (:func:`inference.grow_lesions`; None: not grown).
     """
     if region_source == "network" and region_checkpoint is None:
@@ -292,8 +292,10 @@ def main(argv: list[str] | None = None) -> None:
         "--min-gm-contrast",
         type=float,
         default=inference.MIN_GM_CONTRAST,
-        help="drop predicted lesions whose median FLAIR is below this many times the 90th percentile of grey "
-        f"matter's (bright cortex; default {inference.MIN_GM_CONTRAST}, 0 keeps every lesion)",
+        help="drop predicted lesions whose 75th FLAIR percentile is below this many times the 90th percentile of "
+        f"grey matter's (bright cortex; {inference.SURFACE_EXTRA} more within {inference.SURFACE_MM:g} mm of the "
+        f"brain's surface) and trim voxels darker than grey matter off those kept (default "
+        f"{inference.MIN_GM_CONTRAST}, 0 keeps every voxel)",
     )
     parser.add_argument(
         "--grow-to-prob",

@@ -9,6 +9,7 @@ into equal shells and crossed with lobes (see :func:`wmloc_utils.atlas.lobe_map`
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -24,6 +25,12 @@ from .images import check_labels, like, save_nifti
 def _edt(mask: np.ndarray, zooms) -> np.ndarray:
     """Distance in mm from each voxel to the nearest voxel outside ``mask`` (0 outside)."""
     return ndimage.distance_transform_edt(mask, sampling=tuple(float(z) for z in zooms))
+
+
+def depth_below_surface(brain_mask: np.ndarray, zooms: Sequence[float]) -> np.ndarray:
+    """Depth of each voxel of ``brain_mask`` below the brain's surface: the distance in mm to the nearest voxel
+    outside it, the volume's edge included (0 outside)."""
+    return _edt(np.pad(np.asarray(brain_mask, bool), 1), zooms)[1:-1, 1:-1, 1:-1]
 
 
 def _check(arr: np.ndarray, name: str, shape: tuple | None = None) -> np.ndarray:
@@ -56,7 +63,7 @@ def lateral_ventricles(
     brain = _check(brain_mask, "brain mask", csf.shape).astype(bool)
     if not brain.any():
         raise InputError("brain mask is empty")
-    depth = _edt(np.pad(brain, 1), zooms)[1:-1, 1:-1, 1:-1]
+    depth = depth_below_surface(brain, zooms)
     deep = csf & brain & (depth > min_depth_mm)
     comps, n = ndimage.label(deep, structure=np.ones((3, 3, 3), bool))
     if n == 0:
