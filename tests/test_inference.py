@@ -329,13 +329,20 @@ def test_checkpoints_default_to_notebooks_04_and_05(tmp_path):
         inference.checkpoints(tmp_path, region=tmp_path / "missing.pt")
 
 
+def white_and_grey_matter(shape: tuple[int, int, int], grey_from: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A FLAIR of white matter (100 +- 2) with grey matter (120 +- 5, 90th percentile about 126) from x = ``grey_from``
+    on, and that grey matter's mask: the setting of the hyperintensity filter and lesion growth tests."""
+    rng = np.random.default_rng(seed)
+    flair = rng.normal(100.0, 2.0, shape).astype(np.float32)
+    gm = np.zeros(shape, bool)
+    gm[grey_from:] = True
+    flair[gm] = rng.normal(120.0, 5.0, gm.sum())
+    return flair, gm
+
+
 def test_lesions_no_brighter_than_grey_matter_are_dropped():
     """keep_hyperintense_lesions: a lesion brighter than grey matter stays; one as bright as cortex goes."""
-    rng = np.random.default_rng(0)
-    flair = rng.normal(100.0, 2.0, (30, 20, 20)).astype(np.float32)  # white matter
-    gm = np.zeros(flair.shape, bool)
-    gm[20:] = True
-    flair[gm] = rng.normal(120.0, 5.0, gm.sum())  # grey matter: 90th percentile about 126
+    flair, gm = white_and_grey_matter((30, 20, 20), 20, seed=0)
     mask = np.zeros(flair.shape, bool)
     mask[6:9, 8:11, 8:11] = True
     flair[6:9, 8:11, 8:11] = 150.0  # a WMH: 1.19 x grey matter's 90th percentile
@@ -357,11 +364,7 @@ def test_a_lesion_with_a_halo_keeps_its_core_and_lesions_at_the_surface_must_be_
     """keep_hyperintense_lesions: a lesion that the network took in with a halo of normal WM (most of its voxels
     WM-dark) stays, trimmed to its hyperintense voxels; near the brain's surface (where cortex lies) a lesion needs
     min_gm_contrast + SURFACE_EXTRA."""
-    rng = np.random.default_rng(1)
-    flair = rng.normal(100.0, 2.0, (30, 30, 30)).astype(np.float32)  # white matter
-    gm = np.zeros(flair.shape, bool)
-    gm[25:] = True
-    flair[gm] = rng.normal(120.0, 5.0, gm.sum())  # grey matter: 90th percentile about 126
+    flair, gm = white_and_grey_matter((30, 30, 30), 25, seed=1)
     mask = np.zeros(flair.shape, bool)
     mask[5:10, 5:10, 5:10] = True  # the network's lesion: 125 voxels, of them a 3x3x4 core of 36 (29 %)
     flair[6:9, 6:9, 6:10] = 160.0  # 1.27 x grey matter; the median of the whole component is WM's
@@ -381,11 +384,7 @@ def test_a_lesion_with_a_halo_keeps_its_core_and_lesions_at_the_surface_must_be_
 def test_lesions_grow_along_hyperintense_voxels_the_network_doubts():
     """grow_lesions: a lesion's faint bright rim joins it; a doubtful bright voxel off any lesion, dark voxels of
     high probability, and a bright rim the network rules out (below min_prob) do not."""
-    rng = np.random.default_rng(0)
-    flair = rng.normal(100.0, 2.0, (30, 20, 20)).astype(np.float32)  # white matter
-    gm = np.zeros(flair.shape, bool)
-    gm[25:] = True
-    flair[gm] = rng.normal(120.0, 5.0, gm.sum())  # grey matter: 90th percentile about 126
+    flair, gm = white_and_grey_matter((30, 20, 20), 25, seed=0)
     prob = np.zeros(flair.shape, np.float32)
     mask = np.zeros(flair.shape, bool)
     mask[8:11, 8:11, 8:11] = True  # the network's confident core
