@@ -149,8 +149,8 @@ def run(
     in this process, their threads on every core). A subject that fails in either is skipped by the later
     steps and reported in the cohort table (``status``, ``error``). Predicted lesions whose brighter quarter on
     FLAIR is below ``min_gm_contrast`` x grey matter's are dropped, and voxels darker than grey matter trimmed
-    off those kept (:func:`inference.keep_hyperintense_lesions`; 0: all kept), which then grow into clearly hyperintense voxels of probability >= ``grow_to_prob``
-    (:func:`inference.grow_lesions`; None: not grown).
+    off those kept (:func:`inference.keep_hyperintense_lesions`; 0: all kept), which then grow into clearly
+    hyperintense voxels of probability >= ``grow_to_prob`` (:func:`inference.grow_lesions`; None: not grown).
     """
     if region_source == "network" and region_checkpoint is None:
         raise InputError("region_source='network' needs a region checkpoint")

@@ -142,15 +142,13 @@ def keep_hyperintense_lesions(
         return mask
     if depth_mm is not None and np.shape(depth_mm) != mask.shape:
         raise InputError(f"lesion mask {mask.shape} and depth map {np.shape(depth_mm)}: not the same grid")
-    bright = np.array(
-        [
-            np.percentile(flair[box][labels[box] == i], LESION_PERCENTILE)
-            for i, box in enumerate(ndimage.find_objects(labels), 1)
-        ]
+    ids = np.arange(1, n + 1)
+    bright = ndimage.labeled_comprehension(
+        flair, labels, ids, lambda v: np.percentile(v, LESION_PERCENTILE), np.float64, 0.0
     )
     threshold = np.full(n, min_gm_contrast)
     if depth_mm is not None:
-        near_surface = np.asarray(ndimage.median(depth_mm, labels, np.arange(1, n + 1))) < SURFACE_MM
+        near_surface = np.asarray(ndimage.median(depth_mm, labels, ids)) < SURFACE_MM
         threshold[near_surface] += SURFACE_EXTRA
     keep = np.concatenate([[False], bright >= threshold * reference])
     return keep[labels] & (flair >= MIN_VOXEL_GM_CONTRAST * reference)
@@ -231,10 +229,10 @@ def segment(
     images before normalisation, and nothing is predicted outside it; networks trained brain-masked
     require it. ``min_lesion_ml`` removes predicted lesions (26-connected) smaller than that volume;
     ``min_gm_contrast`` > 0 those not that much brighter on FLAIR than grey matter, and the voxels darker than
-    grey matter (:func:`keep_hyperintense_lesions`, with the depth below ``brain_mask``'s surface; ``tissue_map`` on the FLAIR grid, e.g. notebook 03's tissue.nii.gz,
-    gives the grey matter); ``grow_to_prob`` then grows the lesions kept into the neighbouring clearly
-    hyperintense voxels the network gives at least that (:func:`grow_lesions`; None: no growth; needs
-    ``tissue_map`` too).
+    grey matter (:func:`keep_hyperintense_lesions`, with the depth below ``brain_mask``'s surface; ``tissue_map``
+    on the FLAIR grid, e.g. notebook 03's tissue.nii.gz, gives the grey matter); ``grow_to_prob`` then grows the
+    lesions kept into the neighbouring clearly hyperintense voxels the network gives at least that
+    (:func:`grow_lesions`; None: no growth; needs ``tissue_map`` too).
     The "prob" image stays the network's own; only the mask is filtered and grown.
     ``wm_mask`` (regions only; e.g. notebook 03's wm_mask.nii.gz) keeps the regions inside the subject's WM,
     as the registered atlas's are: every WM voxel takes its most probable label 1..36, every other voxel 0.
@@ -319,7 +317,8 @@ def segment(
         mask = prob >= 0.5
         flair = np.asanyarray(ref.dataobj) if use_gm else None  # ref: the FLAIR
         if min_gm_contrast > 0:
-            depth = None if brain is None else depth_below_surface(brain, grid_of(ref)["voxel_mm"])
+            # the depth map costs a distance transform of the brain: only when there is a lesion to judge
+            depth = None if brain is None or not mask.any() else depth_below_surface(brain, grid_of(ref)["voxel_mm"])
             mask = keep_hyperintense_lesions(mask, flair, gm, min_gm_contrast, depth)
         if grow_to_prob is not None:
             mask = grow_lesions(mask, prob, flair, gm, grow_to_prob)
@@ -680,8 +679,8 @@ def predict_step(
     the networks see only the brain and predict nothing outside it, the region network's labels
     stay inside the subject's WM, as the registered atlas's do, and predicted lesions not brighter on FLAIR
     than ``min_gm_contrast`` x grey matter are dropped and their voxels darker than grey matter trimmed
-    (:func:`keep_hyperintense_lesions`; 0: all kept), those kept grown into neighbouring clearly hyperintense voxels of probability >= ``grow_to_prob``
-    (:func:`grow_lesions`; None: not grown).
+    (:func:`keep_hyperintense_lesions`; 0: all kept), those kept grown into neighbouring clearly hyperintense
+    voxels of probability >= ``grow_to_prob`` (:func:`grow_lesions`; None: not grown).
 
     Writes :data:`artefacts.PREDICTIONS` (only when its content changes; ``pred_ml`` and ``dropped_ml`` per subject,
     :func:`lesion_volumes`) and returns it; names the subjects whose lesions the filters mostly dropped
