@@ -44,7 +44,6 @@ from monai.inferers import sliding_window_inference
 
 from wmloc_utils import demo, inference, runtime, training
 from wmloc_utils.images import like, save_nifti
-from wmloc_utils.networks import SegLoss, build_model
 
 BRAIN_1MM = (182, 218, 182)
 RESULTS: dict[str, list | dict] = {}
@@ -59,10 +58,8 @@ def time_steps(arch: str, task: str, device: torch.device, steps: int, warmup: i
     """Median time of ``train``'s step for one architecture and task at the paper preset, on random batches."""
     cfg = training.TrainConfig(**training.PAPER_PRESETS[arch][task])
     config = training.model_config(cfg)
-    model = build_model(arch, config["in_channels"], config["n_classes"], **config["model_kwargs"]).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer, loss_fn = training.training_parts(cfg, config, device)
     scaler = torch.amp.GradScaler("cuda")
-    loss_fn = SegLoss(cfg.ce_weight, cfg.dice_weight, cfg.skeleton_weight, training.TASKS[task]["ignore_label"])
     shape = (cfg.batch_size, 1, *cfg.patch_size)
     gen = torch.Generator(device).manual_seed(0)
     x = torch.randn((cfg.batch_size, config["in_channels"], *cfg.patch_size), device=device, generator=gen)

@@ -860,6 +860,18 @@ def _data_parallel(model: torch.nn.Module, device: torch.device, ranks: Ranks) -
     )
 
 
+def training_parts(
+    cfg: TrainConfig, config: dict, device: torch.device
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, SegLoss]:
+    """The network (on ``device``, freshly initialised), optimizer and loss that :func:`train` trains with, for
+    ``cfg`` and its :func:`model_config` ``config``; benchmarks time the same parts."""
+    model = build_model(cfg.architecture, config["in_channels"], config["n_classes"], **config["model_kwargs"])
+    model = model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = SegLoss(cfg.ce_weight, cfg.dice_weight, cfg.skeleton_weight, ignore_label=TASKS[cfg.task]["ignore_label"])
+    return model, optimizer, loss_fn
+
+
 def train(
     cfg: TrainConfig,
     train_records: Sequence[dict],
@@ -918,16 +930,12 @@ def _train(
                 f"(best validation Dice {finished['best_dice']:.3f}); delete its last.pt to train again"
             )
         return finished
-    model = build_model(cfg.architecture, config["in_channels"], config["n_classes"], **config["model_kwargs"]).to(
-        device
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer, loss_fn = training_parts(cfg, config, device)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(
         optimizer, total_iters=cfg.epochs * cfg.iters_per_epoch, power=0.9
     )
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    loss_fn = SegLoss(cfg.ce_weight, cfg.dice_weight, cfg.skeleton_weight, ignore_label=TASKS[cfg.task]["ignore_label"])
 
     start, best, history, rng = 0, -1.0, [], None
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
