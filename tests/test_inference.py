@@ -402,6 +402,23 @@ def test_lesions_grow_along_hyperintense_voxels_the_network_doubts():
         inference.grow_lesions(mask, prob[1:], flair, gm)
 
 
+def test_lesions_mostly_in_the_deep_grey_nuclei_are_dropped():
+    """outside_deep_grey: a lesion with 3/4 of its voxels in a nucleus goes, one beside it with 1/4 inside (a
+    periventricular lesion along the caudate) stays whole, as does one far off; another grid is an error."""
+    deep = np.zeros((20, 20, 20), bool)
+    deep[5:15, 5:15, 5:15] = True
+    mask = np.zeros(deep.shape, bool)
+    mask[2:6, 8:11, 8:11] = True  # rows 2..5: only row 5 inside (1/4)
+    mask[12:16, 8:11, 8:11] = True  # rows 12..15: 12, 13, 14 inside (3/4)
+    mask[0:2, 0:2, 0:2] = True  # far off
+    kept = inference.outside_deep_grey(mask, deep)
+    assert kept[2:6, 8:11, 8:11].all() and kept[0:2, 0:2, 0:2].all()
+    assert not kept[12:16].any() and kept.sum() == 36 + 8
+    assert (inference.outside_deep_grey(mask, np.zeros_like(deep)) == mask).all()
+    with pytest.raises(InputError, match="not the same grid"):
+        inference.outside_deep_grey(mask, deep[1:])
+
+
 def test_dropped_lesion_volume_is_reported(tmp_path, capsys):
     """lesion_volumes: the final mask's mL and the network's mL the filters dropped; report_dropped names the
     subjects that lost most of what the network found (1 mL and half at least), not the others."""

@@ -103,6 +103,19 @@ def test_registration_recovers_known_affine(recovered):
     assert list(recovered["out"].glob("known_*")), "transform file must be written under the outprefix"
 
 
+def test_deep_grey_nuclei_follow_the_atlas_transform(recovered, eve_dir):
+    """deep_grey_nuclei: Eve's caudate, putamen, thalamus and pallidum carried by the recovered transform land where
+    the known transform puts them; a missing transform file is a clear error."""
+    grid = to_nibabel(recovered["grid"])
+    found = reg.deep_grey_nuclei(";".join(recovered["result"]["transforms"]), grid, eve_dir)
+    truth = reg.deep_grey_nuclei([str(recovered["out"] / "truth.mat")], grid, eve_dir)
+    ml = truth.sum() * SPACING**3 / 1000
+    print(f"deep grey nuclei: {ml:.1f} mL, Dice {dice(found, truth):.3f} vs the known transform")
+    assert 20 < ml < 80 and dice(found, truth) > 0.85
+    with pytest.raises(InputError, match="no_such.mat: no such file"):
+        reg.deep_grey_nuclei(str(recovered["out"] / "no_such.mat"), grid, eve_dir)
+
+
 def test_labels_inside_wm_and_every_wm_voxel_labelled(recovered):
     labels = np.asanyarray(recovered["regions"].dataobj)
     assert not np.any(labels[~recovered["wm"]]), "labels outside the WM mask"

@@ -151,6 +151,7 @@ def run(
     FLAIR is below ``min_gm_contrast`` x grey matter's are dropped, and voxels darker than grey matter trimmed
     off those kept (:func:`inference.keep_hyperintense_lesions`; 0: all kept), which then grow into clearly
     hyperintense voxels of probability >= ``grow_to_prob`` (:func:`inference.grow_lesions`; None: not grown).
+    Lesions lying mostly in the atlas's deep grey nuclei are dropped (:func:`inference.outside_deep_grey`).
     """
     if region_source == "network" and region_checkpoint is None:
         raise InputError("region_source='network' needs a region checkpoint")

@@ -183,6 +183,32 @@ def warp_mask(
     return out.numpy() > 0.5
 
 
+#: The deep grey nuclei of Eve's Type-II map (caudate, putamen, thalamus, globus pallidus; left, right).
+DEEP_GREY_IDS = (59, 60, 61, 62, 124, 125, 126, 127)
+
+
+@functools.lru_cache(maxsize=2)
+def _eve_deep_grey(data_dir: str | None) -> nib.Nifti1Image:
+    type2 = load_eve(data_dir)["type2"]
+    return like(type2, np.isin(np.asanyarray(type2.dataobj), DEEP_GREY_IDS).astype(np.float32))
+
+
+def deep_grey_nuclei(
+    transforms: str | list[str], subject_grid: nib.spatialimages.SpatialImage, data_dir=None
+) -> np.ndarray:
+    """Eve's deep grey nuclei (:data:`DEEP_GREY_IDS`) on a subject's grid, carried by notebook 03's atlas transform.
+
+    ``transforms``: the subject's ``transform`` of :data:`artefacts.REGIONS` (";"-joined paths). White-matter
+    hyperintensities lie in white matter; bright caudate and putamen on a FLAIR with strong grey/white contrast
+    are a network's false lesions on an unfamiliar scanner (:func:`wmloc_utils.inference.outside_deep_grey`).
+    """
+    paths = transforms.split(";") if isinstance(transforms, str) else list(transforms)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if not paths or missing:
+        raise InputError(f"atlas transform {', '.join(missing) or repr(transforms)}: no such file (rerun notebook 03)")
+    return warp_mask(_eve_deep_grey(None if data_dir is None else str(data_dir)), paths, subject_grid)
+
+
 # ---------------------------------------------------------------- one subject, a cohort
 def atlas_inputs(workdir: str | os.PathLike | None = None, data_dir=None) -> dict:
     """Atlas WM (Eve tissue class 3) and refined labels; labels from ``workdir`` when notebook 02 wrote them there."""
@@ -600,7 +626,8 @@ def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | 
     With notebook 03's results, ``brain_mask`` and ``wm_mask`` columns give each subject's brain and WM
     masks (FLAIR grid), ``tissue`` and ``prob_wm`` its tissue classes and WM probability (the lesion filter
     of :func:`wmloc_utils.inference.segment`; the inputs of networks trained with ``inputs="tissue"``), and
-    ``t1_corrected``/``flair_corrected`` its bias-corrected images (:func:`corrected_inputs`).
+    ``t1_corrected``/``flair_corrected`` its bias-corrected images (:func:`corrected_inputs`) and
+    ``atlas_transform`` the atlas-to-subject transform (:func:`deep_grey_nuclei`).
 
     Training (notebooks 04/05) and inference (06) need every channel on the FLAIR grid; the original
     path is kept as ``t1_native``. ``subjects`` defaults to notebook 01's :data:`artefacts.SUBJECTS` (read as
@@ -625,6 +652,8 @@ def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | 
         for col in ("brain_mask", "wm_mask", "tissue", "prob_wm", *(f"{m}_corrected" for m in BIAS_CORRECTED)):
             if col in regions:
                 table[col] = table["subject"].map(regions.set_index("subject")[col]).fillna("")
+        if "transform" in regions:  # the atlas's, for the deep grey nuclei of the lesion step
+            table["atlas_transform"] = table["subject"].map(regions.set_index("subject")["transform"]).fillna("")
     if "t1_on_flair_grid" in table:
         off = table["t1_on_flair_grid"].astype(str).str.lower().eq("false") & table["t1"].eq(table["t1_native"])
         if off.any():
