@@ -57,7 +57,9 @@ def one_subject_steps(workdir: Path) -> dict[str, float]:
     return {name: qc[f"{name}_seconds"] for name in names if f"{name}_seconds" in qc}
 
 
-def one_subject_per_site(data: Path, out: Path, lesion_ckpt: Path, region_ckpt: Path, tta: bool) -> pd.DataFrame:
+def one_subject_per_site(
+    data: Path, out: Path, lesion_ckpt: Path, region_ckpt: Path, tta: bool, drop_deep_grey: bool = False
+) -> pd.DataFrame:
     """A new user's first subject, on each site's grid: the whole apply path on the site's first subject alone
     (a one-row manifest), with the seconds of its regions steps and whether they were computed or reused."""
     firsts: dict[str, subjects.Subject] = {}
@@ -70,7 +72,9 @@ def one_subject_per_site(data: Path, out: Path, lesion_ckpt: Path, region_ckpt: 
         manifest = folder / "subject.csv"
         manifest.write_text(f"subject,t1,flair\n{first.id},{first.t1.resolve()},{first.flair.resolve()}\n")
         since, start = time.time(), time.perf_counter()
-        apply.run(manifest, folder / "work", lesion_ckpt, region_ckpt, tta=tta, progress=False)
+        apply.run(
+            manifest, folder / "work", lesion_ckpt, region_ckpt, tta=tta, progress=False, drop_deep_grey=drop_deep_grey
+        )
         seconds = time.perf_counter() - start
         table = pd.read_csv(artefacts.path(folder / "work", artefacts.SUBJECTS), dtype=str)  # notebook 01's grid
         rows.append(
@@ -92,7 +96,9 @@ def computed_since(workdir: Path, since: float) -> bool:
     return bool(done) and all(p.stat().st_mtime >= since for p in done)
 
 
-def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta: bool) -> None:
+def unseen_numbers(
+    workdir: Path, n_subjects: int, options: dict, seed: int, tta: bool, drop_deep_grey: bool = False
+) -> None:
     """The apply path on a new demo cohort with its masks withheld."""
     name = "_".join(f"{k}-{v}" for k, v in sorted(options.items())) + ("" if seed == SEED else f"_seed-{seed}")
     out = workdir / "bench_apply" / name
@@ -101,10 +107,10 @@ def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta
     withheld = demo.withhold_masks(data, out / "withheld")
     lesion_ckpt, region_ckpt = inference.checkpoints(workdir)
     # a rerun reuses every finished step (its seconds are not a cold run's) unless the code changed what they hold
-    ones = one_subject_per_site(data, out, lesion_ckpt, region_ckpt, tta)
+    ones = one_subject_per_site(data, out, lesion_ckpt, region_ckpt, tta, drop_deep_grey)
     since = time.time()
     start = time.perf_counter()
-    apply.run(data, out / "work", lesion_ckpt, region_ckpt, tta=tta, progress=False)
+    apply.run(data, out / "work", lesion_ckpt, region_ckpt, tta=tta, progress=False, drop_deep_grey=drop_deep_grey)
     seconds = (time.perf_counter() - start) / n_subjects
     cold = computed_since(out / "work", since)
     truth = demo_truth.demo_template_regions(
@@ -114,7 +120,9 @@ def unseen_numbers(workdir: Path, n_subjects: int, options: dict, seed: int, tta
     les = scores["lesions"]
     free = les[les["reference_ml"] == 0]
     with_lesions = les[les["reference_ml"] > 0]
-    print(f"new demo cohort {options}, {n_subjects} subjects, masks withheld (tta={tta}):")
+    print(
+        f"new demo cohort {options}, {n_subjects} subjects, masks withheld (tta={tta}, drop_deep_grey={drop_deep_grey}):"
+    )
     print("  apply path, one subject alone (a new user's first), the first subject of each site (seconds):")
     print(ones.round(1).to_string(index=False).replace("\n", "\n    ").join(["    ", ""]))
     print(
@@ -154,12 +162,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--demo", default=json.dumps(UNSEEN), help="demo.generate options (JSON)")
     parser.add_argument("--no-tta", action="store_true")
+    parser.add_argument("--drop-deep-grey", action="store_true", help="wmloc-apply's --drop-deep-grey")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     if not artefacts.path(workdir, artefacts.LESION_MODEL).exists():
         raise SystemExit(f"{workdir}: run `make book` first (this benchmark reuses its checkpoints)")
     book_numbers(workdir)
-    unseen_numbers(workdir, args.n_subjects, json.loads(args.demo), args.seed, not args.no_tta)
+    unseen_numbers(workdir, args.n_subjects, json.loads(args.demo), args.seed, not args.no_tta, args.drop_deep_grey)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,6 @@ def timed_segmentation(workdir: Path, n_workers: int, lesion: str, regions: str 
             brain_col="brain_mask",
             wm_col="wm_mask",
             tissue_col="tissue",
-            transform_col="atlas_transform",
             min_gm_contrast=inference.MIN_GM_CONTRAST,
         )
         wall, cpu = time.perf_counter() - t0, _cpu(client) - cpu0

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from wmloc_utils import inference, training
+from wmloc_utils import artefacts, inference, training
 from wmloc_utils.errors import InputError
 from wmloc_utils.networks import build_model
 
@@ -313,8 +313,6 @@ def test_predict_cohort_reuses_an_unchanged_subject_and_redoes_a_changed_one(tmp
 
 def test_checkpoints_default_to_notebooks_04_and_05(tmp_path):
     """The networks a notebook applies: those given, else notebook 04's (required) and 05's (when there)."""
-    from wmloc_utils import artefacts
-
     with pytest.raises(FileNotFoundError, match="run notebook 04_train_lesions.ipynb first"):
         inference.checkpoints(tmp_path)
     lesion = artefacts.folder(tmp_path, artefacts.LESION_MODEL) / artefacts.LESION_MODEL.path
@@ -417,6 +415,20 @@ def test_lesions_mostly_in_the_deep_grey_nuclei_are_dropped():
     assert (inference.outside_deep_grey(mask, np.zeros_like(deep)) == mask).all()
     with pytest.raises(InputError, match="not the same grid"):
         inference.outside_deep_grey(mask, deep[1:])
+
+
+def test_the_deep_grey_rule_reads_the_atlas_transforms_only_when_asked(tmp_path):
+    """Notebook 06's inputs: the atlas transforms of notebook 03 reach the lesion step with drop_deep_grey only."""
+    subjects = artefacts.path(tmp_path, artefacts.SUBJECTS)
+    regions = artefacts.path(tmp_path, artefacts.REGIONS)
+    for path in (subjects, regions):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"subject": ["001"], "t1": ["t1.nii.gz"], "flair": ["flair.nii.gz"]}).to_csv(subjects, index=False)
+    pd.DataFrame({"subject": ["001"], "brain_mask": ["b.nii.gz"], "transform": ["a.mat"]}).to_csv(regions, index=False)
+    table, columns = inference._step_inputs(tmp_path, drop_deep_grey=True)
+    assert columns["transform_col"] == "atlas_transform" and table["atlas_transform"].tolist() == ["a.mat"]
+    assert columns["brain_col"] == "brain_mask" and columns["tissue_col"] is None
+    assert inference._step_inputs(tmp_path)[1]["transform_col"] is None
 
 
 def test_dropped_lesion_volume_is_reported(tmp_path, capsys):

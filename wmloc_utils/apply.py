@@ -141,6 +141,7 @@ def run(
     cluster_config: str | os.PathLike | dict | None = None,
     min_gm_contrast: float = inference.MIN_GM_CONTRAST,
     grow_to_prob: float | None = inference.GROW_TO_PROB,
+    drop_deep_grey: bool = False,
 ) -> dict[str, Path]:
     """The whole apply path on a folder or manifest; returns the paths of the tables it wrote.
 
@@ -151,7 +152,8 @@ def run(
     FLAIR is below ``min_gm_contrast`` x grey matter's are dropped, and voxels darker than grey matter trimmed
     off those kept (:func:`inference.keep_hyperintense_lesions`; 0: all kept), which then grow into clearly
     hyperintense voxels of probability >= ``grow_to_prob`` (:func:`inference.grow_lesions`; None: not grown).
-    Lesions lying mostly in the atlas's deep grey nuclei are dropped (:func:`inference.outside_deep_grey`).
+    ``drop_deep_grey``: lesions lying mostly in the atlas's deep grey nuclei are dropped
+    (:func:`inference.outside_deep_grey`).
     """
     if region_source == "network" and region_checkpoint is None:
         raise InputError("region_source='network' needs a region checkpoint")
@@ -188,6 +190,7 @@ def run(
         cluster_config=cluster_config,
         min_gm_contrast=min_gm_contrast,
         grow_to_prob=grow_to_prob,
+        drop_deep_grey=drop_deep_grey,
     )
     timings["segmentation"] = time.perf_counter() - start - sum(timings.values())
     failed = preds.loc[preds["status"] == "failed", ["subject", "status", "error"]]
@@ -306,6 +309,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{inference.GROW_GM_CONTRAST} x grey matter's FLAIR (default {inference.GROW_TO_PROB}; 'off': no growth)",
     )
     parser.add_argument(
+        "--drop-deep-grey",
+        action="store_true",
+        help="drop predicted lesions lying mostly in the atlas's deep grey nuclei (caudate, putamen, thalamus, "
+        "pallidum): bright nuclei on an unfamiliar scanner; it may drop real lesions by the internal capsule",
+    )
+    parser.add_argument(
         "--scheduler",
         choices=cluster.SCHEDULERS,
         default="processes",
@@ -339,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
             cluster_config=args.cluster_config,
             min_gm_contrast=args.min_gm_contrast,
             grow_to_prob=args.grow_to_prob,
+            drop_deep_grey=args.drop_deep_grey,
         )
     except (InputError, FileNotFoundError) as err:
         raise SystemExit(f"wmloc-apply: {err}") from None

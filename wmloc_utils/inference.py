@@ -168,7 +168,9 @@ def outside_deep_grey(mask: np.ndarray, deep_grey: np.ndarray, max_fraction: flo
     dropped only when most of it lies inside, and a periventricular lesion along the caudate stays. Measured on
     eight unseen demo draws (``benchmarks/bench_apply.py``, seeds 1000-8000; the fraction was fixed beforehand):
     lesion Dice +0.017 on average (-0.007 to +0.034), false lesions in lesion-free subjects 0.71 -> 0.00 mL,
-    3.87 -> 1.86 and 3.36 -> 2.52 mL (the rest: bright cortex) on the three draws that had any above 0.2 mL.
+    3.87 -> 1.86 and 3.36 -> 2.52 mL (the rest: bright cortex) on the three draws that had any above 0.2 mL. On the
+    book's demo test subjects it dropped a true lesion where the affine-carried nuclei cover the internal capsule
+    (Dice 0.921 -> 0.900): notebook 06 and wmloc-apply leave it off unless asked (``drop_deep_grey``).
     """
     mask = np.asarray(mask, bool)
     deep_grey = np.asarray(deep_grey, bool)
@@ -709,6 +711,7 @@ def predict_step(
     min_lesion_ml: float = 0.0,
     min_gm_contrast: float = MIN_GM_CONTRAST,
     grow_to_prob: float | None = GROW_TO_PROB,
+    drop_deep_grey: bool = False,
     progress: bool = True,
     scheduler: str | Client | None = None,
     n_jobs: int | None = None,
@@ -723,8 +726,9 @@ def predict_step(
     stay inside the subject's WM, as the registered atlas's do, and predicted lesions not brighter on FLAIR
     than ``min_gm_contrast`` x grey matter are dropped and their voxels darker than grey matter trimmed
     (:func:`keep_hyperintense_lesions`; 0: all kept), those kept grown into neighbouring clearly hyperintense
-    voxels of probability >= ``grow_to_prob`` (:func:`grow_lesions`; None: not grown); lesions lying mostly in the
-    atlas's deep grey nuclei (carried by notebook 03's transform) are dropped (:func:`outside_deep_grey`).
+    voxels of probability >= ``grow_to_prob`` (:func:`grow_lesions`; None: not grown). With ``drop_deep_grey``,
+    lesions lying mostly in the atlas's deep grey nuclei (carried by notebook 03's transform) are dropped
+    (:func:`outside_deep_grey`; off by default: it costs real deep lesions where the affine fit misplaces the nuclei).
 
     Writes :data:`artefacts.PREDICTIONS` (only when its content changes; ``pred_ml`` and ``dropped_ml`` per subject,
     :func:`lesion_volumes`) and returns it; names the subjects whose lesions the filters mostly dropped
@@ -734,7 +738,7 @@ def predict_step(
     from . import provenance
 
     workdir = Path(workdir)
-    table, columns = _step_inputs(workdir)
+    table, columns = _step_inputs(workdir, drop_deep_grey)
     out = artefacts.folder(workdir, artefacts.PREDICTIONS)
     predictions = predict_cohort(
         table,
@@ -758,8 +762,9 @@ def predict_step(
     return predictions
 
 
-def _step_inputs(workdir: Path) -> tuple[pd.DataFrame, dict[str, str | None]]:
-    """Notebook 06's subjects with notebook 03's images and maps (:func:`predict_step`), and their column names."""
+def _step_inputs(workdir: Path, drop_deep_grey: bool = False) -> tuple[pd.DataFrame, dict[str, str | None]]:
+    """Notebook 06's subjects with notebook 03's images and maps (:func:`predict_step`), and their column names
+    (the atlas transforms only with ``drop_deep_grey``)."""
     from .registration import corrected_inputs, subjects_on_flair_grid
 
     table = corrected_inputs(subjects_on_flair_grid(workdir)).fillna({"t1": "", "flair": ""})
@@ -769,7 +774,7 @@ def _step_inputs(workdir: Path) -> tuple[pd.DataFrame, dict[str, str | None]]:
             ("brain", "brain_mask"),
             ("wm", "wm_mask"),
             ("tissue", "tissue"),
-            ("transform", "atlas_transform"),
+            ("transform", "atlas_transform" if drop_deep_grey else ""),
         )
     }
     return table, columns
@@ -783,6 +788,7 @@ def compare_step(
     device: str = "auto",
     min_gm_contrast: float = MIN_GM_CONTRAST,
     grow_to_prob: float | None = GROW_TO_PROB,
+    drop_deep_grey: bool = False,
     progress: bool = True,
 ) -> dict[str, pd.DataFrame]:
     """More lesion networks (notebook 06's ``compare_checkpoints``) on ``subjects``, with the inputs, masks and
@@ -792,7 +798,7 @@ def compare_step(
     ``{checkpoint: predictions table}`` for :func:`score_lesions`.
     """
     workdir = Path(workdir)
-    table, columns = _step_inputs(workdir)
+    table, columns = _step_inputs(workdir, drop_deep_grey)
     table = table[table["subject"].isin(list(subjects))]
     return {
         str(ckpt): predict_cohort(
