@@ -243,7 +243,7 @@ def segment(
     min_gm_contrast: float = 0.0,
     channels: Mapping[str, Any] | None = None,
     grow_to_prob: float | None = None,
-    deep_grey: np.ndarray | None = None,
+    atlas_transform: str | list[str] | None = None,
 ) -> dict[str, nib.Nifti1Image]:
     """Segment one subject; return images on the FLAIR grid ({"mask", "prob"} or {"labels"}).
 
@@ -262,9 +262,9 @@ def segment(
     grey matter (:func:`keep_hyperintense_lesions`, with the depth below ``brain_mask``'s surface; ``tissue_map``
     on the FLAIR grid, e.g. notebook 03's tissue.nii.gz, gives the grey matter); ``grow_to_prob`` then grows the
     lesions kept into the neighbouring clearly hyperintense voxels the network gives at least that
-    (:func:`grow_lesions`; None: no growth; needs ``tissue_map`` too). ``deep_grey`` (a boolean array on the
-    FLAIR grid, :func:`wmloc_utils.registration.deep_grey_nuclei`) then drops the lesions lying mostly in the deep
-    grey nuclei (:func:`outside_deep_grey`; None: none dropped).
+    (:func:`grow_lesions`; None: no growth; needs ``tissue_map`` too). ``atlas_transform`` (notebook 03's
+    atlas-to-subject transform, ";"-joined paths or a list) then drops the lesions lying mostly in the atlas's deep
+    grey nuclei (:func:`wmloc_utils.registration.deep_grey_nuclei`, :func:`outside_deep_grey`; None: none dropped).
     The "prob" image stays the network's own; only the mask is filtered and grown.
     ``wm_mask`` (regions only; e.g. notebook 03's wm_mask.nii.gz) keeps the regions inside the subject's WM,
     as the registered atlas's are: every WM voxel takes its most probable label 1..36, every other voxel 0.
@@ -290,6 +290,8 @@ def segment(
             check_same_grid(ref, load_nifti(given[m], what=m.upper()), ref_name.upper(), m.upper())
     if wm_mask is not None and cfg["task"] != "regions":
         raise InputError(f"{seg.path}: wm_mask= is for region networks; this is a {cfg['task']} network")
+    if atlas_transform is not None and cfg["task"] != "lesion":
+        raise InputError(f"{seg.path}: atlas_transform= is for lesion networks; this is a {cfg['task']} network")
     use_gm = grey_matter_options(min_gm_contrast, grow_to_prob)
     if use_gm and cfg["task"] != "lesion":
         options = ", ".join(f"{k}=" for k in use_gm)
@@ -354,8 +356,10 @@ def segment(
             mask = keep_hyperintense_lesions(mask, flair, gm, min_gm_contrast, depth)
         if grow_to_prob is not None:
             mask = grow_lesions(mask, prob, flair, gm, grow_to_prob)
-        if deep_grey is not None:
-            mask = outside_deep_grey(mask, deep_grey)
+        if atlas_transform is not None and mask.any():  # the nuclei cost a warp: only when there is a lesion
+            from .registration import deep_grey_nuclei
+
+            mask = outside_deep_grey(mask, deep_grey_nuclei(atlas_transform, ref))
         if min_lesion_ml > 0:
             voxel_ml = abs(np.linalg.det(ref.affine[:3, :3])) / 1000
             mask = remove_small_lesions(mask, int(np.ceil(min_lesion_ml / voxel_ml - 1e-9)))
@@ -501,10 +505,10 @@ def predict_cohort(
     ``<task>_prediction.json``) is not predicted again. ``brain_col`` names a column of brain masks,
     ``wm_col`` one of WM masks (FLAIR grid; the region network's labels stay inside it) and ``tissue_col``
     one of tissue maps (the grey matter of the lesion network's ``min_gm_contrast`` filter), passed to
-    :func:`segment`, as are ``kwargs``; ``transform_col`` one of atlas-to-subject transforms (notebook 03's), whose
-    deep grey nuclei no predicted lesion may lie mostly in (:func:`outside_deep_grey`). Returns one row per subject: subject,
-    split, lesion_pred, lesion_prob, regions_pred. The split comes from ``split`` when given, else from
-    the lesion checkpoint: "train"/"val" for subjects it was trained on, "test" for all others.
+    :func:`segment`, as are ``kwargs``; ``transform_col`` one of atlas-to-subject transforms (notebook 03's),
+    whose deep grey nuclei no predicted lesion may lie mostly in (:func:`outside_deep_grey`). Returns one row per
+    subject: subject, split, lesion_pred, lesion_prob, regions_pred. The split comes from ``split`` when given,
+    else from the lesion checkpoint: "train"/"val" for subjects it was trained on, "test" for all others.
 
     ``scheduler`` None: every subject in this process, each network loaded once (on one machine the
     network's own threads use every core). ``"local"``, ``"slurm"`` or a Dask client: one task per subject
@@ -604,7 +608,7 @@ def predict_subject(job: dict) -> dict:
     import json
 
     from . import provenance
-    from .registration import DEEP_GREY_IDS, deep_grey_nuclei
+    from .registration import DEEP_GREY_IDS
 
     out_dir, kwargs = Path(job["out_dir"]), job["kwargs"]
     names = {"mask": "lesion_pred", "prob": "lesion_prob", "labels": "regions_pred"}
@@ -641,8 +645,6 @@ def predict_subject(job: dict) -> dict:
         done = out_dir / f"{task}_prediction.json"
         fresh = done.exists() and json.loads(done.read_text()) == stamp and all(p.exists() for p in paths.values())
         if not fresh:
-            grid = load_nifti(job["flair"] or job["t1"], what="FLAIR")
-            deep_grey = deep_grey_nuclei(transform, grid) if transform else None
             predict(
                 _loaded(checkpoint, job["device"]),
                 job["t1"],
@@ -653,7 +655,7 @@ def predict_subject(job: dict) -> dict:
                 wm_mask=wm,
                 tissue_map=tissue_map,
                 channels=job["channels"][task],
-                deep_grey=deep_grey,
+                atlas_transform=transform or None,
                 **task_kwargs,
             )
             provenance.write_text_if_changed(done, json.dumps(stamp, indent=1))
@@ -684,9 +686,9 @@ def report_dropped(predictions: pd.DataFrame) -> list[str]:
     """Print and return the subjects whose lesions the filters mostly dropped (``dropped_ml`` of
     :func:`lesion_volumes`): worth a look at their FLAIR.
 
-    Usually bright cortex or deep grey nuclei that the network took for lesions, rightly dropped. On a FLAIR whose lesions are
-    barely brighter than grey matter, real lesions: an unseen demo subject lost 8.4 of the network's 9.2 mL
-    (36 mL true, 1.03 x grey matter) this way. Lower ``min_gm_contrast`` for such a cohort.
+    Usually bright cortex or deep grey nuclei that the network took for lesions, rightly dropped. On a FLAIR whose
+    lesions are barely brighter than grey matter, real lesions: an unseen demo subject lost 8.4 of the network's
+    9.2 mL (36 mL true, 1.03 x grey matter) this way. Lower ``min_gm_contrast`` for such a cohort.
     """
     if "dropped_ml" not in predictions:
         return []
@@ -768,15 +770,10 @@ def _step_inputs(workdir: Path, drop_deep_grey: bool = False) -> tuple[pd.DataFr
     from .registration import corrected_inputs, subjects_on_flair_grid
 
     table = corrected_inputs(subjects_on_flair_grid(workdir)).fillna({"t1": "", "flair": ""})
-    columns = {
-        f"{key}_col": col if col in table else None
-        for key, col in (
-            ("brain", "brain_mask"),
-            ("wm", "wm_mask"),
-            ("tissue", "tissue"),
-            ("transform", "atlas_transform" if drop_deep_grey else ""),
-        )
-    }
+    wanted = (("brain", "brain_mask"), ("wm", "wm_mask"), ("tissue", "tissue"), ("transform", "atlas_transform"))
+    columns = {f"{key}_col": col if col in table else None for key, col in wanted}
+    if not drop_deep_grey:
+        columns["transform_col"] = None
     return table, columns
 
 
