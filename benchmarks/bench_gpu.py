@@ -7,8 +7,9 @@ Run on a machine with a CUDA GPU (issue 12's GPU measurements)::
 Four parts, each printed as it finishes and written to ``OUT/bench_gpu.json``:
 
 1. ``steps``: every architecture of :data:`wmloc_utils.training.PAPER_PRESETS`, both tasks: the training step
-   that :func:`~wmloc_utils.training.train` takes (forward, :class:`~wmloc_utils.networks.SegLoss`, backward,
-   AdamW under ``torch.autocast`` and a gradient scaler) on random batches of 2 patches of 128^3 voxels:
+   that :func:`~wmloc_utils.training.train` takes (its own ``step_loss`` and ``step_update``: forward,
+   :class:`~wmloc_utils.networks.SegLoss`, backward, AdamW under ``torch.autocast`` and a gradient scaler) on
+   random batches of 2 patches of 128^3 voxels:
    median milliseconds per step, patches per second, peak GPU memory; then sliding-window inference of one
    1 mm brain-sized volume (182 x 218 x 182) with the lesion network. The cuDNN mode is the one training
    uses (MONAI ``set_determinism``: deterministic algorithms, no autotuning); U-Net is timed with
@@ -71,11 +72,8 @@ def time_steps(arch: str, task: str, device: torch.device, steps: int, warmup: i
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda"):
-            loss = loss_fn.total(loss_fn.terms(model(x), y, y))  # the labels stand in for their skeleton
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss, _ = training.step_loss(model, loss_fn, x, y, y, use_amp=True)  # the labels stand in for their skeleton
+        training.step_update(loss, optimizer, scaler)
         torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)

@@ -860,6 +860,38 @@ def _data_parallel(model: torch.nn.Module, device: torch.device, ranks: Ranks) -
     )
 
 
+def step_loss(
+    net: torch.nn.Module,
+    loss_fn: SegLoss,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    s: torch.Tensor,
+    use_amp: bool,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A training step's forward pass: the loss and its terms, under mixed precision when ``use_amp`` (CUDA).
+
+    ``reduce`` sums the terms over data-parallel processes (:meth:`SegLoss.global_terms`); None: this batch only.
+    """
+    with torch.autocast(x.device.type, enabled=use_amp):
+        logits = net(x)
+        terms = loss_fn.global_terms(logits, y, s, reduce) if reduce is not None else loss_fn.terms(logits, y, s)
+        return loss_fn.total(terms), terms
+
+
+def step_update(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, world_size: int = 1
+) -> None:
+    """A training step's backward pass and update, through the gradient scaler (a no-op scaler off CUDA).
+
+    The loss is multiplied by ``world_size`` because DDP averages the gradients that :func:`step_loss`'s
+    ``reduce`` already summed over the processes.
+    """
+    scaler.scale(loss * world_size).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def training_parts(
     cfg: TrainConfig, config: dict, device: torch.device
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, SegLoss]:
@@ -981,20 +1013,13 @@ def _train(
             batch, weight = rank_share(batch, ranks)
             x, y, s = (batch[k].to(device) for k in ("image", "label", "skeleton"))
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=use_amp):
-                logits = net(x)
-                terms = (
-                    loss_fn.global_terms(logits, y, s, _sum_over_ranks(ranks, weight))
-                    if ranks.distributed
-                    else loss_fn.terms(logits, y, s)
-                )
-                loss = loss_fn.total(terms)
+            loss, terms = step_loss(
+                net, loss_fn, x, y, s, use_amp, _sum_over_ranks(ranks, weight) if ranks.distributed else None
+            )
             value = loss.item()  # the whole global batch's loss, the same on every process
             if not math.isfinite(value):
                 raise _non_finite_loss(value, epoch, step, batch, x, cfg)
-            scaler.scale(loss * ranks.world_size).backward()  # DDP divides by the world size (_sum_over_ranks)
-            scaler.step(optimizer)
-            scaler.update()
+            step_update(loss, optimizer, scaler, ranks.world_size)
             scheduler.step()
             sums["loss"] += value
             for k in ("ce", "dice", "skeleton"):
