@@ -9,14 +9,14 @@ obtained (the ratio corrected by these shares: what dedicated cores, e.g. SLURM'
 
 From the measured per-subject seconds of each step (brain mask and tissues, registration, label
 propagation: ``qc.json``; regional loads: measured here on the demo lesion masks; segmentation: a
-parameter, default the README's CPU inference of a 1 mm FLAIR, lesions 2.2 s + regions 10.3 s, no TTA; or, with
-``--lesion-checkpoint`` (and ``--region-checkpoint``), measured here: the segmentation step on the same local
-cluster, 1 then 2 workers, one task per subject, each worker loading each network once) it projects a 1,000-subject cohort on 2..256 single-core workers: wall time = rounds of ``workers`` subjects x
-seconds per subject / efficiency, with the efficiency measured at 2 workers (per core obtained, and as measured
-on this machine), and the core-hours billed
-(workers x wall) at ``--price`` per core-hour.
+parameter, default the CPU inference of a 1 mm FLAIR on the book's "Benchmarks" page (``bench_segmentation.py``,
+lesions 1.6 s + regions 2.0 s, no TTA); or, with ``--lesion-checkpoint`` (and ``--region-checkpoint``), measured
+here: the segmentation step on the same local cluster, 1 then 2 workers, one task per subject, each worker loading
+each network once) it projects a 1,000-subject cohort on 2..256 single-core workers: wall time = rounds of
+``workers`` subjects x seconds per subject / efficiency, with the efficiency measured at 2 workers (per core
+obtained, and as measured on this machine), and the core-hours billed (workers x wall) at ``--price`` per core-hour.
 
-    python benchmarks/bench_cluster.py [--subjects 4] [--price 0.05] [--segmentation-seconds 12.5]
+    python benchmarks/bench_cluster.py [--subjects 4] [--price 0.05] [--segmentation-seconds 3.6]
                                        [--lesion-checkpoint best.pt] [--region-checkpoint best.pt]
 """
 
@@ -130,8 +130,8 @@ def main() -> None:
     parser.add_argument(
         "--segmentation-seconds",
         type=float,
-        default=12.5,
-        help="lesion + region inference seconds per subject (default: README, CPU, 1 mm, no TTA)",
+        default=3.6,
+        help="lesion + region inference seconds per subject (default: book/benchmarks.md, CPU, 1 mm, no TTA)",
     )
     parser.add_argument("--lesion-checkpoint", help="measure the segmentation step with this lesion network")
     parser.add_argument("--region-checkpoint", help="... and this region network")

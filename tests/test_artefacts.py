@@ -56,11 +56,14 @@ def test_a_chapter_by_number_name_or_file_name():
 
 
 def _sources() -> dict[str, str]:
-    """Every text that names work-directory folders: notebooks (all cells), package, benchmarks, tests, README."""
+    """Every text that names work-directory folders.
+
+    Notebooks (all cells), package, benchmarks, tests, README and the book's pages (``book/*.md``).
+    """
     texts = {
         p.name: "\n".join("".join(c["source"]) for c in json.loads(p.read_text())["cells"]) for p in book.notebooks()
     }
-    for pattern in ("wmloc_utils/*.py", "benchmarks/*.py", "tests/*.py", "README.md"):
+    for pattern in ("wmloc_utils/*.py", "benchmarks/*.py", "tests/*.py", "README.md", "book/*.md"):
         texts.update({str(p.relative_to(REPO)): p.read_text() for p in REPO.glob(pattern)})
     return texts
 
