@@ -53,12 +53,12 @@ def book_numbers(workdir: Path) -> None:
 def one_subject_steps(workdir: Path) -> dict[str, float]:
     """Seconds of each regions step of a one-subject apply run (its qc.json), as last computed."""
     qc = json.loads(next(artefacts.folder(workdir, artefacts.REGIONS).glob("*/qc.json")).read_text())
-    names = ("brain_mask", "bias_correction", "tissues", "registration", "propagation")
+    names = ("brain_mask", "bias_correction", "tissues", "registration", "propagation", "grey_fit")
     return {name: qc[f"{name}_seconds"] for name in names if f"{name}_seconds" in qc}
 
 
 def one_subject_per_site(
-    data: Path, out: Path, lesion_ckpt: Path, region_ckpt: Path, tta: bool, drop_deep_grey: bool = False
+    data: Path, out: Path, lesion_ckpt: Path, region_ckpt: Path, tta: bool, drop_grey_matter: bool = True
 ) -> pd.DataFrame:
     """A new user's first subject, on each site's grid: the whole apply path on the site's first subject alone
     (a one-row manifest), with the seconds of its regions steps and whether they were computed or reused."""
@@ -73,7 +73,13 @@ def one_subject_per_site(
         manifest.write_text(f"subject,t1,flair\n{first.id},{first.t1.resolve()},{first.flair.resolve()}\n")
         since, start = time.time(), time.perf_counter()
         apply.run(
-            manifest, folder / "work", lesion_ckpt, region_ckpt, tta=tta, progress=False, drop_deep_grey=drop_deep_grey
+            manifest,
+            folder / "work",
+            lesion_ckpt,
+            region_ckpt,
+            tta=tta,
+            progress=False,
+            drop_grey_matter=drop_grey_matter,
         )
         seconds = time.perf_counter() - start
         table = pd.read_csv(artefacts.path(folder / "work", artefacts.SUBJECTS), dtype=str)  # notebook 01's grid
@@ -97,7 +103,7 @@ def computed_since(workdir: Path, since: float) -> bool:
 
 
 def unseen_numbers(
-    workdir: Path, n_subjects: int, options: dict, seed: int, tta: bool, drop_deep_grey: bool = False
+    workdir: Path, n_subjects: int, options: dict, seed: int, tta: bool, drop_grey_matter: bool = True
 ) -> None:
     """The apply path on a new demo cohort with its masks withheld."""
     name = "_".join(f"{k}-{v}" for k, v in sorted(options.items())) + ("" if seed == SEED else f"_seed-{seed}")
@@ -107,10 +113,10 @@ def unseen_numbers(
     withheld = demo.withhold_masks(data, out / "withheld")
     lesion_ckpt, region_ckpt = inference.checkpoints(workdir)
     # a rerun reuses every finished step (its seconds are not a cold run's) unless the code changed what they hold
-    ones = one_subject_per_site(data, out, lesion_ckpt, region_ckpt, tta, drop_deep_grey)
+    ones = one_subject_per_site(data, out, lesion_ckpt, region_ckpt, tta, drop_grey_matter)
     since = time.time()
     start = time.perf_counter()
-    apply.run(data, out / "work", lesion_ckpt, region_ckpt, tta=tta, progress=False, drop_deep_grey=drop_deep_grey)
+    apply.run(data, out / "work", lesion_ckpt, region_ckpt, tta=tta, progress=False, drop_grey_matter=drop_grey_matter)
     seconds = (time.perf_counter() - start) / n_subjects
     cold = computed_since(out / "work", since)
     truth = demo_truth.demo_template_regions(
@@ -121,7 +127,7 @@ def unseen_numbers(
     free = les[les["reference_ml"] == 0]
     with_lesions = les[les["reference_ml"] > 0]
     print(
-        f"new demo cohort {options}, {n_subjects} subjects, masks withheld (tta={tta}, drop_deep_grey={drop_deep_grey}):"
+        f"new demo cohort {options}, {n_subjects} subjects, masks withheld (tta={tta}, drop_grey_matter={drop_grey_matter}):"
     )
     print("  apply path, one subject alone (a new user's first), the first subject of each site (seconds):")
     print(ones.round(1).to_string(index=False).replace("\n", "\n    ").join(["    ", ""]))
@@ -162,13 +168,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--demo", default=json.dumps(UNSEEN), help="demo.generate options (JSON)")
     parser.add_argument("--no-tta", action="store_true")
-    parser.add_argument("--drop-deep-grey", action="store_true", help="wmloc-apply's --drop-deep-grey")
+    parser.add_argument("--keep-grey-matter-lesions", action="store_true", help="wmloc-apply's option")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     if not artefacts.path(workdir, artefacts.LESION_MODEL).exists():
         raise SystemExit(f"{workdir}: run `make book` first (this benchmark reuses its checkpoints)")
     book_numbers(workdir)
-    unseen_numbers(workdir, args.n_subjects, json.loads(args.demo), args.seed, not args.no_tta, args.drop_deep_grey)
+    unseen_numbers(
+        workdir, args.n_subjects, json.loads(args.demo), args.seed, not args.no_tta, not args.keep_grey_matter_lesions
+    )
 
 
 if __name__ == "__main__":

@@ -400,35 +400,37 @@ def test_lesions_grow_along_hyperintense_voxels_the_network_doubts():
         inference.grow_lesions(mask, prob[1:], flair, gm)
 
 
-def test_lesions_mostly_in_the_deep_grey_nuclei_are_dropped():
-    """outside_deep_grey: a lesion with 3/4 of its voxels in a nucleus goes, one beside it with 1/4 inside (a
-    periventricular lesion along the caudate) stays whole, as does one far off; another grid is an error."""
-    deep = np.zeros((20, 20, 20), bool)
-    deep[5:15, 5:15, 5:15] = True
-    mask = np.zeros(deep.shape, bool)
+def test_lesions_mostly_in_the_atlas_grey_matter_are_dropped():
+    """outside_grey_matter: a lesion with 3/4 of its voxels in grey matter goes, one beside it with 1/4 inside (a
+    juxtacortical lesion, or a periventricular one along the caudate) stays whole, as does one far off; another
+    grid is an error."""
+    grey = np.zeros((20, 20, 20), bool)
+    grey[5:15, 5:15, 5:15] = True
+    mask = np.zeros(grey.shape, bool)
     mask[2:6, 8:11, 8:11] = True  # rows 2..5: only row 5 inside (1/4)
     mask[12:16, 8:11, 8:11] = True  # rows 12..15: 12, 13, 14 inside (3/4)
     mask[0:2, 0:2, 0:2] = True  # far off
-    kept = inference.outside_deep_grey(mask, deep)
+    kept = inference.outside_grey_matter(mask, grey)
     assert kept[2:6, 8:11, 8:11].all() and kept[0:2, 0:2, 0:2].all()
     assert not kept[12:16].any() and kept.sum() == 36 + 8
-    assert (inference.outside_deep_grey(mask, np.zeros_like(deep)) == mask).all()
+    assert (inference.outside_grey_matter(mask, np.zeros_like(grey)) == mask).all()
     with pytest.raises(InputError, match="not the same grid"):
-        inference.outside_deep_grey(mask, deep[1:])
+        inference.outside_grey_matter(mask, grey[1:])
 
 
-def test_the_deep_grey_rule_reads_the_atlas_transforms_only_when_asked(tmp_path):
-    """Notebook 06's inputs: the atlas transforms of notebook 03 reach the lesion step with drop_deep_grey only."""
+def test_the_grey_matter_rule_reads_notebook_03s_map_unless_switched_off(tmp_path):
+    """Notebook 06's inputs: notebook 03's atlas grey matter reaches the lesion step, unless drop_grey_matter=False."""
     subjects = artefacts.path(tmp_path, artefacts.SUBJECTS)
     regions = artefacts.path(tmp_path, artefacts.REGIONS)
     for path in (subjects, regions):
         path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"subject": ["001"], "t1": ["t1.nii.gz"], "flair": ["flair.nii.gz"]}).to_csv(subjects, index=False)
-    pd.DataFrame({"subject": ["001"], "brain_mask": ["b.nii.gz"], "transform": ["a.mat"]}).to_csv(regions, index=False)
-    table, columns = inference._step_inputs(tmp_path, drop_deep_grey=True)
-    assert columns["transform_col"] == "atlas_transform" and table["atlas_transform"].tolist() == ["a.mat"]
+    maps = {"subject": ["001"], "brain_mask": ["b.nii.gz"], "atlas_grey_matter": ["g.nii.gz"]}
+    pd.DataFrame(maps).to_csv(regions, index=False)
+    table, columns = inference._step_inputs(tmp_path)
+    assert columns["grey_col"] == "atlas_grey_matter" and table["atlas_grey_matter"].tolist() == ["g.nii.gz"]
     assert columns["brain_col"] == "brain_mask" and columns["tissue_col"] is None
-    assert inference._step_inputs(tmp_path)[1]["transform_col"] is None
+    assert inference._step_inputs(tmp_path, drop_grey_matter=False)[1]["grey_col"] is None
 
 
 def test_dropped_lesion_volume_is_reported(tmp_path, capsys):

@@ -103,17 +103,24 @@ def test_registration_recovers_known_affine(recovered):
     assert list(recovered["out"].glob("known_*")), "transform file must be written under the outprefix"
 
 
-def test_deep_grey_nuclei_follow_the_atlas_transform(recovered, eve_dir):
-    """deep_grey_nuclei: Eve's caudate, putamen, thalamus and pallidum carried by the recovered transform land where
-    the known transform puts them; a missing transform file is a clear error."""
-    grid = to_nibabel(recovered["grid"])
-    found = reg.deep_grey_nuclei(";".join(recovered["result"]["transforms"]), grid, eve_dir)
-    truth = reg.deep_grey_nuclei([str(recovered["out"] / "truth.mat")], grid, eve_dir)
-    ml = truth.sum() * SPACING**3 / 1000
-    print(f"deep grey nuclei: {ml:.1f} mL, Dice {dice(found, truth):.3f} vs the known transform")
-    assert 20 < ml < 80 and dice(found, truth) > 0.85
-    with pytest.raises(InputError, match="no_such.mat: no such file"):
-        reg.deep_grey_nuclei(str(recovered["out"] / "no_such.mat"), grid, eve_dir)
+def test_grey_matter_fit_places_the_atlas_grey_matter_the_same_way_twice(recovered, eve_dir, tmp_path):
+    """fit_grey_matter: on a T1 that is Eve's moved by the known transform, started from the recovered affine,
+    Eve's grey matter lands where the known transform puts it, with the same bytes on a second run; the fit's
+    warps are deleted and the affine it started from is kept."""
+    atlas = reg.atlas_inputs(data_dir=eve_dir)
+    small = to_ants(_downsample(atlas["t1"], "continuous"))
+    t1 = to_nibabel(recovered["tx"].apply_to_image(small, reference=small, interpolation="linear"))
+    brain = like(t1, (t1.get_fdata() > 1e-3).astype(np.uint8))
+    affine = recovered["result"]["transforms"]
+    truth = reg.warp_mask(atlas["grey"], [str(recovered["out"] / "truth.mat")], t1)
+    runs = [reg.fit_grey_matter(t1, brain, affine, atlas, tmp_path / f"fit{i}_") for i in range(2)]
+    found = [np.asanyarray(r["grey"].dataobj) for r in runs]
+    by_affine = dice(reg.warp_mask(atlas["grey"], affine, t1), truth)
+    print(
+        f"grey matter fit: Dice {dice(found[0] > 0, truth):.3f} vs the known transform (affine alone {by_affine:.3f})"
+    )
+    assert dice(found[0] > 0, truth) > 0.8 and np.array_equal(found[0], found[1])
+    assert not list(tmp_path.glob("fit*")) and all(os.path.exists(p) for p in affine)
 
 
 def test_labels_inside_wm_and_every_wm_voxel_labelled(recovered):

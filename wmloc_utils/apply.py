@@ -141,7 +141,7 @@ def run(
     cluster_config: str | os.PathLike | dict | None = None,
     min_gm_contrast: float = inference.MIN_GM_CONTRAST,
     grow_to_prob: float | None = inference.GROW_TO_PROB,
-    drop_deep_grey: bool = False,
+    drop_grey_matter: bool = True,
 ) -> dict[str, Path]:
     """The whole apply path on a folder or manifest; returns the paths of the tables it wrote.
 
@@ -152,8 +152,8 @@ def run(
     FLAIR is below ``min_gm_contrast`` x grey matter's are dropped, and voxels darker than grey matter trimmed
     off those kept (:func:`inference.keep_hyperintense_lesions`; 0: all kept), which then grow into clearly
     hyperintense voxels of probability >= ``grow_to_prob`` (:func:`inference.grow_lesions`; None: not grown).
-    ``drop_deep_grey``: lesions lying mostly in the atlas's deep grey nuclei are dropped
-    (:func:`inference.outside_deep_grey`).
+    ``drop_grey_matter``: lesions lying mostly in the atlas's grey matter (cortex, deep nuclei) are dropped
+    (:func:`inference.outside_grey_matter`).
     """
     if region_source == "network" and region_checkpoint is None:
         raise InputError("region_source='network' needs a region checkpoint")
@@ -190,7 +190,7 @@ def run(
         cluster_config=cluster_config,
         min_gm_contrast=min_gm_contrast,
         grow_to_prob=grow_to_prob,
-        drop_deep_grey=drop_deep_grey,
+        drop_grey_matter=drop_grey_matter,
     )
     timings["segmentation"] = time.perf_counter() - start - sum(timings.values())
     failed = preds.loc[preds["status"] == "failed", ["subject", "status", "error"]]
@@ -309,10 +309,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{inference.GROW_GM_CONTRAST} x grey matter's FLAIR (default {inference.GROW_TO_PROB}; 'off': no growth)",
     )
     parser.add_argument(
-        "--drop-deep-grey",
+        "--keep-grey-matter-lesions",
         action="store_true",
-        help="drop predicted lesions lying mostly in the atlas's deep grey nuclei (caudate, putamen, thalamus, "
-        "pallidum): bright nuclei on an unfamiliar scanner; it may drop real lesions by the internal capsule",
+        help="keep the predicted lesions lying mostly in the atlas's grey matter (cortex, deep nuclei; fitted "
+        "nonlinearly to each T1), which are dropped by default: bright grey matter on an unfamiliar scanner",
     )
     parser.add_argument(
         "--scheduler",
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
             cluster_config=args.cluster_config,
             min_gm_contrast=args.min_gm_contrast,
             grow_to_prob=args.grow_to_prob,
-            drop_deep_grey=args.drop_deep_grey,
+            drop_grey_matter=not args.keep_grey_matter_lesions,
         )
     except (InputError, FileNotFoundError) as err:
         raise SystemExit(f"wmloc-apply: {err}") from None

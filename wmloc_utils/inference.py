@@ -154,32 +154,32 @@ def keep_hyperintense_lesions(
     return keep[labels] & (flair >= MIN_VOXEL_GM_CONTRAST * reference)
 
 
-#: A predicted lesion with at least this fraction of its voxels in the deep grey nuclei is not a WM lesion.
-DEEP_GREY_FRACTION = 0.5
+#: A predicted lesion with at least this fraction of its voxels in the atlas's grey matter is not a WM lesion.
+GREY_FRACTION = 0.5
 
 
-def outside_deep_grey(mask: np.ndarray, deep_grey: np.ndarray, max_fraction: float = DEEP_GREY_FRACTION) -> np.ndarray:
-    """Drop the predicted lesions (26-connected) that lie mostly (``max_fraction`` of their voxels) in ``deep_grey``.
+def outside_grey_matter(mask: np.ndarray, grey: np.ndarray, max_fraction: float = GREY_FRACTION) -> np.ndarray:
+    """Drop the predicted lesions (26-connected) that lie mostly (``max_fraction`` of their voxels) in ``grey``.
 
-    White-matter hyperintensities lie in white matter; caudate and putamen, bright on a FLAIR with strong
-    grey/white contrast, are the other false lesions of a network on an unfamiliar scanner (BIANCA's
-    ``make_bianca_mask`` excludes the deep grey nuclei for the same reason). ``deep_grey``: the atlas's nuclei
-    on the subject's grid (:func:`wmloc_utils.registration.deep_grey_nuclei`), an affine fit, hence a lesion is
-    dropped only when most of it lies inside, and a periventricular lesion along the caudate stays. Measured on
-    eight unseen demo draws (``benchmarks/bench_apply.py``, seeds 1000-8000; the fraction was fixed beforehand):
-    lesion Dice +0.017 on average (-0.007 to +0.034), false lesions in lesion-free subjects 0.71 -> 0.00 mL,
-    3.87 -> 1.86 and 3.36 -> 2.52 mL (the rest: bright cortex) on the three draws that had any above 0.2 mL. On the
-    book's demo test subjects it dropped a true lesion where the affine-carried nuclei cover the internal capsule
-    (Dice 0.921 -> 0.900): notebook 06 and wmloc-apply leave it off unless asked (``drop_deep_grey``).
+    White-matter hyperintensities lie in white matter. Cortex, caudate and putamen bright on a FLAIR with strong
+    grey/white contrast are a network's false lesions on an unfamiliar scanner, and its tissue map may take them
+    for WM (BIANCA's ``make_bianca_mask`` excludes cortex and deep grey nuclei for the same reason). ``grey``: the
+    atlas's grey matter on the subject's grid by a nonlinear fit (notebook 03's ``atlas_grey_matter``,
+    :func:`wmloc_utils.registration.fit_grey_matter`); a lesion goes only when most of it lies inside, so that
+    juxtacortical and periventricular lesions along the caudate stay. On eight unseen demo draws
+    (``benchmarks/bench_apply.py``, seeds 1000-8000) it cut the worst lesion-free subject's false lesions to at most
+    0.10 mL (up to 3.87 mL without) and raised mean lesion Dice from 0.776 to 0.801; on the book's demo test subjects
+    Dice went from 0.921 to 0.916. The fraction was fixed beforehand, for an earlier rule on the deep nuclei alone
+    carried by the affine fit (which took true lesions by the internal capsule).
     """
     mask = np.asarray(mask, bool)
-    deep_grey = np.asarray(deep_grey, bool)
-    if deep_grey.shape != mask.shape:
-        raise InputError(f"lesion mask {mask.shape} and deep grey nuclei {deep_grey.shape}: not the same grid")
+    grey = np.asarray(grey, bool)
+    if grey.shape != mask.shape:
+        raise InputError(f"lesion mask {mask.shape} and atlas grey matter {grey.shape}: not the same grid")
     labels, n = lesions(mask)
-    if n == 0 or not deep_grey.any():
+    if n == 0 or not grey.any():
         return mask
-    inside = np.asarray(ndimage.mean(deep_grey, labels, np.arange(1, n + 1)))
+    inside = np.asarray(ndimage.mean(grey, labels, np.arange(1, n + 1)))
     return np.concatenate([[False], inside < max_fraction])[labels]
 
 
@@ -243,7 +243,7 @@ def segment(
     min_gm_contrast: float = 0.0,
     channels: Mapping[str, Any] | None = None,
     grow_to_prob: float | None = None,
-    atlas_transform: str | list[str] | None = None,
+    grey_matter: str | os.PathLike | nib.spatialimages.SpatialImage | None = None,
 ) -> dict[str, nib.Nifti1Image]:
     """Segment one subject; return images on the FLAIR grid ({"mask", "prob"} or {"labels"}).
 
@@ -262,9 +262,9 @@ def segment(
     grey matter (:func:`keep_hyperintense_lesions`, with the depth below ``brain_mask``'s surface; ``tissue_map``
     on the FLAIR grid, e.g. notebook 03's tissue.nii.gz, gives the grey matter); ``grow_to_prob`` then grows the
     lesions kept into the neighbouring clearly hyperintense voxels the network gives at least that
-    (:func:`grow_lesions`; None: no growth; needs ``tissue_map`` too). ``atlas_transform`` (notebook 03's
-    atlas-to-subject transform, ";"-joined paths or a list) then drops the lesions lying mostly in the atlas's deep
-    grey nuclei (:func:`wmloc_utils.registration.deep_grey_nuclei`, :func:`outside_deep_grey`; None: none dropped).
+    (:func:`grow_lesions`; None: no growth; needs ``tissue_map`` too). ``grey_matter`` (on the FLAIR grid: notebook
+    03's atlas_grey_matter.nii.gz) then drops the lesions lying mostly in the atlas's grey matter
+    (:func:`outside_grey_matter`; None: none dropped).
     The "prob" image stays the network's own; only the mask is filtered and grown.
     ``wm_mask`` (regions only; e.g. notebook 03's wm_mask.nii.gz) keeps the regions inside the subject's WM,
     as the registered atlas's are: every WM voxel takes its most probable label 1..36, every other voxel 0.
@@ -290,8 +290,8 @@ def segment(
             check_same_grid(ref, load_nifti(given[m], what=m.upper()), ref_name.upper(), m.upper())
     if wm_mask is not None and cfg["task"] != "regions":
         raise InputError(f"{seg.path}: wm_mask= is for region networks; this is a {cfg['task']} network")
-    if atlas_transform is not None and cfg["task"] != "lesion":
-        raise InputError(f"{seg.path}: atlas_transform= is for lesion networks; this is a {cfg['task']} network")
+    if grey_matter is not None and cfg["task"] != "lesion":
+        raise InputError(f"{seg.path}: grey_matter= is for lesion networks; this is a {cfg['task']} network")
     use_gm = grey_matter_options(min_gm_contrast, grow_to_prob)
     if use_gm and cfg["task"] != "lesion":
         options = ", ".join(f"{k}=" for k in use_gm)
@@ -356,10 +356,10 @@ def segment(
             mask = keep_hyperintense_lesions(mask, flair, gm, min_gm_contrast, depth)
         if grow_to_prob is not None:
             mask = grow_lesions(mask, prob, flair, gm, grow_to_prob)
-        if atlas_transform is not None and mask.any():  # the nuclei cost a warp: only when there is a lesion
-            from .registration import deep_grey_nuclei
-
-            mask = outside_deep_grey(mask, deep_grey_nuclei(atlas_transform, ref))
+        if grey_matter is not None:
+            grey = load_nifti(grey_matter, what="atlas grey matter")
+            check_same_grid(ref, grey, "FLAIR", "atlas grey matter")
+            mask = outside_grey_matter(mask, np.asanyarray(grey.dataobj) > 0)
         if min_lesion_ml > 0:
             voxel_ml = abs(np.linalg.det(ref.affine[:3, :3])) / 1000
             mask = remove_small_lesions(mask, int(np.ceil(min_lesion_ml / voxel_ml - 1e-9)))
@@ -492,7 +492,7 @@ def predict_cohort(
     brain_col: str | None = None,
     wm_col: str | None = None,
     tissue_col: str | None = None,
-    transform_col: str | None = None,
+    grey_col: str | None = None,
     scheduler: str | Client | None = None,
     n_jobs: int | None = None,
     errors: str = "raise",
@@ -505,8 +505,8 @@ def predict_cohort(
     ``<task>_prediction.json``) is not predicted again. ``brain_col`` names a column of brain masks,
     ``wm_col`` one of WM masks (FLAIR grid; the region network's labels stay inside it) and ``tissue_col``
     one of tissue maps (the grey matter of the lesion network's ``min_gm_contrast`` filter), passed to
-    :func:`segment`, as are ``kwargs``; ``transform_col`` one of atlas-to-subject transforms (notebook 03's),
-    whose deep grey nuclei no predicted lesion may lie mostly in (:func:`outside_deep_grey`). Returns one row per
+    :func:`segment`, as are ``kwargs``; ``grey_col`` one of the atlas's grey matter (notebook 03's), in which no
+    predicted lesion may lie mostly (:func:`outside_grey_matter`). Returns one row per
     subject: subject, split, lesion_pred, lesion_prob, regions_pred. The split comes from ``split`` when given,
     else from the lesion checkpoint: "train"/"val" for subjects it was trained on, "test" for all others.
 
@@ -558,7 +558,7 @@ def predict_cohort(
                         ("brain", brain_col),
                         ("wm", wm_col),
                         ("tissue_map", tissue_col),
-                        ("transform", transform_col),
+                        ("grey", grey_col),
                     )
                 },
             }
@@ -608,7 +608,6 @@ def predict_subject(job: dict) -> dict:
     import json
 
     from . import provenance
-    from .registration import DEEP_GREY_IDS
 
     out_dir, kwargs = Path(job["out_dir"]), job["kwargs"]
     names = {"mask": "lesion_pred", "prob": "lesion_prob", "labels": "regions_pred"}
@@ -617,7 +616,7 @@ def predict_subject(job: dict) -> dict:
         wm = job["wm"] if task == "regions" else None
         uses_gm = grey_matter_options(kwargs.get("min_gm_contrast", 0.0), kwargs.get("grow_to_prob"))
         tissue_map = job["tissue_map"] if task == "lesion" and uses_gm else None
-        transform = job.get("transform") if task == "lesion" else None
+        grey = job.get("grey") if task == "lesion" else None
         task_kwargs = kwargs if task == "lesion" else {k: v for k, v in kwargs.items() if k not in LESION_ONLY}
         paths = {k: out_dir / name for k, name in OUTPUT_NAMES[task].items()}
         inputs = {
@@ -628,7 +627,7 @@ def predict_subject(job: dict) -> dict:
                 ("brain", job["brain"]),
                 ("wm", wm),
                 ("tissue_map", tissue_map),
-                *(("atlas transform", p) for p in (transform.split(";") if transform else [])),
+                ("atlas grey matter", grey),
                 *job["channels"][task].items(),
                 ("checkpoint", checkpoint),
             )
@@ -639,8 +638,8 @@ def predict_subject(job: dict) -> dict:
             settings["grow_gm_contrast"] = GROW_GM_CONTRAST
         if settings.get("min_gm_contrast", 0) > 0:  # the filter's constants: a change recomputes the masks
             settings["lesion_filter"] = [LESION_PERCENTILE, SURFACE_MM, SURFACE_EXTRA, MIN_VOXEL_GM_CONTRAST]
-        if transform:
-            settings["deep_grey"] = [DEEP_GREY_FRACTION, *DEEP_GREY_IDS]
+        if grey:
+            settings["grey_fraction"] = GREY_FRACTION
         stamp = provenance.fingerprint(inputs, {"tta": job["tta"], **settings})
         done = out_dir / f"{task}_prediction.json"
         fresh = done.exists() and json.loads(done.read_text()) == stamp and all(p.exists() for p in paths.values())
@@ -655,7 +654,7 @@ def predict_subject(job: dict) -> dict:
                 wm_mask=wm,
                 tissue_map=tissue_map,
                 channels=job["channels"][task],
-                atlas_transform=transform or None,
+                grey_matter=grey or None,
                 **task_kwargs,
             )
             provenance.write_text_if_changed(done, json.dumps(stamp, indent=1))
@@ -713,7 +712,7 @@ def predict_step(
     min_lesion_ml: float = 0.0,
     min_gm_contrast: float = MIN_GM_CONTRAST,
     grow_to_prob: float | None = GROW_TO_PROB,
-    drop_deep_grey: bool = False,
+    drop_grey_matter: bool = True,
     progress: bool = True,
     scheduler: str | Client | None = None,
     n_jobs: int | None = None,
@@ -728,9 +727,8 @@ def predict_step(
     stay inside the subject's WM, as the registered atlas's do, and predicted lesions not brighter on FLAIR
     than ``min_gm_contrast`` x grey matter are dropped and their voxels darker than grey matter trimmed
     (:func:`keep_hyperintense_lesions`; 0: all kept), those kept grown into neighbouring clearly hyperintense
-    voxels of probability >= ``grow_to_prob`` (:func:`grow_lesions`; None: not grown). With ``drop_deep_grey``,
-    lesions lying mostly in the atlas's deep grey nuclei (carried by notebook 03's transform) are dropped
-    (:func:`outside_deep_grey`; off by default: it costs real deep lesions where the affine fit misplaces the nuclei).
+    voxels of probability >= ``grow_to_prob`` (:func:`grow_lesions`; None: not grown). With ``drop_grey_matter``,
+    lesions lying mostly in the atlas's grey matter (notebook 03's nonlinear fit) are dropped (:func:`outside_grey_matter`).
 
     Writes :data:`artefacts.PREDICTIONS` (only when its content changes; ``pred_ml`` and ``dropped_ml`` per subject,
     :func:`lesion_volumes`) and returns it; names the subjects whose lesions the filters mostly dropped
@@ -740,7 +738,7 @@ def predict_step(
     from . import provenance
 
     workdir = Path(workdir)
-    table, columns = _step_inputs(workdir, drop_deep_grey)
+    table, columns = _step_inputs(workdir, drop_grey_matter)
     out = artefacts.folder(workdir, artefacts.PREDICTIONS)
     predictions = predict_cohort(
         table,
@@ -764,16 +762,16 @@ def predict_step(
     return predictions
 
 
-def _step_inputs(workdir: Path, drop_deep_grey: bool = False) -> tuple[pd.DataFrame, dict[str, str | None]]:
+def _step_inputs(workdir: Path, drop_grey_matter: bool = True) -> tuple[pd.DataFrame, dict[str, str | None]]:
     """Notebook 06's subjects with notebook 03's images and maps (:func:`predict_step`), and their column names
-    (the atlas transforms only with ``drop_deep_grey``)."""
+    (the atlas's grey matter only with ``drop_grey_matter``)."""
     from .registration import corrected_inputs, subjects_on_flair_grid
 
     table = corrected_inputs(subjects_on_flair_grid(workdir)).fillna({"t1": "", "flair": ""})
-    wanted = (("brain", "brain_mask"), ("wm", "wm_mask"), ("tissue", "tissue"), ("transform", "atlas_transform"))
+    wanted = (("brain", "brain_mask"), ("wm", "wm_mask"), ("tissue", "tissue"), ("grey", "atlas_grey_matter"))
     columns = {f"{key}_col": col if col in table else None for key, col in wanted}
-    if not drop_deep_grey:
-        columns["transform_col"] = None
+    if not drop_grey_matter:
+        columns["grey_col"] = None
     return table, columns
 
 
@@ -785,7 +783,7 @@ def compare_step(
     device: str = "auto",
     min_gm_contrast: float = MIN_GM_CONTRAST,
     grow_to_prob: float | None = GROW_TO_PROB,
-    drop_deep_grey: bool = False,
+    drop_grey_matter: bool = True,
     progress: bool = True,
 ) -> dict[str, pd.DataFrame]:
     """More lesion networks (notebook 06's ``compare_checkpoints``) on ``subjects``, with the inputs, masks and
@@ -795,7 +793,7 @@ def compare_step(
     ``{checkpoint: predictions table}`` for :func:`score_lesions`.
     """
     workdir = Path(workdir)
-    table, columns = _step_inputs(workdir, drop_deep_grey)
+    table, columns = _step_inputs(workdir, drop_grey_matter)
     table = table[table["subject"].isin(list(subjects))]
     return {
         str(ckpt): predict_cohort(

@@ -43,6 +43,8 @@ T1_ON_FLAIR = "t1_on_flair.nii.gz"
 # the bias-corrected images notebook 06 and the apply path give the networks (FLAIR grid; trained on the raw ones)
 BIAS_CORRECTED = {"t1": "t1_corrected.nii.gz", "flair": "flair_corrected.nii.gz"}
 T1_REG_SPACING = 2.0  # mm: grid of the rigid T1-to-FLAIR registration (the transform resamples the full T1)
+ATLAS_GREY = "atlas_grey_matter.nii.gz"  # Eve's grey matter on the FLAIR grid, by a nonlinear fit (fit_grey_matter)
+GREY_SPACING = 2.0  # mm: grid of that fit
 
 
 # ---------------------------------------------------------------- registration
@@ -183,40 +185,52 @@ def warp_mask(
     return out.numpy() > 0.5
 
 
-#: The deep grey nuclei of Eve's Type-II map (caudate, putamen, thalamus, globus pallidus; left, right).
-DEEP_GREY_IDS = (59, 60, 61, 62, 124, 125, 126, 127)
+def fit_grey_matter(
+    t1: nib.spatialimages.SpatialImage,
+    brain: nib.spatialimages.SpatialImage,
+    affine: list[str],
+    atlas: dict,
+    outprefix: str | os.PathLike,
+    seed: int = 0,
+) -> dict:
+    """Eve's grey matter (cortex and deep nuclei) on the subject's grid, by a nonlinear fit of the Eve T1 to the T1.
 
-
-@functools.lru_cache(maxsize=2)
-def _eve_deep_grey(data_dir: str | None) -> nib.Nifti1Image:
-    type2 = load_eve(data_dir)["type2"]
-    return like(type2, np.isin(np.asanyarray(type2.dataobj), DEEP_GREY_IDS).astype(np.float32))
-
-
-def deep_grey_nuclei(
-    transforms: str | list[str], subject_grid: nib.spatialimages.SpatialImage, data_dir=None
-) -> np.ndarray:
-    """Eve's deep grey nuclei (:data:`DEEP_GREY_IDS`) on a subject's grid, carried by notebook 03's atlas transform.
-
-    ``transforms``: the subject's ``transform`` of :data:`artefacts.REGIONS` (";"-joined paths). White-matter
-    hyperintensities lie in white matter; bright caudate and putamen on a FLAIR with strong grey/white contrast
-    are a network's false lesions on an unfamiliar scanner (:func:`wmloc_utils.inference.outside_deep_grey`).
+    The affine WM fit carries the WM regions well but cannot place the cortex or the nuclei, and Atropos may take a
+    grey matter that is bright on FLAIR for WM: then neither tells a network's false lesions there from WM lesions
+    (:func:`wmloc_utils.inference.outside_grey_matter`). SyN (mutual information, 40 x 20 iterations, at
+    :data:`GREY_SPACING` mm) starts from the affine fit (``affine``: its transform files) and registers the Eve T1
+    (``atlas["t1"]``) to the subject's bias-corrected ``t1`` inside ``brain``. Returns ``{"grey": image (uint8 0/1,
+    ``t1``'s grid), "seconds"}``; the warps, written under ``outprefix``, are deleted.
     """
-    paths = transforms.split(";") if isinstance(transforms, str) else list(transforms)
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if not paths or missing:
-        raise InputError(f"atlas transform {', '.join(missing) or repr(transforms)}: no such file (rerun notebook 03)")
-    return warp_mask(_eve_deep_grey(None if data_dir is None else str(data_dir)), paths, subject_grid)
+    start = time.perf_counter()
+    inside = np.asanyarray(brain.dataobj) > 0
+    fixed = coarsen(to_ants(like(t1, np.asanyarray(t1.dataobj, np.float32) * inside)), GREY_SPACING)
+    seed_ants(seed)
+    reg = ants.registration(
+        fixed,
+        coarsen(to_ants(atlas["t1"]), GREY_SPACING),
+        type_of_transform="SyNOnly",
+        initial_transform=list(affine),
+        outprefix=str(outprefix),
+        reg_iterations=(40, 20, 0),
+        syn_metric="mattes",
+    )
+    grey = warp_mask(atlas["grey"], reg["fwdtransforms"], t1)
+    remove_files(Path(f) for f in {*reg["fwdtransforms"], *reg["invtransforms"]} if f not in affine)
+    return {"grey": like(t1, grey.astype(np.uint8)), "seconds": time.perf_counter() - start}
 
 
 # ---------------------------------------------------------------- one subject, a cohort
 def atlas_inputs(workdir: str | os.PathLike | None = None, data_dir=None) -> dict:
-    """Atlas WM (Eve tissue class 3) and refined labels; labels from ``workdir`` when notebook 02 wrote them there."""
+    """Atlas WM and grey matter (Eve tissue classes 3 and 2), Eve T1 and refined labels; labels from ``workdir`` when
+    notebook 02 wrote them there."""
     eve = load_eve(data_dir)
-    wm = like(eve["tissue"], (np.asanyarray(eve["tissue"].dataobj) == 3).astype(np.float32))
+    classes = np.asanyarray(eve["tissue"].dataobj)
+    tissues = {key: like(eve["tissue"], (classes == c).astype(np.float32)) for key, c in (("wm", 3), ("grey", 2))}
+    tissues["t1"] = eve["t1"]
     path = artefacts.path(workdir, artefacts.REFINED_ATLAS) if workdir else None
     if path is None or not path.exists():
-        return {"wm": wm, "labels": refined_atlas(data_dir)}
+        return {**tissues, "labels": refined_atlas(data_dir)}
     labels = load_nifti(path, what="refined atlas")  # a user may edit it: it must still be a refined Eve atlas
     check_same_grid(eve["tissue"], labels, "the Eve atlas", f"refined atlas ({path})")
     check_labels(labels, LABEL_IDS + (0,), path, what="refined atlas")
@@ -225,7 +239,7 @@ def atlas_inputs(workdir: str | os.PathLike | None = None, data_dir=None) -> dic
             f"{path}: the refined atlas holds none of the WM regions 1..34: rerun notebook "
             f"{artefacts.REFINED_ATLAS.notebook}.ipynb"
         )
-    return {"wm": wm, "labels": labels}
+    return {**tissues, "labels": labels}
 
 
 def process_subject(
@@ -285,6 +299,9 @@ def process_subject(
         **{f"{m}_corrected": str(out / name) for m, name in BIAS_CORRECTED.items()},
         **label_subject(subject, seg["wm"], wm, flair_img, out, atlas, method, reg_spacing),
     }
+    grey = fit_grey_matter(corrected["t1"], mask, qc["transform"].split(";"), atlas, out / "grey_fit_")
+    qc["atlas_grey_matter"] = str(save_nifti(grey["grey"], out / ATLAS_GREY))
+    qc["grey_fit_seconds"] = grey["seconds"]
     if _given(truth_dir) and Path(truth_dir, "tissue.nii.gz").exists():
         true_wm = np.asanyarray(load_nifti(Path(truth_dir) / "tissue.nii.gz", subject, "true tissue").dataobj) == 3
         qc["true_wm_dice"] = dice(wm, true_wm)
@@ -297,6 +314,7 @@ def process_subject(
         qc["prob_wm"],
         qc["wm_mask"],
         qc["regions"],
+        qc["atlas_grey_matter"],
         t1_on_flair,
         *qc["transform"].split(";"),
     ]
@@ -447,6 +465,7 @@ def atlas_sources(workdir: str | os.PathLike | None = None, data_dir=None) -> di
     refined = artefacts.path(workdir, artefacts.REFINED_ATLAS) if workdir else None
     return {
         "Eve tissue": folder / EVE_FILES["tissue"],
+        "Eve T1": folder / EVE_FILES["t1"],
         "refined atlas": refined if refined is not None and refined.exists() else folder / EVE_FILES["type2"],
     }
 
@@ -462,11 +481,12 @@ def subject_fingerprint(
     if _given(row.get("truth_dir")):
         inputs["true tissue"] = Path(row["truth_dir"]) / "tissue.nii.gz"
     # "outputs" 2: bias-corrected T1 and FLAIR are written; (3: a nawm.nii.gz of a filter tried and dropped);
-    # 4: prob_wm in qc too. Older results are redone, as are those of another Atropos start.
+    # 4: prob_wm in qc too; 5: the atlas's grey matter by a nonlinear fit. Older results are redone, as are those of
+    # another Atropos start.
     params = {
         "method": method,
         "reg_spacing": reg_spacing,
-        "outputs": 4,
+        "outputs": 5,
         "atropos": [ATROPOS_START, ATROPOS_ITERATIONS],
     }
     return provenance.fingerprint(inputs, params, upstream, full_hash)
@@ -627,7 +647,7 @@ def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | 
     masks (FLAIR grid), ``tissue`` and ``prob_wm`` its tissue classes and WM probability (the lesion filter
     of :func:`wmloc_utils.inference.segment`; the inputs of networks trained with ``inputs="tissue"``), and
     ``t1_corrected``/``flair_corrected`` its bias-corrected images (:func:`corrected_inputs`) and
-    ``atlas_transform`` the atlas-to-subject transform (:func:`deep_grey_nuclei`).
+    ``atlas_grey_matter`` the atlas's grey matter on its grid (:func:`fit_grey_matter`).
 
     Training (notebooks 04/05) and inference (06) need every channel on the FLAIR grid; the original
     path is kept as ``t1_native``. ``subjects`` defaults to notebook 01's :data:`artefacts.SUBJECTS` (read as
@@ -649,11 +669,11 @@ def subjects_on_flair_grid(workdir: str | os.PathLike, subjects: pd.DataFrame | 
             table["t1"] = moved.where(moved.notna(), table["t1"])
         # networks see only the brain (heads with skull: the challenge's pre/ images); region labels stay in WM;
         # they are applied to the bias-corrected images (corrected_inputs)
-        for col in ("brain_mask", "wm_mask", "tissue", "prob_wm", *(f"{m}_corrected" for m in BIAS_CORRECTED)):
+        # and predicted lesions mostly in the atlas's grey matter are dropped
+        maps = ("brain_mask", "wm_mask", "tissue", "prob_wm", "atlas_grey_matter")
+        for col in (*maps, *(f"{m}_corrected" for m in BIAS_CORRECTED)):
             if col in regions:
                 table[col] = table["subject"].map(regions.set_index("subject")[col]).fillna("")
-        if "transform" in regions:  # the atlas's, for the deep grey nuclei of the lesion step
-            table["atlas_transform"] = table["subject"].map(regions.set_index("subject")["transform"]).fillna("")
     if "t1_on_flair_grid" in table:
         off = table["t1_on_flair_grid"].astype(str).str.lower().eq("false") & table["t1"].eq(table["t1_native"])
         if off.any():
