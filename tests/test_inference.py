@@ -492,6 +492,25 @@ def test_min_gm_contrast_filters_the_mask_not_the_probability(tmp_path):
     assert np.asanyarray(grown["mask"].dataobj).sum() >= np.asanyarray(out_kept["mask"].dataobj).sum()
 
 
+def test_lesions_in_the_atlas_grey_matter_leave_the_mask_not_the_probability(tmp_path):
+    """segment(grey_matter=...): a lesion lying in notebook 03's atlas grey matter goes from the mask (the probability
+    stays the network's), one outside it stays; a map on another grid and a region network are clear errors."""
+    paths, lesion, aff = _subject(tmp_path, (2.0, 2.0, 2.0), "RAS", (24, 28, 22))
+    seg = inference.Segmenter(FlairThreshold(), _config(), torch.device("cpu"), Path("stub.pt"))
+    for name, grey in (("on", lesion > 0), ("off", np.zeros(lesion.shape, bool)), ("small", lesion[:, :, 1:] > 0)):
+        nib.save(nib.Nifti1Image(grey.astype(np.uint8), aff), tmp_path / f"grey_{name}.nii.gz")
+    dropped = inference.segment(seg, paths["t1"], paths["flair"], grey_matter=tmp_path / "grey_on.nii.gz")
+    kept = inference.segment(seg, paths["t1"], paths["flair"], grey_matter=tmp_path / "grey_off.nii.gz")
+    assert not np.asanyarray(dropped["mask"].dataobj).any()
+    assert np.asanyarray(dropped["prob"].dataobj)[lesion > 0].mean() > 0.5
+    assert np.asanyarray(kept["mask"].dataobj).sum() > 0.8 * lesion.sum()
+    with pytest.raises(InputError, match="atlas grey matter is not on the grid of FLAIR"):
+        inference.segment(seg, paths["t1"], paths["flair"], grey_matter=tmp_path / "grey_small.nii.gz")
+    regions = inference.Segmenter(FlairThreshold(), _config("regions"), torch.device("cpu"), Path("regions.pt"))
+    with pytest.raises(InputError, match="regions.pt: grey_matter= is for lesion networks"):
+        inference.segment(regions, paths["t1"], paths["flair"], grey_matter=tmp_path / "grey_on.nii.gz")
+
+
 def test_a_tissue_input_network_reads_its_maps_from_channels(tmp_path):
     """inputs="tissue": the tissue classes and WM probability come by name (a subjects-table row), checked and used."""
     paths, lesion, aff = _subject(tmp_path, (2.0, 2.0, 2.0), "RAS", (24, 28, 22))
