@@ -418,8 +418,9 @@ def test_lesions_mostly_in_the_atlas_grey_matter_are_dropped():
         inference.outside_grey_matter(mask, grey[1:])
 
 
-def test_the_grey_matter_rule_reads_notebook_03s_map_unless_switched_off(tmp_path):
-    """Notebook 06's inputs: notebook 03's atlas grey matter reaches the lesion step, unless drop_grey_matter=False."""
+def test_the_grey_matter_rule_reads_notebook_03s_map_unless_switched_off(tmp_path, capsys):
+    """Notebook 06's inputs: notebook 03's atlas grey matter reaches the lesion step, unless drop_grey_matter=False;
+    results of notebook 03 made before it existed are named."""
     subjects = artefacts.path(tmp_path, artefacts.SUBJECTS)
     regions = artefacts.path(tmp_path, artefacts.REGIONS)
     for path in (subjects, regions):
@@ -431,6 +432,10 @@ def test_the_grey_matter_rule_reads_notebook_03s_map_unless_switched_off(tmp_pat
     assert columns["grey_col"] == "atlas_grey_matter" and table["atlas_grey_matter"].tolist() == ["g.nii.gz"]
     assert columns["brain_col"] == "brain_mask" and columns["tissue_col"] is None
     assert inference._step_inputs(tmp_path, drop_grey_matter=False)[1]["grey_col"] is None
+    assert "predate" not in capsys.readouterr().out
+    pd.DataFrame({"subject": ["001"], "brain_mask": ["b.nii.gz"]}).to_csv(regions, index=False)  # an older notebook 03
+    assert inference._step_inputs(tmp_path)[1]["grey_col"] is None
+    assert "subject(s) 001: notebook 03's results predate the atlas grey matter" in capsys.readouterr().out
 
 
 def test_dropped_lesion_volume_is_reported(tmp_path, capsys):

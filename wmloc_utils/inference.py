@@ -764,7 +764,7 @@ def predict_step(
 
 def _step_inputs(workdir: Path, drop_grey_matter: bool = True) -> tuple[pd.DataFrame, dict[str, str | None]]:
     """Notebook 06's subjects with notebook 03's images and maps (:func:`predict_step`), and their column names
-    (the atlas's grey matter only with ``drop_grey_matter``)."""
+    (the atlas's grey matter only with ``drop_grey_matter``; the subjects notebook 03 made none for are named)."""
     from .registration import corrected_inputs, subjects_on_flair_grid
 
     table = corrected_inputs(subjects_on_flair_grid(workdir)).fillna({"t1": "", "flair": ""})
@@ -772,6 +772,14 @@ def _step_inputs(workdir: Path, drop_grey_matter: bool = True) -> tuple[pd.DataF
     columns = {f"{key}_col": col if col in table else None for key, col in wanted}
     if not drop_grey_matter:
         columns["grey_col"] = None
+    elif columns["brain_col"]:  # notebook 03 ran: every subject should have its atlas grey matter
+        grey = table.get("atlas_grey_matter", pd.Series("", index=table.index)).astype(str)
+        lacking = table.loc[grey.eq(""), "subject"].tolist()
+        if lacking:
+            print(
+                f"subject(s) {', '.join(lacking)}: notebook 03's results predate the atlas grey matter, so the grey "
+                "matter rule cannot drop their lesions; rerun notebook 03 (it redoes only what is missing)"
+            )
     return table, columns
 
 
