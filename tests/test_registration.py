@@ -348,14 +348,16 @@ def test_run_cohort_real_rerun_writes_nothing_even_read_only(demo_csv, tmp_path,
     assert "t1_on_flair" in first and (first["t1_on_flair"] == "").all(), "2 mm demo T1s are on the FLAIR grid"
     qc = json.loads((artefacts.path(work, artefacts.SUBJECT_REGIONS, subject="001") / reg.DONE).read_text())
     atropos = [tissue.ATROPOS_START, tissue.ATROPOS_ITERATIONS]  # results of another tissue segmentation are redone
-    assert qc["fingerprint"]["params"] == {"method": "Affine", "reg_spacing": 4.0, "outputs": 4, "atropos": atropos}
+    assert qc["fingerprint"]["params"] == {"method": "Affine", "reg_spacing": 4.0, "outputs": 5, "atropos": atropos}
     written = {"regions.nii.gz", "wm_mask.nii.gz", "prob_wm.nii.gz", "brain_mask.nii.gz", *reg.BIAS_CORRECTED.values()}
-    assert written <= set(qc["outputs"])
-    steps = [f"{s}_seconds" for s in ("brain_mask", "bias_correction", "tissues", "registration", "propagation")]
+    assert written | {reg.ATLAS_GREY} <= set(qc["outputs"])
+    names = ("brain_mask", "bias_correction", "tissues", "registration", "propagation", "grey_fit")
+    steps = [f"{s}_seconds" for s in names]
     assert all(qc[k] > 0 for k in steps) and sum(qc[k] for k in steps) <= qc["seconds"]  # where a subject's time goes
     table = reg.subjects_on_flair_grid(work, pd.read_csv(demo_csv, dtype={"subject": str}))
     for col in ("tissue", "prob_wm"):  # the lesion filter's grey matter; a tissue-input network's channels
         assert table[col].map(lambda p: Path(p).name).eq(f"{col}.nii.gz").all()
+    assert table["atlas_grey_matter"].map(lambda p: Path(p).name).eq(reg.ATLAS_GREY).all()  # the grey matter rule
     applied = reg.corrected_inputs(table)
     assert applied["flair"].tolist() == first["flair_corrected"].tolist(), "networks are applied to the corrected FLAIR"
     assert (
