@@ -310,15 +310,10 @@ def segment(
         )
     brain = None if brain_mask is None else _mask_on_grid(brain_mask, ref, ref_name, "brain mask")
     wm = None if wm_mask is None else _mask_on_grid(wm_mask, ref, ref_name, "WM mask")
-    gm = None
-    if use_gm:
-        tissue_img = (
-            tissue_map
-            if isinstance(tissue_map, nib.spatialimages.SpatialImage)
-            else load_nifti(tissue_map, what="tissue map")
-        )
-        check_same_grid(ref, tissue_img, ref_name.upper(), "tissue map")
-        gm = np.asanyarray(tissue_img.dataobj) == 2
+    gm = np.asanyarray(_image_on_grid(tissue_map, ref, ref_name, "tissue map").dataobj) == 2 if use_gm else None
+    grey = None
+    if grey_matter is not None:  # may be empty: then no lesion lies in it
+        grey = np.asanyarray(_image_on_grid(grey_matter, ref, ref_name, "atlas grey matter").dataobj) > 0
 
     pre = preprocessing(cfg["spacing"], with_label=False, brain=brain is not None)
     record = {"image": [str(given[m]) for m in cfg["modalities"]]}
@@ -356,10 +351,8 @@ def segment(
             mask = keep_hyperintense_lesions(mask, flair, gm, min_gm_contrast, depth)
         if grow_to_prob is not None:
             mask = grow_lesions(mask, prob, flair, gm, grow_to_prob)
-        if grey_matter is not None:
-            grey = load_nifti(grey_matter, what="atlas grey matter")
-            check_same_grid(ref, grey, "FLAIR", "atlas grey matter")
-            mask = outside_grey_matter(mask, np.asanyarray(grey.dataobj) > 0)
+        if grey is not None:
+            mask = outside_grey_matter(mask, grey)
         if min_lesion_ml > 0:
             voxel_ml = abs(np.linalg.det(ref.affine[:3, :3])) / 1000
             mask = remove_small_lesions(mask, int(np.ceil(min_lesion_ml / voxel_ml - 1e-9)))
@@ -377,6 +370,18 @@ def segment(
     return {"labels": like(ref, labels)}
 
 
+def _image_on_grid(
+    image: str | os.PathLike | nib.spatialimages.SpatialImage,
+    ref: nib.spatialimages.SpatialImage,
+    ref_name: str,
+    what: str,
+) -> nib.spatialimages.SpatialImage:
+    """An image (path or image) checked to lie on the reference grid."""
+    img = image if isinstance(image, nib.spatialimages.SpatialImage) else load_nifti(image, what=what)
+    check_same_grid(ref, img, ref_name.upper(), what)
+    return img
+
+
 def _mask_on_grid(
     mask: str | os.PathLike | nib.spatialimages.SpatialImage,
     ref: nib.spatialimages.SpatialImage,
@@ -384,8 +389,7 @@ def _mask_on_grid(
     what: str,
 ) -> np.ndarray:
     """A binary mask (path or image) checked to lie on the reference grid and to be non-empty."""
-    img = mask if isinstance(mask, nib.spatialimages.SpatialImage) else load_nifti(mask, what=what)
-    check_same_grid(ref, img, ref_name.upper(), what)
+    img = _image_on_grid(mask, ref, ref_name, what)
     out = np.asanyarray(img.dataobj) > 0
     if not out.any():
         raise InputError(f"{getattr(img, 'get_filename', lambda: None)() or what}: {what} is empty")
@@ -728,7 +732,8 @@ def predict_step(
     than ``min_gm_contrast`` x grey matter are dropped and their voxels darker than grey matter trimmed
     (:func:`keep_hyperintense_lesions`; 0: all kept), those kept grown into neighbouring clearly hyperintense
     voxels of probability >= ``grow_to_prob`` (:func:`grow_lesions`; None: not grown). With ``drop_grey_matter``,
-    lesions lying mostly in the atlas's grey matter (notebook 03's nonlinear fit) are dropped (:func:`outside_grey_matter`).
+    lesions lying mostly in the atlas's grey matter (notebook 03's nonlinear fit) are dropped
+    (:func:`outside_grey_matter`).
 
     Writes :data:`artefacts.PREDICTIONS` (only when its content changes; ``pred_ml`` and ``dropped_ml`` per subject,
     :func:`lesion_volumes`) and returns it; names the subjects whose lesions the filters mostly dropped
